@@ -1,0 +1,29 @@
+# Two commands: `make demo` runs the growth demo, `make test` runs the test suite.
+# Each creates .venv, installs torch 2.13.0 (the CPU wheel) first, then the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	OMP_NUM_THREADS=2 $(BIN)/python examples/custom_loop.py
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,255 @@
+"""The forward pass and the functional train step over a `State`.
+
+Forward semantics by stage (alpha is the slot's tensor-valued blend weight):
+- DORMANT, GERMINATED, PRUNED, EMBARGOED: the slot is absent from the computation.
+- TRAINING (incubation): absent from the live forward, so the live output equals the host's exactly.
+  With ``incubation="shadow"`` each train step also runs a *shadow* forward with the seed fused at
+  alpha 1 (``h + s``) over detached host weights; only the incubating seeds get its gradient. With
+  ``incubation="none"`` the seed does not learn until it blends (use a zero-initialised seed and a
+  short ramp: advance straight to BLENDING).
+- BLENDING, HOLDING, FOSSILIZED (non-mergeable): ``h + alpha * delta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _blueprint as bpm
+from ._errors import EsperError
+from ._host import SlotSpec, identity_slot
+from ._lifecycle import Stage
+from ._state import Key, State
+
+__all__ = ["apply", "train_step", "INCUBATION"]
+
+INCUBATION = ("shadow", "none")
+_IN_FORWARD = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
+_TRAINED = (Stage.BLENDING, Stage.HOLDING)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Structure of a state, derived once per structure and reused by every step."""
+
+    live: dict[str, tuple[bpm.Blueprint, SlotSpec, int]]  # seeds in the live forward
+    incubating: dict[str, tuple[bpm.Blueprint, SlotSpec, int]]  # TRAINING seeds
+    host_keys: tuple[Key, ...]
+    host_names: tuple[str, ...]  # dotted names aligned with host_keys
+    seed_keys: dict[str, tuple[Key, ...]]
+    trainable: tuple[Key, ...]  # keys that get gradients in a train step
+    trainable_shadow: tuple[Key, ...]  # incubating seed keys (shadow pass)
+    has_buffers: bool
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(state: State) -> _Plan:
+    cached = state._cache.get("plan")
+    if cached is not None:
+        return cached
+    stages = tuple(Stage(s) for s in state.slots["stage"].reshape(-1, len(state.slot_names))[0].tolist())
+    sig = (id(state.host), state.blueprints, stages, tuple(state.params_flat), tuple(state.buffers_flat))
+    plan = _PLANS.get(sig)
+    if plan is None:
+        live, incubating = {}, {}
+        for i, (name, stage, bid) in enumerate(zip(state.slot_names, stages, state.blueprints)):
+            if bid is None:
+                continue
+            entry = (bpm.get(bid), state.spec(name), i)
+            if stage in _IN_FORWARD:
+                live[name] = entry
+            elif stage == Stage.TRAINING:
+                incubating[name] = entry
+        host_keys = tuple(k for k in state.params_flat if k[0] == "host")
+        seed_keys: dict[str, list[Key]] = {}
+        for k in state.params_flat:
+            if k[0] == "seeds":
+                seed_keys.setdefault(k[1], []).append(k)
+        trainable = host_keys + tuple(
+            k for n, (_, _, i) in live.items() if stages[i] in _TRAINED for k in seed_keys.get(n, ())
+        )
+        trainable_shadow = tuple(k for n in incubating for k in seed_keys.get(n, ()))
+        plan = _Plan(live, incubating, host_keys, tuple(".".join(k[1:]) for k in host_keys),
+                     {n: tuple(v) for n, v in seed_keys.items()}, trainable, trainable_shadow,
+                     bool(state.buffers_flat))
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[sig] = plan
+    state._cache["plan"] = plan
+    return plan
+
+
+def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers):
+    """The slot function for one forward: dormant slots are a dict miss, live ones add alpha * delta."""
+    if not entries:
+        return identity_slot
+    pending: dict[str, Tensor] = {}
+
+    def slot(name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor:
+        if pending:
+            carry = pending.pop(name, None)
+            if carry is not None:
+                h = h + carry
+        e = entries.get(name)
+        if e is None:
+            return h
+        bp, spec, _ = e
+        out = bp.apply(seeds[name], h, x_in, spec, train)
+        if isinstance(out, bpm.SeedOut):
+            if out.aux_loss is not None:
+                aux.append(out.aux_loss)
+            if out.buffers is not None:
+                seed_buffers[name] = out.buffers
+            out = out.delta
+        d = alphas[name] * out
+        if bp.meta.target == "consumer":
+            pending[spec.consumer] = d
+            return h
+        return h + d
+
+    return slot
+
+
+def _forward(state: State, plan: _Plan, entries, host_flat, seeds, alphas, x, train):
+    """Run one (unbatched) forward. Returns (y, aux_loss_sum | None, host_buffers, seed_buffers)."""
+    aux: list[Tensor] = []
+    seed_buffers: dict[str, dict[str, Tensor]] = {}
+    slot_fn = _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers)
+    y, host_buffers = state.host.forward_fn(host_flat, x, slot_fn, train)
+    return y, (sum(aux) if aux else None), host_buffers, seed_buffers
+
+
+def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries):
+    host_flat = {n: params[k] for n, k in zip(plan.host_names, plan.host_keys)}
+    if plan.has_buffers:
+        for k, v in state.buffers_flat.items():
+            if k[0] == "host":
+                host_flat[".".join(k[1:])] = v
+    seeds = {}
+    for name in entries:
+        d = {k[2]: params[k] for k in plan.seed_keys.get(name, ())}
+        for k, v in state.buffers_flat.items():
+            if k[0] == "seeds" and k[1] == name:
+                d[k[2]] = v
+        seeds[name] = d
+    alpha = state.slots["alpha"]
+    alphas = {name: alpha[..., i] for name, (_, _, i) in entries.items()}
+    return host_flat, seeds, alphas
+
+
+def _run(state, plan, entries, params, x, train):
+    host_flat, seeds, alphas = _inputs(state, plan, params, entries)
+    if not state.batch:
+        return _forward(state, plan, entries, host_flat, seeds, alphas, x, train)
+    if len(state.batch) != 1:
+        raise EsperError(f"apply supports one stacking dimension, got batch {state.batch}.")
+
+    def one(h, s, a, xi):
+        y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train)
+        return y, (aux if aux is not None else torch.zeros(())), hb, sb
+
+    y, aux, hb, sb = torch.vmap(one, randomness="different")(host_flat, seeds, alphas, x)
+    return y, aux, hb, sb
+
+
+def apply(state: State, x: Tensor, *, train: bool = False) -> Tensor:
+    """The network's output for input `x` (eval mode unless `train`; buffers are not updated).
+
+    Args:
+        state: a single or stacked state.
+        x: input batch, e.g. [B, 40] for MNIST-1D hosts; [N, B, ...] for a state stacked over N.
+
+    Returns:
+        The host's output, e.g. logits [B, n_classes] ([N, B, n_classes] stacked).
+    """
+    plan = _plan(state)
+    return _run(state, plan, plan.live, state.params_flat, x, train)[0]
+
+
+def train_step(
+    state: State,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    incubation: str = "shadow",
+    aux_weight: float = 1e-2,
+) -> tuple[State, dict[str, Tensor]]:
+    """One optimisation step: forward, backward, optimizer update. Pure: returns a new state.
+
+    The host trains in every step. Seeds in BLENDING or HOLDING train in the live forward; seeds in
+    TRAINING train only in the shadow forward (``incubation="shadow"``); FOSSILIZED seeds are frozen.
+
+    Args:
+        state: single or stacked state.
+        x: input batch ([B, ...]; [N, B, ...] when stacked).
+        y: targets ([B]; [N, B] when stacked).
+        loss_fn: ``loss_fn(output, target) -> 0-d mean loss``.
+        incubation: "shadow" or "none" (see module docstring).
+        aux_weight: weight of seeds' auxiliary losses (router load balancing).
+
+    Returns:
+        ``(new_state, metrics)``; metrics holds detached tensors "loss" (live loss per host, 0-d or
+        [N]) and, while seeds incubate, "shadow_loss".
+    """
+    if incubation not in INCUBATION:
+        raise EsperError(f"incubation must be one of {INCUBATION}, got {incubation!r}.")
+    plan = _plan(state)
+    shadow = incubation == "shadow" and bool(plan.incubating)
+    keys = plan.trainable + (plan.trainable_shadow if shadow else ())
+    pf = state.params_flat
+    leaves = [pf[k].detach().requires_grad_() for k in keys]
+    params = dict(pf)
+    params.update(zip(keys, leaves))
+    batched = bool(state.batch)
+    lf = torch.vmap(loss_fn) if batched else loss_fn
+
+    with torch.enable_grad():
+        out, aux, host_buf, seed_buf = _run(state, plan, plan.live, params, x, True)
+        per_host = lf(out, y)
+        total = per_host.sum() if batched else per_host
+        if aux is not None:
+            total = total + aux_weight * (aux.sum() if batched else aux)
+        metrics = {"loss": per_host.detach()}
+        if shadow:
+            # Host and non-incubating seeds detached: only incubating seeds learn from this pass.
+            sp = {k: (v.detach() if k[0] == "host" or k[1] not in plan.incubating else v) for k, v in params.items()}
+            entries = dict(plan.live)
+            entries.update(plan.incubating)
+            alpha = state.slots["alpha"].clone()
+            for _, _, i in plan.incubating.values():
+                alpha[..., i] = 1.0
+            shadow_state = replace(state, slots=state.slots.clone(False).set("alpha", alpha), _cache=state._cache)
+            sout, saux, _, _ = _run(shadow_state, plan, entries, sp, x, True)
+            s_loss = lf(sout, y)
+            total = total + (s_loss.sum() if batched else s_loss)
+            if saux is not None:
+                total = total + aux_weight * (saux.sum() if batched else saux)
+            metrics["shadow_loss"] = s_loss.detach()
+        grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+    opt = state.opt_flat
+    mirrors = state.optimizer.mirrors
+    states = {m: [opt[(m,) + k] for k in keys] for m in mirrors}
+    new_p, new_s = state.optimizer.update_lists(keys, [pf[k] for k in keys], grads, states)
+    params_out = dict(pf)
+    params_out.update(zip(keys, new_p))
+    opt_out = dict(opt)
+    for m in mirrors:
+        opt_out.update(zip(((m,) + k for k in keys), new_s[m]))
+    buffers_out = state.buffers_flat
+    if host_buf or seed_buf:
+        buffers_out = dict(buffers_out)
+        for n, v in host_buf.items():
+            buffers_out[("host", *n.split("."))] = v.detach()
+        for s, d in seed_buf.items():
+            for n, v in d.items():
+                buffers_out[("seeds", s, n)] = v.detach()
+    new = replace(state, params_flat=params_out, opt_flat=opt_out, buffers_flat=buffers_out, _cache=state._cache)
+    return new, metrics

@@ -1,0 +1,61 @@
+"""The error hierarchy. Every error esper_fn raises is an `EsperError`.
+
+Each subclass also inherits the matching built-in, so both `except EsperError` and
+`except ValueError` (or `pytest.raises(ValueError)`) work.
+"""
+
+from __future__ import annotations
+
+
+class EsperError(Exception):
+    """Root of every error esper_fn raises."""
+
+
+class IllegalTransitionError(EsperError, ValueError):
+    """A lifecycle operation was requested from a stage where the transition table forbids it."""
+
+
+class GraftError(EsperError, ValueError):
+    """A seed cannot be grafted, merged or removed (wrong slot, shape mismatch, ...)."""
+
+
+class BlueprintError(EsperError, ValueError):
+    """A blueprint is unknown, malformed, or does not fit the slot it was asked for."""
+
+
+class HostError(EsperError, ValueError):
+    """A host cannot be built or wrapped as asked (unknown submodule name or type, ...)."""
+
+
+class GateError(EsperError, ValueError):
+    """A lifecycle gate refused a transition; the message names the failed condition."""
+
+
+class CapabilityError(EsperError, RuntimeError):
+    """A blueprint needs a capability (e.g. a GPU feature) that this machine lacks."""
+
+
+class CheckpointError(EsperError, OSError):
+    """A checkpoint is missing, corrupt, or does not match what is being restored."""
+
+
+class ConfigError(EsperError, ValueError):
+    """A configuration file or value is invalid."""
+
+
+class TaskError(EsperError, ValueError):
+    """A task (data set) was asked for with invalid arguments."""
+
+
+__all__ = [
+    "BlueprintError",
+    "CapabilityError",
+    "CheckpointError",
+    "ConfigError",
+    "EsperError",
+    "GateError",
+    "GraftError",
+    "HostError",
+    "IllegalTransitionError",
+    "TaskError",
+]

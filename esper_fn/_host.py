@@ -1,0 +1,536 @@
+"""Hosts: networks with named seed slots, as pure functions over a flat map of parameter tensors.
+
+A `Host` is a static description: how to initialise its parameters, how to run its forward pass
+given parameters and a *slot function*, and where its slots are. The forward pass calls
+``slot(name, h, x_in)`` at every slot point; the slot function returns ``h`` unchanged for a dormant
+slot (a dict lookup, nothing computed) or ``h + alpha * seed(h)`` for a live one.
+
+Built-in hosts (`mlp`, `cnn1d`, `transformer`) are written directly with `torch.nn.functional`;
+`wrap(module, example_input, slots=...)` turns any `nn.Module` into a host through forward hooks on
+a private copy of the module and `torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from ._errors import HostError
+
+__all__ = ["Host", "SlotSpec", "SlotFn", "mlp", "cnn1d", "transformer", "wrap", "hosts"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
+
+
+class SlotFn(Protocol):
+    def __call__(self, name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor: ...
+
+
+def identity_slot(name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor:
+    """The slot function of a host with no seeds: every slot passes its tensor through."""
+    return h
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Where a seed can attach, and what it sees there.
+
+    Attributes:
+        name: slot name (a key of ``params["seeds"]``).
+        kind: layout of the slot tensor: "vector" ([B, d]), "conv1d" ([B, C, L]), "conv2d"
+            ([B, C, H, W]) or "sequence" ([B, T, d]).
+        shape: per-sample shape of the slot tensor (without the batch dimension).
+        layer: path of the layer whose output the slot follows (its parameters are
+            ``params["host", *layer.split("."), "weight"]``), or None for the input slot.
+        layer_type: "linear", "conv1d", "conv2d", "attention", "block", "norm" or None.
+        in_shape: per-sample shape of that layer's input, or None.
+        consumer: path of the Linear that reads this slot's tensor after an elementwise
+            ``activation``; set where Net2Net-style width growth applies, else None.
+        activation: name of that activation (a key of `ACTIVATIONS`), or None.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    layer: str | None = None
+    layer_type: str | None = None
+    in_shape: tuple[int, ...] | None = None
+    consumer: str | None = None
+    activation: str | None = None
+
+    @property
+    def features(self) -> int:
+        """Size of the feature (vector, sequence) or channel (conv) dimension."""
+        if self.kind in ("vector", "sequence"):
+            return self.shape[-1]
+        return self.shape[0]
+
+
+ForwardFn = Callable[[Mapping[str, Tensor], Tensor, SlotFn, bool], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True, eq=False)
+class Host:
+    """A network with named slots, as pure functions.
+
+    Attributes:
+        name: a readable identifier (e.g. "mlp-40-16-10").
+        init_fn: ``init_fn(generator) -> (params, buffers)``: two flat dicts of tensors keyed by
+            dotted module paths ("fc1.weight").
+        forward_fn: ``forward_fn(flat, x, slot, train) -> (y, new_buffers)`` where ``flat`` maps
+            dotted names to parameters *and* buffers; ``new_buffers`` holds the buffers a training
+            forward updated (empty for hosts without running statistics).
+        slots_fn: ``slots_fn(shapes) -> tuple[SlotSpec, ...]`` from a map of parameter name to
+            shape (slot shapes follow the parameters, so width growth changes them).
+        config: the constructor arguments, recorded in checkpoints and exports.
+    """
+
+    name: str
+    init_fn: Callable[[torch.Generator | None], tuple[dict[str, Tensor], dict[str, Tensor]]]
+    forward_fn: ForwardFn
+    slots_fn: Callable[[Mapping[str, tuple[int, ...]]], tuple[SlotSpec, ...]]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    _slot_cache: dict = field(default_factory=dict, repr=False)
+
+    def slots(self, params: TensorDict | Mapping[str, Tensor] | None = None) -> tuple[SlotSpec, ...]:
+        """Slot specs for the given host parameters (default: the freshly initialised shapes).
+
+        Args:
+            params: a host parameter TensorDict (``state.params["host"]``) or flat mapping.
+        """
+        if params is None:
+            params = self.init_fn(torch.Generator().manual_seed(0))[0]
+        if isinstance(params, TensorDict):
+            shapes = {".".join(k): tuple(v.shape) for k, v in params.items(True, True)}
+        else:
+            shapes = {k: tuple(v.shape) for k, v in params.items()}
+        key = tuple(sorted(shapes.items()))
+        specs = self._slot_cache.get(key)
+        if specs is None:
+            specs = self.slots_fn(shapes)
+            self._slot_cache[key] = specs
+        return specs
+
+    def slot(self, name: str, params: TensorDict | Mapping[str, Tensor] | None = None) -> SlotSpec:
+        """The spec of slot `name`; raises `HostError` listing the valid names if unknown."""
+        for s in self.slots(params):
+            if s.name == name:
+                return s
+        raise HostError(
+            f"host {self.name!r} has no slot {name!r}; its slots are "
+            f"{[s.name for s in self.slots(params)]}."
+        )
+
+
+def _uniform(shape: Sequence[int], bound: float, g: torch.Generator | None) -> Tensor:
+    return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+
+def _linear_init(out_f: int, in_f: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    # Same distribution as nn.Linear's default (kaiming_uniform with a=sqrt(5)).
+    bound = 1 / math.sqrt(in_f)
+    return _uniform((out_f, in_f), bound, g), _uniform((out_f,), bound, g)
+
+
+def _conv_init(out_c: int, in_c: int, k: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    bound = 1 / math.sqrt(in_c * k)
+    return _uniform((out_c, in_c, k), bound, g), _uniform((out_c,), bound, g)
+
+
+# --- MLP ---------------------------------------------------------------------------------------
+
+
+def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: str | None = None) -> Host:
+    """A multi-layer perceptron host: Linear layers ``fc1..fcL`` with `activation` between them.
+
+    Slots: "input" on the raw features, and "fc<i>" after every Linear (pre-activation; the last
+    one is the logits). Hidden slots declare their consumer, so width growth applies there.
+
+    Args:
+        widths: layer widths including input and output, e.g. (40, 16, 10) (826 parameters).
+        activation: one of "relu", "gelu", "tanh", "silu".
+    """
+    widths = tuple(int(w) for w in widths)
+    if len(widths) < 2 or min(widths) < 1:
+        raise HostError(f"mlp widths must be >= 2 positive ints, got {widths}.")
+    if activation not in ACTIVATIONS:
+        raise HostError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+    act = ACTIVATIONS[activation]
+    n = len(widths) - 1
+    names = [f"fc{i + 1}" for i in range(n)]
+
+    def init_fn(g):
+        p = {}
+        for i, nm in enumerate(names):
+            p[f"{nm}.weight"], p[f"{nm}.bias"] = _linear_init(widths[i + 1], widths[i], g)
+        return p, {}
+
+    def forward_fn(flat, x, slot, train):
+        h = slot("input", x, None)
+        for i, nm in enumerate(names):
+            x_in = h
+            h = F.linear(x_in, flat[nm + ".weight"], flat[nm + ".bias"])
+            h = slot(nm, h, x_in)
+            if i < n - 1:
+                h = act(h)
+        return h, {}
+
+    def slots_fn(shapes):
+        specs = [SlotSpec("input", "vector", (shapes["fc1.weight"][1],))]
+        for i, nm in enumerate(names):
+            out_f, in_f = shapes[nm + ".weight"]
+            hidden = i < n - 1
+            specs.append(
+                SlotSpec(
+                    nm, "vector", (out_f,), layer=nm, layer_type="linear", in_shape=(in_f,),
+                    consumer=names[i + 1] if hidden else None,
+                    activation=activation if hidden else None,
+                )
+            )
+        return tuple(specs)
+
+    cfg = {"kind": "mlp", "widths": list(widths), "activation": activation}
+    return Host(name or "mlp-" + "-".join(map(str, widths)), init_fn, forward_fn, slots_fn, cfg)
+
+
+# --- 1D CNN ------------------------------------------------------------------------------------
+
+
+def cnn1d(
+    channels: Sequence[int] = (4, 4),
+    kernels: Sequence[int] = (5, 3),
+    length: int = 40,
+    n_classes: int = 10,
+    stride: int = 2,
+    padding: int = 1,
+    name: str | None = None,
+) -> Host:
+    """A 1D CNN host for signals of shape [B, length]: ReLU conv layers, flatten, one Linear.
+
+    Defaults give the impaired MNIST-1D CNN (conv 1->4 k5 s2 p1, 4->4 k3 s2 p1, fc 40->10; 486
+    parameters). ``channels=(25, 25, 25), kernels=(5, 3, 3)`` gives the paper CNN (5,210).
+
+    Slots: "input" ([B, length], a vector), "conv<i>" after each conv (pre-activation), "fc".
+    """
+    channels, kernels = tuple(channels), tuple(kernels)
+    if len(channels) != len(kernels) or not channels:
+        raise HostError(f"cnn1d needs one kernel per conv layer, got {channels} and {kernels}.")
+    lengths = [length]
+    for k in kernels:
+        lengths.append((lengths[-1] + 2 * padding - k) // stride + 1)
+    if lengths[-1] < 1:
+        raise HostError(f"cnn1d: length {length} is too short for kernels {kernels}.")
+    names = [f"conv{i + 1}" for i in range(len(channels))]
+    in_ch = (1,) + channels[:-1]
+
+    def init_fn(g):
+        p = {}
+        for nm, ci, co, k in zip(names, in_ch, channels, kernels):
+            p[f"{nm}.weight"], p[f"{nm}.bias"] = _conv_init(co, ci, k, g)
+        p["fc.weight"], p["fc.bias"] = _linear_init(n_classes, channels[-1] * lengths[-1], g)
+        return p, {}
+
+    def forward_fn(flat, x, slot, train):
+        h = slot("input", x, None).unsqueeze(-2)
+        for nm in names:
+            x_in = h
+            h = F.conv1d(x_in, flat[nm + ".weight"], flat[nm + ".bias"], stride=stride, padding=padding)
+            h = F.relu(slot(nm, h, x_in))
+        x_in = h.flatten(-2)
+        return slot("fc", F.linear(x_in, flat["fc.weight"], flat["fc.bias"]), x_in), {}
+
+    def slots_fn(shapes):
+        specs = [SlotSpec("input", "vector", (length,))]
+        for i, nm in enumerate(names):
+            co, ci, _ = shapes[nm + ".weight"]
+            specs.append(
+                SlotSpec(nm, "conv1d", (co, lengths[i + 1]), layer=nm, layer_type="conv1d",
+                         in_shape=(ci, lengths[i]))
+            )
+        out_f, in_f = shapes["fc.weight"]
+        specs.append(SlotSpec("fc", "vector", (out_f,), layer="fc", layer_type="linear", in_shape=(in_f,)))
+        return tuple(specs)
+
+    cfg = {"kind": "cnn1d", "channels": list(channels), "kernels": list(kernels), "length": length,
+           "n_classes": n_classes, "stride": stride, "padding": padding}
+    return Host(name or "cnn1d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg)
+
+
+# --- transformer -------------------------------------------------------------------------------
+
+
+def transformer(
+    seq_len: int = 40,
+    d_model: int = 32,
+    n_heads: int = 4,
+    n_layers: int = 2,
+    n_classes: int = 10,
+    in_features: int = 1,
+    vocab_size: int | None = None,
+    mlp_ratio: int = 2,
+    name: str | None = None,
+) -> Host:
+    """A small pre-norm transformer classifier for sequences.
+
+    Input: [B, T] integer tokens if `vocab_size` is set, else [B, T] (``in_features == 1``) or
+    [B, T, in_features] real values. Token embedding + learned positions, `n_layers` pre-norm
+    blocks (multi-head self-attention, GELU MLP), final LayerNorm, mean pooling, Linear head.
+
+    Slots: "input" on the embedded sequence ([B, T, d_model]), "block<i>" after each block.
+    """
+    if d_model % n_heads:
+        raise HostError(f"transformer: d_model={d_model} must be divisible by n_heads={n_heads}.")
+    hd = d_model * mlp_ratio
+
+    def init_fn(g):
+        p: dict[str, Tensor] = {}
+        if vocab_size is not None:
+            p["embed.weight"] = torch.randn(vocab_size, d_model, generator=g) * 0.02
+        else:
+            p["embed.weight"], p["embed.bias"] = _linear_init(d_model, in_features, g)
+        p["pos"] = torch.randn(seq_len, d_model, generator=g) * 0.02
+        for i in range(n_layers):
+            b = f"blocks.{i}."
+            p[b + "ln1.weight"], p[b + "ln1.bias"] = torch.ones(d_model), torch.zeros(d_model)
+            p[b + "attn.in_proj.weight"], p[b + "attn.in_proj.bias"] = _linear_init(3 * d_model, d_model, g)
+            p[b + "attn.out_proj.weight"], p[b + "attn.out_proj.bias"] = _linear_init(d_model, d_model, g)
+            p[b + "ln2.weight"], p[b + "ln2.bias"] = torch.ones(d_model), torch.zeros(d_model)
+            p[b + "mlp.fc1.weight"], p[b + "mlp.fc1.bias"] = _linear_init(hd, d_model, g)
+            p[b + "mlp.fc2.weight"], p[b + "mlp.fc2.bias"] = _linear_init(d_model, hd, g)
+        p["ln_f.weight"], p["ln_f.bias"] = torch.ones(d_model), torch.zeros(d_model)
+        p["head.weight"], p["head.bias"] = _linear_init(n_classes, d_model, g)
+        return p, {}
+
+    def forward_fn(flat, x, slot, train):
+        if vocab_size is not None:
+            h = F.embedding(x, flat["embed.weight"])
+        else:
+            if x.dim() == 2:
+                x = x.unsqueeze(-1)
+            h = F.linear(x, flat["embed.weight"], flat["embed.bias"])
+        h = slot("input", h + flat["pos"], None)
+        for i in range(n_layers):
+            b = f"blocks.{i}."
+            x_in = h
+            a = F.layer_norm(h, (d_model,), flat[b + "ln1.weight"], flat[b + "ln1.bias"])
+            qkv = F.linear(a, flat[b + "attn.in_proj.weight"], flat[b + "attn.in_proj.bias"])
+            q, k, v = qkv.unflatten(-1, (3, n_heads, d_model // n_heads)).unbind(-3)
+            att = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3))
+            att = att.transpose(-2, -3).flatten(-2)
+            h = h + F.linear(att, flat[b + "attn.out_proj.weight"], flat[b + "attn.out_proj.bias"])
+            m = F.layer_norm(h, (d_model,), flat[b + "ln2.weight"], flat[b + "ln2.bias"])
+            m = F.linear(F.gelu(F.linear(m, flat[b + "mlp.fc1.weight"], flat[b + "mlp.fc1.bias"])),
+                         flat[b + "mlp.fc2.weight"], flat[b + "mlp.fc2.bias"])
+            h = slot(f"block{i + 1}", h + m, x_in)
+        h = F.layer_norm(h, (d_model,), flat["ln_f.weight"], flat["ln_f.bias"]).mean(-2)
+        return F.linear(h, flat["head.weight"], flat["head.bias"]), {}
+
+    def slots_fn(shapes):
+        specs = [SlotSpec("input", "sequence", (seq_len, d_model))]
+        for i in range(n_layers):
+            specs.append(SlotSpec(f"block{i + 1}", "sequence", (seq_len, d_model), layer=f"blocks.{i}",
+                                  layer_type="block", in_shape=(seq_len, d_model)))
+        return tuple(specs)
+
+    cfg = {"kind": "transformer", "seq_len": seq_len, "d_model": d_model, "n_heads": n_heads,
+           "n_layers": n_layers, "n_classes": n_classes, "in_features": in_features,
+           "vocab_size": vocab_size, "mlp_ratio": mlp_ratio}
+    return Host(name or f"transformer-{d_model}x{n_layers}", init_fn, forward_fn, slots_fn, cfg)
+
+
+# --- wrap an arbitrary nn.Module -----------------------------------------------------------------
+
+SLOT_TYPES: dict[type, str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.MultiheadAttention: "attention",
+    nn.TransformerEncoderLayer: "block",
+    nn.TransformerDecoderLayer: "block",
+    nn.LayerNorm: "norm",
+    nn.BatchNorm1d: "norm",
+    nn.BatchNorm2d: "norm",
+}
+_ELEMENTWISE = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.SiLU: "silu"}
+
+
+def _slot_name(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def wrap(
+    module: nn.Module,
+    example_input: Tensor,
+    slots: Sequence[str | type] = (nn.Linear,),
+    *,
+    input_slot: bool = True,
+    name: str | None = None,
+) -> Host:
+    """Turn any `nn.Module` into a host with slots after chosen submodules.
+
+    The module is deep-copied; the copy gets forward hooks at the slot points and is run with
+    `torch.func.functional_call`, so the functional forward equals the module's forward (buffers
+    included: a training forward returns updated BatchNorm statistics instead of mutating them).
+    The caller's module is never modified.
+
+    Args:
+        module: the network. Its parameters become the initial host parameters.
+        example_input: one batch (any batch size >= 1) used to record slot shapes.
+        slots: submodule paths ("encoder.fc1") and/or submodule types (`nn.Linear`, `nn.Conv1d`,
+            `nn.Conv2d`, `nn.MultiheadAttention`, `nn.TransformerEncoderLayer`, `nn.LayerNorm`,
+            `nn.BatchNorm1d`, `nn.BatchNorm2d`); a slot follows each matching submodule's output.
+        input_slot: also add a slot named "input" on the raw input.
+        name: host name (default: the module's class name).
+
+    Raises:
+        HostError: an unknown submodule path (listing the valid ones), an unsupported type
+            (listing the supported ones), a type with no match, or a `MultiheadAttention`
+            without ``batch_first=True``.
+    """
+    template = copy.deepcopy(module)
+    named = dict(template.named_modules())
+    chosen: dict[str, nn.Module] = {}
+    for s in slots:
+        if isinstance(s, str):
+            if s not in named or s == "":
+                raise HostError(
+                    f"wrap: no submodule named {s!r}; valid names are {sorted(n for n in named if n)}."
+                )
+            chosen[s] = named[s]
+        elif isinstance(s, type):
+            if s not in SLOT_TYPES:
+                raise HostError(
+                    f"wrap: slots after {s.__name__} are not supported; supported types are "
+                    f"{sorted(t.__name__ for t in SLOT_TYPES)}."
+                )
+            found = {n: m for n, m in named.items() if n and type(m) is s}
+            if not found:
+                present = sorted({type(m).__name__ for n, m in named.items() if n})
+                raise HostError(
+                    f"wrap: the module has no {s.__name__} submodule; it contains {present}."
+                )
+            chosen.update(found)
+        else:
+            raise HostError(f"wrap: a slot must be a submodule path or a module type, got {s!r}.")
+    for path, m in chosen.items():
+        if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+            raise HostError(f"wrap: {path!r} is a MultiheadAttention without batch_first=True; "
+                            "only batch-first attention can host a slot.")
+
+    # The slot function of the forward in progress; hooks read it. A list so closures can rebind.
+    active: list[SlotFn] = [identity_slot]
+
+    def make_hook(path: str):
+        sname = _slot_name(path)
+
+        def hook(mod, args, out):
+            x_in = args[0] if args else None
+            if isinstance(out, tuple):  # MultiheadAttention returns (output, weights)
+                return (active[0](sname, out[0], x_in),) + out[1:]
+            return active[0](sname, out, x_in)
+
+        return hook
+
+    for path, m in chosen.items():
+        m.register_forward_hook(make_hook(path))
+    if input_slot:
+        template.register_forward_pre_hook(lambda mod, args: (active[0]("input", args[0], None),) + args[1:])
+
+    param_names = [n for n, _ in template.named_parameters()]
+    buffer_names = [n for n, _ in template.named_buffers()]
+    init_params = {n: p.detach().clone() for n, p in template.named_parameters()}
+    init_buffers = {n: b.detach().clone() for n, b in template.named_buffers()}
+
+    # Width growth applies to Linear -> elementwise activation -> Linear inside a Sequential.
+    consumers: dict[str, tuple[str, str]] = {}
+    for cname, container in named.items():
+        if isinstance(container, nn.Sequential):
+            kids = list(container.named_children())
+            for i in range(len(kids) - 2):
+                (n0, m0), (_, m1), (n2, m2) = kids[i], kids[i + 1], kids[i + 2]
+                if isinstance(m0, nn.Linear) and type(m1) in _ELEMENTWISE and isinstance(m2, nn.Linear):
+                    pre = f"{cname}." if cname else ""
+                    consumers[pre + n0] = (pre + n2, _ELEMENTWISE[type(m1)])
+
+    def forward_fn(flat, x, slot, train):
+        template.train(train)
+        call = dict(flat)
+        new_buffers = {}
+        if train and buffer_names:
+            # Training-mode BatchNorm updates running statistics in place: give it copies.
+            for b in buffer_names:
+                new_buffers[b] = call[b] = call[b].clone()
+        active[0] = slot
+        try:
+            y = torch.func.functional_call(template, call, (x,))
+        finally:
+            active[0] = identity_slot
+        return y, new_buffers
+
+    # Record slot shapes with one eval-mode forward on the example input.
+    recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
+
+    def recorder(sname, h, x_in=None):
+        recorded[sname] = (tuple(h.shape), None if x_in is None else tuple(x_in.shape))
+        return h
+
+    with torch.no_grad():
+        forward_fn({**init_params, **init_buffers}, example_input, recorder, False)
+    module_types = {path: SLOT_TYPES.get(type(m), "other") for path, m in chosen.items()}
+
+    def slots_fn(shapes):
+        specs = []
+        items = ([("input", None)] if input_slot else []) + [(_slot_name(p), p) for p in chosen]
+        for sname, path in items:
+            out_shape, in_shape = recorded[sname]
+            ltype = module_types.get(path) if path else None
+            nd = len(out_shape)
+            kind = {2: "vector", 4: "conv2d"}.get(nd)
+            if nd == 3:
+                kind = "conv1d" if ltype == "conv1d" or isinstance(chosen.get(path), nn.BatchNorm1d) else "sequence"
+            if kind is None:
+                kind = "other"
+            shape = out_shape[1:]
+            cons = consumers.get(path) if path else None
+            if path and ltype == "linear":  # width growth may have changed the out features
+                shape = shape[:-1] + (shapes[path + ".weight"][0],)
+            specs.append(SlotSpec(sname, kind, shape, layer=path, layer_type=ltype,
+                                  in_shape=None if in_shape is None else in_shape[1:],
+                                  consumer=cons[0] if cons else None,
+                                  activation=cons[1] if cons else None))
+        return tuple(specs)
+
+    def init_fn(g):
+        return ({k: v.clone() for k, v in init_params.items()}, {k: v.clone() for k, v in init_buffers.items()})
+
+    cfg = {"kind": "wrap", "module": type(module).__name__, "slots": sorted(chosen), "input_slot": input_slot,
+           "param_names": param_names}
+    return Host(name or type(module).__name__, init_fn, forward_fn, slots_fn, cfg)
+
+
+def hosts() -> dict[str, Callable[[], Host]]:
+    """The named built-in host presets (used by configs and the CLI)."""
+    return dict(HOST_PRESETS)
+
+
+HOST_PRESETS: dict[str, Callable[[], Host]] = {
+    "mlp-impaired": lambda: mlp((40, 16, 10), name="mlp-impaired"),
+    "mlp-impaired-deep": lambda: mlp((40, 8, 8, 10), name="mlp-impaired-deep"),
+    "mlp-paper": lambda: mlp((40, 100, 100, 10), name="mlp-paper"),
+    "cnn-impaired": lambda: cnn1d((4, 4), (5, 3), name="cnn-impaired"),
+    "cnn-paper": lambda: cnn1d((25, 25, 25), (5, 3, 3), name="cnn-paper"),
+    "transformer-small": lambda: transformer(name="transformer-small"),
+}

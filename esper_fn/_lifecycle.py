@@ -1,0 +1,183 @@
+"""Seed lifecycle: stages, the one transition table, alpha schedules and gates.
+
+The transition table `TRANSITIONS` is the single source of truth for what is legal: the lifecycle
+ops check it, `legal_ops` derives action masks from it, and error messages quote it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._errors import GateError, IllegalTransitionError
+
+
+class Stage(enum.IntEnum):
+    """Lifecycle stage of one seed slot."""
+
+    DORMANT = 0
+    GERMINATED = 1
+    TRAINING = 2
+    BLENDING = 3
+    HOLDING = 4
+    FOSSILIZED = 5
+    PRUNED = 6
+    EMBARGOED = 7
+
+
+class Op(enum.IntEnum):
+    """Operations a controller (or a user) can request on a slot."""
+
+    WAIT = 0
+    GERMINATE = 1
+    ADVANCE = 2
+    FOSSILIZE = 3
+    PRUNE = 4
+
+
+LIVE_STAGES = frozenset({Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING})
+"""Stages in which a seed exists and can still be removed."""
+
+SEEDED_STAGES = LIVE_STAGES | {Stage.FOSSILIZED}
+"""Stages in which the slot holds seed parameters."""
+
+# (stage, op) -> next stage. Anything absent is illegal. WAIT is legal everywhere.
+TRANSITIONS: Mapping[tuple[Stage, Op], Stage] = {
+    (Stage.DORMANT, Op.GERMINATE): Stage.GERMINATED,
+    (Stage.GERMINATED, Op.ADVANCE): Stage.TRAINING,
+    (Stage.TRAINING, Op.ADVANCE): Stage.BLENDING,
+    (Stage.BLENDING, Op.ADVANCE): Stage.HOLDING,
+    (Stage.HOLDING, Op.FOSSILIZE): Stage.FOSSILIZED,
+    **{(s, Op.PRUNE): Stage.PRUNED for s in LIVE_STAGES},
+    # PRUNED -> EMBARGOED -> DORMANT happen by `tick`, not by a request.
+}
+
+# Transitions driven by the clock (`tick`), for documentation and for `check_transition`.
+TIMED_TRANSITIONS: Mapping[Stage, Stage] = {
+    Stage.PRUNED: Stage.EMBARGOED,
+    Stage.EMBARGOED: Stage.DORMANT,
+}
+
+
+def legal_ops(stage: Stage) -> tuple[Op, ...]:
+    """The ops that the transition table allows from `stage` (WAIT always included)."""
+    return (Op.WAIT,) + tuple(op for (s, op) in TRANSITIONS if s == stage)
+
+
+def check_transition(slot: str, stage: Stage, op: Op) -> Stage:
+    """Return the stage `op` leads to from `stage`, or raise `IllegalTransitionError`.
+
+    Raises:
+        IllegalTransitionError: naming the slot, its stage, the request and the legal alternatives.
+    """
+    if op == Op.WAIT:
+        return stage
+    nxt = TRANSITIONS.get((stage, op))
+    if nxt is None:
+        legal = ", ".join(o.name for o in legal_ops(stage))
+        sources = sorted({s.name for (s, o) in TRANSITIONS if o == op})
+        raise IllegalTransitionError(
+            f"slot {slot!r} is {stage.name}; {op.name} is legal only from {' or '.join(sources)}. "
+            f"Legal from {stage.name}: {legal}. Mask actions with `esper_fn.legal_actions(...)`."
+        )
+    return nxt
+
+
+# --- alpha schedules ---------------------------------------------------------------------------
+
+CURVES = ("linear", "cosine", "sigmoid")
+
+
+def alpha_at(curve: str, progress: float) -> float:
+    """Alpha for a blending ramp at `progress` in [0, 1] (clamped); 0 at the start, exactly 1 at the end.
+
+    Args:
+        curve: one of "linear", "cosine", "sigmoid".
+        progress: fraction of the tempo elapsed.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if p >= 1.0:
+        return 1.0
+    if curve == "linear":
+        return p
+    if curve == "cosine":
+        return 0.5 - 0.5 * math.cos(math.pi * p)
+    if curve == "sigmoid":
+        # A logistic curve rescaled so that it passes exactly through (0, 0) and (1, 1).
+        k = 10.0
+        lo, hi = 1 / (1 + math.exp(k / 2)), 1 / (1 + math.exp(-k / 2))
+        return (1 / (1 + math.exp(-k * (p - 0.5))) - lo) / (hi - lo)
+    raise IllegalTransitionError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
+
+
+# --- gates -------------------------------------------------------------------------------------
+
+
+class GateConfig(BaseModel):
+    """Thresholds for the lifecycle gates. Every field is checked by a pure predicate in `check_gate`.
+
+    Attributes:
+        min_training_epochs: epochs a seed must incubate (TRAINING) before it may blend.
+        min_holding_epochs: epochs at alpha 1 (HOLDING) before it may be fossilized.
+        max_grad_norm: the seed's gradient norm must be finite and below this to leave TRAINING.
+        min_contribution: the seed's measured contribution (validation accuracy with it minus
+            without it, in accuracy points [0, 1]) must reach this to be fossilized.
+        embargo_epochs: epochs a pruned slot stays EMBARGOED before it is DORMANT again.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_training_epochs: int = Field(default=0, ge=0)
+    min_holding_epochs: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1e3, gt=0)
+    min_contribution: float = Field(default=0.0)
+    embargo_epochs: int = Field(default=2, ge=0)
+
+
+def check_gate(
+    slot: str,
+    stage: Stage,
+    op: Op,
+    epochs_in_stage: int,
+    gates: GateConfig,
+    telemetry: Mapping[str, float] | None = None,
+) -> None:
+    """Raise `GateError` if `gates` refuse `op` on a slot in `stage`; return None if it passes.
+
+    Args:
+        slot: slot name, for the message.
+        stage: current stage.
+        op: requested op (already legal by the transition table).
+        epochs_in_stage: epochs the slot has spent in `stage`.
+        gates: thresholds.
+        telemetry: optional measurements for the slot: "grad_norm" (float), "contribution"
+            (accuracy points in [0, 1]). A gate whose measurement is absent is not checked.
+    """
+    telemetry = telemetry or {}
+    if stage == Stage.TRAINING and op == Op.ADVANCE:
+        if epochs_in_stage < gates.min_training_epochs:
+            raise GateError(
+                f"slot {slot!r} has incubated {epochs_in_stage} epoch(s); blending needs "
+                f"min_training_epochs={gates.min_training_epochs}. Wait, or pass force=True."
+            )
+        g = telemetry.get("grad_norm")
+        if g is not None and not (math.isfinite(g) and g <= gates.max_grad_norm):
+            raise GateError(
+                f"slot {slot!r} gradient norm is {g}; blending needs a finite norm <= "
+                f"max_grad_norm={gates.max_grad_norm}. Prune the seed or pass force=True."
+            )
+    if stage == Stage.HOLDING and op == Op.FOSSILIZE:
+        if epochs_in_stage < gates.min_holding_epochs:
+            raise GateError(
+                f"slot {slot!r} has held {epochs_in_stage} epoch(s); fossilizing needs "
+                f"min_holding_epochs={gates.min_holding_epochs}. Wait, or pass force=True."
+            )
+        c = telemetry.get("contribution")
+        if c is not None and c < gates.min_contribution:
+            raise GateError(
+                f"slot {slot!r} contributes {c:+.4f} accuracy; fossilizing needs "
+                f"min_contribution={gates.min_contribution}. Prune it instead, or pass force=True."
+            )

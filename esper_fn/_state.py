@@ -1,0 +1,478 @@
+"""The immutable training state and the lifecycle operations over it.
+
+`State` holds the parameter tree, buffers, optimizer state and per-slot lifecycle record of one host
+(or of N hosts of one structure, stacked). Every operation returns a new `State` and leaves its input
+untouched. Internally the trees are kept as flat ``{key tuple: tensor}`` dicts, which the hot paths
+read directly; the `TensorDict` views (``state.params``, ``state.opt``, ...) are built on first access.
+
+Parameter keys: ``("host", *module_path, name)`` and ``("seeds", slot, name)``.
+Optimizer keys: ``(mirror, *param_key)``, e.g. ``("mu", "host", "fc1", "weight")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor
+
+from . import _blueprint as bpm
+from ._errors import GraftError, HostError
+from ._host import Host, SlotSpec
+from ._lifecycle import (
+    CURVES,
+    LIVE_STAGES,
+    SEEDED_STAGES,
+    GateConfig,
+    Op,
+    Stage,
+    alpha_at,
+    check_gate,
+    check_transition,
+    legal_ops,
+)
+from .optim import Optimizer, adam, zero_leaf
+
+__all__ = [
+    "State",
+    "advance",
+    "fossilize",
+    "germinate",
+    "init",
+    "legal_actions",
+    "prune",
+    "stack",
+    "tick",
+    "unstack",
+]
+
+Key = tuple[str, ...]
+Flat = dict[Key, Tensor]
+
+SLOT_FIELDS = ("stage", "alpha", "curve", "tempo", "epochs", "seed_id")
+
+
+def _to_td(flat: Mapping[Key, Tensor], batch_size: Sequence[int] = ()) -> TensorDict:
+    td = TensorDict(batch_size=list(batch_size))
+    for k, v in flat.items():
+        td.set(k, v)
+    return td
+
+
+def _from_td(td: TensorDict) -> Flat:
+    return {k if isinstance(k, tuple) else (k,): v for k, v in td.items(True, True)}
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """One host's training state (or N stacked hosts of one structure). Treat as immutable.
+
+    Attributes:
+        host: the static host definition.
+        optimizer: the functional optimizer whose state `opt_flat` holds.
+        params_flat: ``{("host", ...) | ("seeds", slot, ...): tensor}``.
+        buffers_flat: non-trainable state (BatchNorm statistics, seed buffers), same key scheme.
+        opt_flat: ``{(mirror, *param_key): tensor}`` for every mirror of `optimizer`.
+        slots: TensorDict with batch size ``[*batch, S]`` and int64 "stage", float32 "alpha",
+            int64 "curve" (index into `CURVES`), "tempo" (blend epochs), "epochs" (in stage) and
+            "seed_id" (-1 when empty).
+        slot_names: the S slot names, in host order.
+        blueprints: blueprint id per slot, or None where the slot holds no seed.
+        n_seeds: seeds germinated so far (the next seed id).
+        batch: leading batch shape of every tensor (``()`` for one host, ``(N,)`` stacked).
+    """
+
+    host: Host
+    optimizer: Optimizer
+    params_flat: Flat
+    buffers_flat: Flat
+    opt_flat: Flat
+    slots: TensorDict
+    slot_names: tuple[str, ...]
+    blueprints: tuple[str | None, ...]
+    n_seeds: int = 0
+    batch: tuple[int, ...] = ()
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- TensorDict views ------------------------------------------------------------------------
+    @cached_property
+    def params(self) -> TensorDict:
+        """Parameter tree: ``{"host": {...}, "seeds": {slot: {...}}}``."""
+        return _to_td(self.params_flat, self.batch)
+
+    @cached_property
+    def buffers(self) -> TensorDict:
+        return _to_td(self.buffers_flat, self.batch)
+
+    @cached_property
+    def opt(self) -> TensorDict:
+        """Optimizer state: ``{mirror: tree mirroring params}``."""
+        return _to_td(self.opt_flat, self.batch)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def index(self, slot: str) -> int:
+        try:
+            return self.slot_names.index(slot)
+        except ValueError:
+            raise HostError(f"host {self.host.name!r} has no slot {slot!r}; its slots are "
+                            f"{list(self.slot_names)}.") from None
+
+    def stage(self, slot: str) -> Stage:
+        s = self.slots["stage"][..., self.index(slot)]
+        vals = set(s.flatten().tolist())
+        if len(vals) != 1:
+            raise GraftError(f"slot {slot!r} is in different stages across the stacked hosts: {sorted(vals)}.")
+        return Stage(vals.pop())
+
+    def stages(self) -> dict[str, Stage]:
+        """Stage of every slot."""
+        return {n: self.stage(n) for n in self.slot_names}
+
+    def spec(self, slot: str) -> SlotSpec:
+        """The slot's spec for the current host parameter shapes."""
+        return self.host.slot(slot, self._host_shapes())
+
+    def _host_shapes(self) -> dict[str, tuple[int, ...]]:
+        nb = len(self.batch)
+        return {".".join(k[1:]): tuple(v.shape[nb:]) for k, v in self.params_flat.items() if k[0] == "host"}
+
+    def num_params(self) -> int:
+        """Parameters of one host (seeds included), counted once per stacked host."""
+        n = sum(v.numel() for v in self.params_flat.values())
+        return n // max(1, int(torch.tensor(self.batch).prod().item()) if self.batch else 1)
+
+    def seed_params(self, slot: str) -> dict[str, Tensor]:
+        return {k[2]: v for k, v in self.params_flat.items() if k[0] == "seeds" and k[1] == slot}
+
+
+# --- construction ----------------------------------------------------------------------------
+
+
+def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Generator | None = None) -> State:
+    """A fresh state for `host`: initial parameters, zero optimizer state, every slot DORMANT.
+
+    Args:
+        host: the host definition.
+        optimizer: functional optimizer (default ``esper_fn.optim.adam(1e-2)``).
+        generator: source of randomness for the host's initial weights.
+    """
+    optimizer = optimizer or adam(1e-2)
+    p, b = host.init_fn(generator)
+    params = {("host", *k.split(".")): v for k, v in p.items()}
+    buffers = {("host", *k.split(".")): v for k, v in b.items()}
+    opt = {(m, *k): zero_leaf(m, v) for m in optimizer.mirrors for k, v in params.items()}
+    names = tuple(s.name for s in host.slots(p))
+    S = len(names)
+    slots = TensorDict(
+        {
+            "stage": torch.zeros(S, dtype=torch.int64),
+            "alpha": torch.zeros(S, dtype=torch.float32),
+            "curve": torch.zeros(S, dtype=torch.int64),
+            "tempo": torch.zeros(S, dtype=torch.int64),
+            "epochs": torch.zeros(S, dtype=torch.int64),
+            "seed_id": torch.full((S,), -1, dtype=torch.int64),
+        },
+        batch_size=[S],
+    )
+    return State(host, optimizer, params, buffers, opt, slots, names, (None,) * S)
+
+
+def _set_slot(slots: TensorDict, i: int, **values) -> TensorDict:
+    new = slots.clone()
+    for k, v in values.items():
+        new[k][..., i] = v
+    return new
+
+
+# --- lifecycle operations --------------------------------------------------------------------
+
+
+def germinate(
+    state: State,
+    slot: str,
+    blueprint: str | bpm.Blueprint,
+    *,
+    generator: torch.Generator | None = None,
+    tempo: int = 5,
+    curve: str = "linear",
+) -> State:
+    """Graft a new seed into a DORMANT slot. The network's function is unchanged (the delta is 0).
+
+    The seed's parameters get zero optimizer state in every mirror.
+
+    Args:
+        state: current state.
+        slot: slot name.
+        blueprint: blueprint id ("lora@1.0.0"), bare name ("lora") or `Blueprint`.
+        generator: randomness for the seed's initial weights.
+        tempo: epochs the BLENDING alpha ramp will take (>= 1).
+        curve: "linear", "cosine" or "sigmoid".
+
+    Raises:
+        IllegalTransitionError: the slot is not DORMANT.
+        BlueprintError: unknown blueprint, or it does not fit the slot.
+        CapabilityError: the blueprint needs a capability this machine lacks (and has no fallback).
+    """
+    i = state.index(slot)
+    check_transition(slot, state.stage(slot), Op.GERMINATE)
+    bp = bpm.get(blueprint)
+    spec = state.spec(slot)
+    why = bp.misfit(spec)
+    if why is not None:
+        raise bpm.BlueprintError(f"blueprint {bp.id!r} does not fit slot {slot!r}: {why}.")
+    if curve not in CURVES:
+        raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
+    if int(tempo) < 1:
+        raise GraftError(f"tempo must be >= 1 epoch, got {tempo}.")
+    p, b = bp.init(spec, generator)
+    if state.batch:
+        p = {k: v.expand(*state.batch, *v.shape).clone() for k, v in p.items()}
+        b = {k: v.expand(*state.batch, *v.shape).clone() for k, v in b.items()}
+    params = dict(state.params_flat)
+    buffers = dict(state.buffers_flat)
+    opt = dict(state.opt_flat)
+    for k, v in p.items():
+        params[("seeds", slot, k)] = v
+        for m in state.optimizer.mirrors:
+            leaf = zero_leaf(m, v)
+            opt[(m, "seeds", slot, k)] = leaf.expand(*state.batch).clone() if m == "step" and state.batch else leaf
+    for k, v in b.items():
+        buffers[("seeds", slot, k)] = v
+    slots = _set_slot(state.slots, i, stage=int(Stage.GERMINATED), alpha=0.0, curve=CURVES.index(curve),
+                      tempo=int(tempo), epochs=0, seed_id=state.n_seeds)
+    bps = tuple(bp.id if j == i else b_ for j, b_ in enumerate(state.blueprints))
+    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
+                   n_seeds=state.n_seeds + 1, _cache={})
+
+
+def advance(
+    state: State,
+    slot: str,
+    *,
+    gates: GateConfig | None = None,
+    telemetry: Mapping[str, float] | None = None,
+    force: bool = False,
+) -> State:
+    """Move a seed one stage forward: GERMINATED -> TRAINING -> BLENDING -> HOLDING.
+
+    Entering BLENDING starts the alpha ramp (alpha stays 0 until the first `tick`). Leaving
+    BLENDING needs the ramp to be complete (alpha == 1).
+
+    Args:
+        gates: thresholds (default `GateConfig()`); telemetry: measurements for the gates.
+        force: skip the gates (not the transition table); a forced BLENDING -> HOLDING sets alpha 1.
+
+    Raises:
+        IllegalTransitionError: no ADVANCE from the slot's stage.
+        GateError: a gate refused (and not `force`).
+    """
+    i = state.index(slot)
+    stage = state.stage(slot)
+    nxt = check_transition(slot, stage, Op.ADVANCE)
+    epochs = int(state.slots["epochs"][..., i].min())
+    if not force:
+        check_gate(slot, stage, Op.ADVANCE, epochs, gates or GateConfig(), telemetry)
+        if stage == Stage.BLENDING:
+            a = float(state.slots["alpha"][..., i].min())
+            if a < 1.0:
+                from ._errors import GateError
+
+                raise GateError(
+                    f"slot {slot!r} is still blending (alpha={a:.3f}, epoch {epochs} of "
+                    f"{int(state.slots['tempo'][..., i].max())}); tick until alpha reaches 1, or pass force=True."
+                )
+    values = {"stage": int(nxt), "epochs": 0}
+    if nxt == Stage.HOLDING:
+        values["alpha"] = 1.0
+    return replace(state, slots=_set_slot(state.slots, i, **values), _cache={})
+
+
+def tick(state: State, *, embargo_epochs: int = 2) -> State:
+    """Advance the clock by one epoch.
+
+    Every slot's epochs-in-stage count grows by one; BLENDING alphas follow their curve
+    (``alpha = curve(epochs / tempo)``); a PRUNED slot becomes EMBARGOED, and an EMBARGOED slot
+    becomes DORMANT after `embargo_epochs` epochs.
+    """
+    slots = state.slots.clone()
+    stage, epochs = slots["stage"], slots["epochs"]
+    epochs += 1
+    for i in range(len(state.slot_names)):
+        s = Stage(int(stage[..., i].flatten()[0]))
+        if s == Stage.BLENDING:
+            tempo = slots["tempo"][..., i].flatten().tolist()
+            curves = slots["curve"][..., i].flatten().tolist()
+            eps = epochs[..., i].flatten().tolist()
+            vals = [alpha_at(CURVES[c], e / t) for c, e, t in zip(curves, eps, tempo)]
+            slots["alpha"][..., i] = torch.tensor(vals, dtype=torch.float32).reshape(slots["alpha"][..., i].shape)
+        elif s == Stage.PRUNED:
+            stage[..., i] = int(Stage.EMBARGOED)
+            epochs[..., i] = 0
+        elif s == Stage.EMBARGOED and int(epochs[..., i].min()) >= embargo_epochs:
+            stage[..., i] = int(Stage.DORMANT)
+            epochs[..., i] = 0
+    return replace(state, slots=slots, _cache={})
+
+
+def _drop_seed(state: State, slot: str) -> tuple[Flat, Flat, Flat]:
+    params = {k: v for k, v in state.params_flat.items() if not (k[0] == "seeds" and k[1] == slot)}
+    buffers = {k: v for k, v in state.buffers_flat.items() if not (k[0] == "seeds" and k[1] == slot)}
+    opt = {k: v for k, v in state.opt_flat.items() if not (k[1] == "seeds" and k[2] == slot)}
+    return params, buffers, opt
+
+
+def prune(state: State, slot: str) -> State:
+    """Remove a live seed exactly: its parameters, buffers and optimizer state are dropped, so the
+    network computes what it computed before the graft. The slot becomes PRUNED (then EMBARGOED and
+    DORMANT through `tick`).
+
+    Raises:
+        IllegalTransitionError: the slot holds no live seed.
+    """
+    i = state.index(slot)
+    check_transition(slot, state.stage(slot), Op.PRUNE)
+    params, buffers, opt = _drop_seed(state, slot)
+    slots = _set_slot(state.slots, i, stage=int(Stage.PRUNED), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
+    bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
+    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
+                   _cache={})
+
+
+def fossilize(
+    state: State,
+    slot: str,
+    *,
+    gates: GateConfig | None = None,
+    telemetry: Mapping[str, float] | None = None,
+    force: bool = False,
+) -> State:
+    """Make a HOLDING seed permanent.
+
+    A mergeable seed (LoRA, IA3, width growth) is folded into the host's weights (the function
+    changes by float rounding only), its optimizer state is folded or dropped, and the slot returns
+    to DORMANT, free for a new seed. Any other seed stays as fixed structure at alpha 1 (FOSSILIZED;
+    its parameters are frozen, the host around it keeps training).
+
+    Raises:
+        IllegalTransitionError: the slot is not HOLDING.
+        GateError: a gate refused (and not `force`).
+    """
+    i = state.index(slot)
+    stage = state.stage(slot)
+    check_transition(slot, stage, Op.FOSSILIZE)
+    if not force:
+        check_gate(slot, stage, Op.FOSSILIZE, int(state.slots["epochs"][..., i].min()), gates or GateConfig(),
+                   telemetry)
+    bp = bpm.get(state.blueprints[i])
+    if not bp.meta.mergeable:
+        slots = _set_slot(state.slots, i, stage=int(Stage.FOSSILIZED), alpha=1.0, epochs=0)
+        return replace(state, slots=slots, _cache={})
+    spec = state.spec(slot)
+    nb = len(state.batch)
+    host_flat = {".".join(k[1:]): v for k, v in state.params_flat.items() if k[0] == "host"}
+    seed = state.seed_params(slot)
+    alpha = state.slots["alpha"][..., i]
+    merge = bp.merge
+    if nb:
+        merge_one = lambda h, s, a: bp.merge(h, s, spec, a)  # noqa: E731
+        updates = torch.vmap(merge_one)(host_flat, seed, alpha)
+    else:
+        updates = merge(host_flat, seed, spec, alpha)
+    params, buffers, opt = _drop_seed(state, slot)
+    for name, v in updates.items():
+        params[("host", *name.split("."))] = v
+    if bp.merge_moment is not None:
+        for m in state.optimizer.mirrors:
+            if m == "step":
+                continue
+            host_m = {".".join(k[2:]): v for k, v in state.opt_flat.items() if k[0] == m and k[1] == "host"}
+            seed_m = {k[3]: v for k, v in state.opt_flat.items() if k[0] == m and k[1] == "seeds" and k[2] == slot}
+            mm = (torch.vmap(lambda h, s: bp.merge_moment(h, s, spec))(host_m, seed_m) if nb
+                  else bp.merge_moment(host_m, seed_m, spec))
+            for name, v in mm.items():
+                opt[(m, "host", *name.split("."))] = v
+    slots = _set_slot(state.slots, i, stage=int(Stage.DORMANT), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
+    bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
+    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
+                   _cache={})
+
+
+# --- action masks ------------------------------------------------------------------------------
+
+
+def legal_actions(state: State, *, capabilities: frozenset[str] | None = None) -> dict[str, dict]:
+    """What each slot may do now, derived from the transition table and blueprint fit.
+
+    Returns:
+        ``{slot: {"stage": Stage, "ops": tuple[Op, ...], "blueprints": tuple[str, ...]}}``, where
+        "blueprints" lists the ids that fit the slot and whose capabilities are present (non-empty
+        only where GERMINATE is legal).
+    """
+    caps = bpm.available_capabilities() if capabilities is None else capabilities
+    out = {}
+    for name in state.slot_names:
+        stage = state.stage(name)
+        ops = legal_ops(stage)
+        bps: tuple[str, ...] = ()
+        if Op.GERMINATE in ops:
+            spec = state.spec(name)
+            bps = tuple(
+                bid for bid, bp in bpm.registry().items()
+                if bp.fits(spec) and (set(bp.meta.requires_capability) <= caps or bp.meta.fallback is not None)
+            )
+            if not bps:
+                ops = tuple(o for o in ops if o != Op.GERMINATE)
+        out[name] = {"stage": stage, "ops": ops, "blueprints": bps}
+    return out
+
+
+# --- stacking N hosts of one structure -------------------------------------------------------
+
+
+def stack(states: Sequence[State]) -> State:
+    """Stack N states of one structure (same host, slots, blueprints, keys and shapes) into one
+    state whose tensors have a leading dimension N. `train_step` and `apply` on the stacked state
+    run all N hosts in one vectorised call.
+
+    Raises:
+        GraftError: the states differ in structure (naming the first difference).
+    """
+    if not states:
+        raise GraftError("stack: need at least one state.")
+    s0 = states[0]
+    for j, s in enumerate(states[1:], 1):
+        if s.host is not s0.host:
+            raise GraftError(f"stack: state {j} has a different host object than state 0.")
+        if s.blueprints != s0.blueprints or s.batch != s0.batch:
+            raise GraftError(f"stack: state {j} has seeds {s.blueprints}, state 0 has {s0.blueprints}.")
+        for a, b in ((s.params_flat, s0.params_flat), (s.opt_flat, s0.opt_flat), (s.buffers_flat, s0.buffers_flat)):
+            if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
+                raise GraftError(f"stack: state {j} has different tensor keys or shapes than state 0.")
+        if (s.slots["stage"] != s0.slots["stage"]).any():
+            raise GraftError(f"stack: state {j} has slot stages that differ from state 0.")
+
+    def st(attr):
+        return {k: torch.stack([getattr(s, attr)[k] for s in states]) for k in getattr(s0, attr)}
+
+    return replace(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
+                   slots=torch.stack([s.slots for s in states]), batch=(len(states),) + s0.batch,
+                   n_seeds=max(s.n_seeds for s in states), _cache={})
+
+
+def unstack(state: State) -> list[State]:
+    """Split a stacked state back into its N states."""
+    if not state.batch:
+        raise GraftError("unstack: the state is not stacked (batch is ()).")
+    n = state.batch[0]
+
+    def pick(flat, j):
+        return {k: v[j] for k, v in flat.items()}
+
+    return [
+        replace(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
+                opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:], _cache={})
+        for j in range(n)
+    ]
