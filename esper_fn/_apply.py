@@ -54,7 +54,8 @@ def _plan(state: State) -> _Plan:
     if cached is not None:
         return cached
     stages = tuple(Stage(s) for s in state.slots["stage"].reshape(-1, len(state.slot_names))[0].tolist())
-    sig = (id(state.host), state.blueprints, stages, tuple(state.params_flat), tuple(state.buffers_flat))
+    sig = (id(state.host), state.blueprints, stages, tuple(state.buffers_flat),
+           tuple((k, v.shape) for k, v in state.params_flat.items()))
     plan = _PLANS.get(sig)
     if plan is None:
         live, incubating = {}, {}

@@ -57,8 +57,10 @@ class SlotSpec:
             ``params["host", *layer.split("."), "weight"]``), or None for the input slot.
         layer_type: "linear", "conv1d", "conv2d", "attention", "block", "norm" or None.
         in_shape: per-sample shape of that layer's input, or None.
-        consumer: path of the Linear that reads this slot's tensor after an elementwise
-            ``activation``; set where Net2Net-style width growth applies, else None.
+        consumer: name of the slot after the Linear that reads this slot's tensor through an
+            elementwise ``activation``; set where Net2Net-style width growth applies, else None.
+        consumer_layer: path of that consumer Linear.
+        consumer_out: output features of that consumer Linear.
         activation: name of that activation (a key of `ACTIVATIONS`), or None.
     """
 
@@ -69,6 +71,8 @@ class SlotSpec:
     layer_type: str | None = None
     in_shape: tuple[int, ...] | None = None
     consumer: str | None = None
+    consumer_layer: str | None = None
+    consumer_out: int | None = None
     activation: str | None = None
 
     @property
@@ -109,14 +113,15 @@ class Host:
         """Slot specs for the given host parameters (default: the freshly initialised shapes).
 
         Args:
-            params: a host parameter TensorDict (``state.params["host"]``) or flat mapping.
+            params: a host parameter TensorDict (``state.params["host"]``), or a flat mapping of
+                dotted names to tensors or to shapes.
         """
         if params is None:
             params = self.init_fn(torch.Generator().manual_seed(0))[0]
         if isinstance(params, TensorDict):
             shapes = {".".join(k): tuple(v.shape) for k, v in params.items(True, True)}
         else:
-            shapes = {k: tuple(v.shape) for k, v in params.items()}
+            shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in params.items()}
         key = tuple(sorted(shapes.items()))
         specs = self._slot_cache.get(key)
         if specs is None:
@@ -197,6 +202,8 @@ def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: st
                 SlotSpec(
                     nm, "vector", (out_f,), layer=nm, layer_type="linear", in_shape=(in_f,),
                     consumer=names[i + 1] if hidden else None,
+                    consumer_layer=names[i + 1] if hidden else None,
+                    consumer_out=shapes[names[i + 1] + ".weight"][0] if hidden else None,
                     activation=activation if hidden else None,
                 )
             )
@@ -505,11 +512,15 @@ def wrap(
                 kind = "other"
             shape = out_shape[1:]
             cons = consumers.get(path) if path else None
+            if cons is not None and cons[0] not in chosen:
+                cons = None  # the consumer must be a slot point for the widened units to land
             if path and ltype == "linear":  # width growth may have changed the out features
                 shape = shape[:-1] + (shapes[path + ".weight"][0],)
             specs.append(SlotSpec(sname, kind, shape, layer=path, layer_type=ltype,
                                   in_shape=None if in_shape is None else in_shape[1:],
-                                  consumer=cons[0] if cons else None,
+                                  consumer=_slot_name(cons[0]) if cons else None,
+                                  consumer_layer=cons[0] if cons else None,
+                                  consumer_out=shapes[cons[0] + ".weight"][0] if cons else None,
                                   activation=cons[1] if cons else None))
         return tuple(specs)
 
