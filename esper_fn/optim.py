@@ -155,6 +155,9 @@ class Optimizer:
         torch._foreach_neg_(bc2)
         torch._foreach_add_(bc2, 1.0)
         torch._foreach_sqrt_(bc2)
+        if step[0].dim():  # stacked hosts: per-host counts [N] broadcast over each leaf's dims
+            bc1 = [b.reshape(b.shape + (1,) * (q.dim() - b.dim())) for b, q in zip(bc1, p)]
+            bc2 = [b.reshape(b.shape + (1,) * (q.dim() - b.dim())) for b, q in zip(bc2, p)]
         denom = torch._foreach_sqrt(nu)
         torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, eps)
