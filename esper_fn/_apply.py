@@ -25,7 +25,7 @@ from ._host import SlotSpec, identity_slot
 from ._lifecycle import Stage
 from ._state import Key, State
 
-__all__ = ["apply", "train_step", "INCUBATION"]
+__all__ = ["apply", "train_step", "trained_keys", "INCUBATION"]
 
 INCUBATION = ("shadow", "none")
 _IN_FORWARD = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
@@ -181,6 +181,8 @@ def train_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     incubation: str = "shadow",
     aux_weight: float = 1e-2,
+    grad_stats: bool = False,
+    with_output: bool = False,
 ) -> tuple[State, dict[str, Tensor]]:
     """One optimisation step: forward, backward, optimizer update. Pure: returns a new state.
 
@@ -194,6 +196,9 @@ def train_step(
         loss_fn: ``loss_fn(output, target) -> 0-d mean loss``.
         incubation: "shadow" or "none" (see module docstring).
         aux_weight: weight of seeds' auxiliary losses (router load balancing).
+        grad_stats: also return "grad_sq", the squared gradient norm of every trained leaf
+            (float32 [K], or [N, K] stacked), aligned with `trained_keys(state)`.
+        with_output: also return "output", the live forward's detached output (before the update).
 
     Returns:
         ``(new_state, metrics)``; metrics holds detached tensors "loss" (live loss per host, 0-d or
@@ -218,6 +223,8 @@ def train_step(
         if aux is not None:
             total = total + aux_weight * (aux.sum() if batched else aux)
         metrics = {"loss": per_host.detach()}
+        if with_output:
+            metrics["output"] = out.detach()
         if shadow:
             # Host and non-incubating seeds detached: only incubating seeds learn from this pass.
             sp = {k: (v.detach() if k[0] == "host" or k[1] not in plan.incubating else v) for k, v in params.items()}
@@ -235,6 +242,9 @@ def train_step(
             metrics["shadow_loss"] = s_loss.detach()
         grads = torch.autograd.grad(total, leaves, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+    if grad_stats:
+        nb = len(state.batch)
+        metrics["grad_sq"] = torch.stack([g.square().flatten(nb).sum(-1) for g in grads], -1)
     opt = state.opt_flat
     mirrors = state.optimizer.mirrors
     states = {m: [opt[(m,) + k] for k in keys] for m in mirrors}
@@ -254,3 +264,9 @@ def train_step(
                 buffers_out[("seeds", s, n)] = v.detach()
     new = replace(state, params_flat=params_out, opt_flat=opt_out, buffers_flat=buffers_out, _cache=state._cache)
     return new, metrics
+
+
+def trained_keys(state: State, incubation: str = "shadow") -> tuple[Key, ...]:
+    """The parameter keys a `train_step` on `state` updates, in the order of its "grad_sq" metric."""
+    plan = _plan(state)
+    return plan.trainable + (plan.trainable_shadow if incubation == "shadow" and plan.incubating else ())

@@ -11,6 +11,7 @@ Optimizer keys: ``(mirror, *param_key)``, e.g. ``("mu", "host", "fc1", "weight")
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -142,7 +143,7 @@ class State:
     def num_params(self) -> int:
         """Parameters of one host (seeds included), counted once per stacked host."""
         n = sum(v.numel() for v in self.params_flat.values())
-        return n // max(1, int(torch.tensor(self.batch).prod().item()) if self.batch else 1)
+        return n // math.prod(self.batch)
 
     def seed_params(self, slot: str) -> dict[str, Tensor]:
         return {k[2]: v for k, v in self.params_flat.items() if k[0] == "seeds" and k[1] == slot}

@@ -142,6 +142,16 @@ class Optimizer:
     def _adam(self, p, g, s, lr):
         h = self.hyper
         b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
+        if not s["step"][0].dim() and p[0].device.type == "cpu":
+            # One fused kernel on fresh copies: as fast as torch.optim.Adam(fused=True), still pure.
+            new_p = torch._foreach_mul(p, 1.0)
+            mu = torch._foreach_mul(s["mu"], 1.0)
+            nu = torch._foreach_mul(s["nu"], 1.0)
+            step = torch._foreach_add(s["step"], 1.0)
+            fused = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
+            fused(new_p, g, mu, nu, [], step, amsgrad=False, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
+                  maximize=False, grad_scale=None, found_inf=None)
+            return new_p, {"step": step, "mu": mu, "nu": nu}
         if wd and self.name == "adam":  # L2 penalty in the gradient (torch.optim.Adam semantics)
             g = torch._foreach_add(g, p, alpha=wd)
         step = torch._foreach_add(s["step"], 1.0)

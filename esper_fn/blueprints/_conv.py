@@ -1,6 +1,7 @@
-"""Convolutional seeds on signal slots: residual Conv1d blocks (plain, depthwise-separable,
-bottleneck). "vector" slots are read as one-channel signals ([B, d] -> [B, 1, d]), so a conv seed on a
-host's input slot works on the raw MNIST-1D signal.
+"""Convolutional seeds on signal slots: residual Conv1d blocks (plain ``conv1d_k5``/``conv1d_k3``,
+depthwise-separable ``conv1d_dwsep``, bottleneck ``conv1d_bottleneck``). "vector" slots are read as
+one-channel signals ([B, d] -> [B, 1, d]), so a conv seed on a host's input slot works on the raw
+MNIST-1D signal. Every block's last conv is zero-initialised, so the delta is 0 at germination.
 """
 
 from __future__ import annotations
@@ -47,4 +48,85 @@ def _conv1d_plain(kernel: int, hidden: int) -> Blueprint:
 
 
 for _bp in (_conv1d_plain(5, 16), _conv1d_plain(3, 16)):
+    register(_bp)
+
+
+def _conv1d_dwsep(kernel: int) -> Blueprint:
+    """``x + alpha * pw(relu(dw_k(x)))``: a depthwise conv (one k-tap filter per channel, 'same'
+    padding) then a pointwise C -> C conv, zero-initialised. The depthwise filters are random, so the
+    pointwise weights get a gradient from the first step (the block learns although its delta starts
+    at 0). On a "vector" slot (C = 1) with k = 5: 8 parameters."""
+    pad = kernel // 2
+
+    def init(spec, g):
+        c, _ = signal_shape(spec)
+        return {"dw_w": uniform((c, 1, kernel), kernel, g), "dw_b": uniform((c,), kernel, g),
+                "pw_w": torch.zeros(c, c, 1), "pw_b": torch.zeros(c)}, {}
+
+    def apply(p, h, x_in, spec, train):
+        c, _ = signal_shape(spec)
+        z = channels_first(h, spec.kind)
+        z = F.conv1d(F.relu(F.conv1d(z, p["dw_w"], p["dw_b"], padding=pad, groups=c)), p["pw_w"], p["pw_b"])
+        return restore_layout(z, spec.kind)
+
+    def count(spec):
+        c, _ = signal_shape(spec)
+        return c * kernel + c + c * c + c
+
+    def flops(spec):
+        c, length = signal_shape(spec)
+        return (c * kernel + c * c) * length
+
+    meta = BlueprintMeta(
+        name="conv1d_dwsep", version="1.0.0", slot_kinds=SIGNAL_KINDS, risk_score=0.15,
+        description=f"residual depthwise-separable Conv1d block: depthwise k{kernel}, ReLU, pointwise C -> C "
+                    "zero-initialised",
+        hyperparams={"kernel": kernel},
+    )
+    return Blueprint(meta, init, apply, count, flops,
+                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel")
+
+
+def _conv1d_bottleneck(kernel: int) -> Blueprint:
+    """``x + alpha * conv1x1(relu(conv_k(relu(conv1x1(x)))))``: C -> m -> m -> C channels with
+    m = max(2, C // 2), last 1x1 conv zero-initialised. On a "vector" slot (C = 1, m = 2): 23 parameters."""
+    pad = kernel // 2
+
+    def mid(spec):
+        return max(2, signal_shape(spec)[0] // 2)
+
+    def init(spec, g):
+        c, _ = signal_shape(spec)
+        m = mid(spec)
+        return {"w1": uniform((m, c, 1), c, g), "b1": uniform((m,), c, g),
+                "w2": uniform((m, m, kernel), m * kernel, g), "b2": uniform((m,), m * kernel, g),
+                "w3": torch.zeros(c, m, 1), "b3": torch.zeros(c)}, {}
+
+    def apply(p, h, x_in, spec, train):
+        z = channels_first(h, spec.kind)
+        z = F.relu(F.conv1d(z, p["w1"], p["b1"]))
+        z = F.relu(F.conv1d(z, p["w2"], p["b2"], padding=pad))
+        return restore_layout(F.conv1d(z, p["w3"], p["b3"]), spec.kind)
+
+    def count(spec):
+        c, _ = signal_shape(spec)
+        m = mid(spec)
+        return 2 * c * m + m * m * kernel + 2 * m + c
+
+    def flops(spec):
+        c, length = signal_shape(spec)
+        m = mid(spec)
+        return (2 * c * m + m * m * kernel) * length
+
+    meta = BlueprintMeta(
+        name="conv1d_bottleneck", version="1.0.0", slot_kinds=SIGNAL_KINDS, risk_score=0.15,
+        description=f"residual bottleneck Conv1d block: 1x1 C -> max(2, C/2), k{kernel}, 1x1 back to C "
+                    "(zero-initialised), ReLU between",
+        hyperparams={"kernel": kernel},
+    )
+    return Blueprint(meta, init, apply, count, flops,
+                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel")
+
+
+for _bp in (_conv1d_dwsep(5), _conv1d_bottleneck(3)):
     register(_bp)
