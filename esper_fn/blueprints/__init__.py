@@ -5,6 +5,7 @@ list them with `registry()`, add your own with `register(Blueprint(...))`.
 """
 
 from .._blueprint import Blueprint, BlueprintMeta, SeedOut, available_capabilities, get, register, registry
-from . import _conv, _dense  # noqa: F401  (registration side effect)
+# Registration side effect; the import order is the catalogue (registry) order, so new modules go last.
+from . import _conv, _dense, _conv2d, _attention, _misc, _moe  # noqa: F401, I001
 
 __all__ = ["Blueprint", "BlueprintMeta", "SeedOut", "available_capabilities", "get", "register", "registry"]

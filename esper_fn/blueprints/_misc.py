@@ -1,0 +1,172 @@
+"""Normalisation, diagnostic and sharded seeds.
+
+- ``rmsnorm``: a gated RMSNorm, ``delta = gate * (rmsnorm(h) * w - h)`` with ``gate`` (per feature)
+  initialised to 0 and ``w`` to 1: exactly zero at germination, and ``gate`` gets a gradient at once
+  (``rmsnorm(h) - h`` is not 0), so the seed learns to normalise as much as helps.
+- ``activation_tap``: no parameters, delta exactly 0; keeps EMA activation statistics of the slot in
+  buffers (per-feature ``mean`` and ``var``, and ``dead``: the fraction of slot entries with
+  ``|h| < 1e-6``), updated by training forwards only.
+- ``grad_clamp``: no parameters, delta exactly 0 in the forward; in the backward the gradient that
+  flows through the slot is clamped elementwise to [-c, c] (c = 1) at alpha 1 (a blend at alpha < 1:
+  ``(1 - alpha) * g + alpha * clamp(g)``).
+- ``allreduce_shard`` (needs "cuda" and "distributed"; falls back to ``mlp_gelu@1.0.0``): the
+  ``mlp_gelu`` block (same parameter names and shapes) with its hidden layer split into shards that
+  are computed separately and summed, which is what the all-reduce of a tensor-parallel MLP computes
+  on one device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._blueprint import Blueprint, BlueprintMeta, SeedOut, register
+from ._common import uniform
+
+FEATURE_KINDS = ("vector", "sequence")
+ALL_KINDS = ("vector", "conv1d", "conv2d", "sequence")
+
+
+def _tokens(spec) -> int:
+    return spec.shape[0] if spec.kind == "sequence" else 1
+
+
+def _numel(spec) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= s
+    return n
+
+
+# --- gated RMSNorm -------------------------------------------------------------------------------
+
+
+def _rmsnorm(eps: float = 1e-6) -> Blueprint:
+    def init(spec, g):
+        d = spec.features
+        return {"gate": torch.zeros(d), "w": torch.ones(d)}, {}
+
+    def apply(p, h, x_in, spec, train):
+        r = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return p["gate"] * (r * p["w"] - h)
+
+    meta = BlueprintMeta(
+        name="rmsnorm", version="1.0.0", slot_kinds=FEATURE_KINDS, risk_score=0.1,
+        description="gated RMSNorm: delta = gate * (rmsnorm(h) * w - h), gate zero-initialised, w one-initialised",
+        hyperparams={"eps": eps},
+    )
+    return Blueprint(meta, init, apply, lambda s: 2 * s.features, lambda s: 4 * s.features * _tokens(s))
+
+
+# --- activation statistics tap ---------------------------------------------------------------------
+
+
+_FEATURE_DIM = {"vector": -1, "sequence": -1, "conv1d": -2, "conv2d": -3}
+
+
+def _activation_tap(momentum: float = 0.1, dead_below: float = 1e-6) -> Blueprint:
+    """EMA statistics with BatchNorm-style momentum: ``stat = (1 - momentum) * stat + momentum * batch``."""
+
+    def init(spec, g):
+        c = spec.features
+        return {}, {"mean": torch.zeros(c), "var": torch.ones(c), "dead": torch.zeros(())}
+
+    def apply(p, h, x_in, spec, train):
+        delta = torch.zeros_like(h)
+        if not train:
+            return delta
+        z = h.detach().movedim(_FEATURE_DIM[spec.kind], -1)
+        z = z.reshape(-1, z.shape[-1])
+        mean = z.mean(0)
+        var = (z - mean).pow(2).mean(0)
+        dead = (z.abs() < dead_below).to(h.dtype).mean()
+        m = momentum
+        return SeedOut(delta, None, {"mean": (1 - m) * p["mean"] + m * mean, "var": (1 - m) * p["var"] + m * var,
+                                     "dead": (1 - m) * p["dead"] + m * dead})
+
+    meta = BlueprintMeta(
+        name="activation_tap", version="1.0.0", slot_kinds=ALL_KINDS, risk_score=0.0,
+        description="diagnostic tap: delta 0, EMA per-feature mean/var and dead fraction (|h| < 1e-6) in buffers",
+        hyperparams={"momentum": momentum, "dead_below": dead_below},
+    )
+    return Blueprint(meta, init, apply, lambda s: 0, lambda s: 3 * _numel(s))
+
+
+# --- gradient clamp --------------------------------------------------------------------------------
+
+
+class _ClampGrad(torch.autograd.Function):
+    """Identity in the forward; clamps the incoming gradient to [-c, c] in the backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h: Tensor, c: float) -> Tensor:
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.c = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g.clamp(-ctx.c, ctx.c), None
+
+
+def clamp_grad(h: Tensor, c: float) -> Tensor:
+    """``h`` in the forward; the gradient through it is clamped elementwise to [-c, c]."""
+    return _ClampGrad.apply(h, c)
+
+
+def _grad_clamp(c: float = 1.0) -> Blueprint:
+    def init(spec, g):
+        return {}, {}
+
+    def apply(p, h, x_in, spec, train):
+        # Value: h - h == 0 exactly. Gradient of h + alpha * delta w.r.t. h: (1 - alpha) g + alpha clamp(g).
+        return clamp_grad(h, c) - h
+
+    meta = BlueprintMeta(
+        name="grad_clamp", version="1.0.0", slot_kinds=ALL_KINDS, risk_score=0.05,
+        description=f"gradient clamp: delta 0 in the forward, the gradient through the slot clamped to [-{c:g}, {c:g}]",
+        hyperparams={"clamp": c},
+    )
+    return Blueprint(meta, init, apply, lambda s: 0, lambda s: 0)
+
+
+# --- sharded MLP (all-reduce shard) ------------------------------------------------------------
+
+
+def _allreduce_shard(shards: int = 2) -> Blueprint:
+    def hidden(spec):
+        return max(4, spec.features)  # as mlp_gelu@1.0.0 (ratio 1), whose parameters these are
+
+    def init(spec, g):
+        d, k = spec.features, hidden(spec)
+        return {"w1": uniform((k, d), d, g), "b1": uniform((k,), d, g),
+                "w2": torch.zeros(d, k), "b2": torch.zeros(d)}, {}
+
+    def apply(p, h, x_in, spec, train):
+        partial = [
+            F.linear(F.gelu(F.linear(h, w1, b1)), w2)
+            for w1, b1, w2 in zip(p["w1"].chunk(shards, 0), p["b1"].chunk(shards, 0), p["w2"].chunk(shards, 1))
+        ]
+        return torch.stack(partial).sum(0) + p["b2"]  # the all-reduce (sum) of the shards' partial outputs
+
+    def count(spec):
+        d, k = spec.features, hidden(spec)
+        return 2 * d * k + k + d
+
+    meta = BlueprintMeta(
+        name="allreduce_shard", version="1.0.0", slot_kinds=FEATURE_KINDS, risk_score=0.3,
+        requires_capability=("cuda", "distributed"), fallback="mlp_gelu@1.0.0",
+        description=f"mlp_gelu with its hidden layer split over {shards} tensor-parallel shards summed by an "
+                    "all-reduce; falls back to mlp_gelu",
+        hyperparams={"shards": shards},
+    )
+    return Blueprint(meta, init, apply, count, lambda s: count(s) * _tokens(s))
+
+
+for _bp in (_rmsnorm(), _activation_tap(), _grad_clamp(), _allreduce_shard()):
+    register(_bp)
