@@ -10,7 +10,7 @@ blended in, fossilized or pruned, and every operation returns a new `State`.
     state, metrics = ef.train_step(state, x, y)
 """
 
-from . import blueprints, optim
+from . import blueprints, checkpoint, optim, report
 from . import _host as hosts
 from ._apply import INCUBATION, apply, train_step
 from ._errors import (

@@ -7,7 +7,8 @@ Forward semantics by stage (alpha is the slot's tensor-valued blend weight):
   alpha 1 (``h + s``) over detached host weights; only the incubating seeds get its gradient. With
   ``incubation="none"`` the seed does not learn until it blends (use a zero-initialised seed and a
   short ramp: advance straight to BLENDING).
-- BLENDING, HOLDING, FOSSILIZED (non-mergeable): ``h + alpha * delta``.
+- BLENDING, HOLDING, FOSSILIZED (non-mergeable): ``h + alpha * delta``. A fossilized seed is a
+  permanent part of the network and trains with it, like the host.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["apply", "train_step", "trained_keys", "INCUBATION"]
 
 INCUBATION = ("shadow", "none")
 _IN_FORWARD = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
-_TRAINED = (Stage.BLENDING, Stage.HOLDING)
+_TRAINED = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ def train_step(
     """One optimisation step: forward, backward, optimizer update. Pure: returns a new state.
 
     The host trains in every step. Seeds in BLENDING or HOLDING train in the live forward; seeds in
-    TRAINING train only in the shadow forward (``incubation="shadow"``); FOSSILIZED seeds are frozen.
+    TRAINING train only in the shadow forward (``incubation="shadow"``); FOSSILIZED seeds train with the
+    host (they are part of the network now).
 
     Args:
         state: single or stacked state.

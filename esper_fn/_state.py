@@ -354,8 +354,8 @@ def fossilize(
 
     A mergeable seed (LoRA, IA3, width growth) is folded into the host's weights (the function
     changes by float rounding only), its optimizer state is folded or dropped, and the slot returns
-    to DORMANT, free for a new seed. Any other seed stays as fixed structure at alpha 1 (FOSSILIZED;
-    its parameters are frozen, the host around it keeps training).
+    to DORMANT, free for a new seed. Any other seed stays as permanent structure at alpha 1
+    (FOSSILIZED): it can no longer be pruned, and it trains with the host from then on.
 
     Raises:
         IllegalTransitionError: the slot is not HOLDING.

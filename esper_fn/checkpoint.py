@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -61,7 +62,8 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf in metadata are written as the JSON extensions NaN / Infinity, not as null.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class FileEntry(_Strict):
@@ -182,8 +184,9 @@ class CheckpointManager:
             tensors: key -> dense tensor of any shape (0-d included) and a dtype safetensors stores
                 (floats, ints, uints, bool, complex64, float8). Tensors on other devices are copied
                 to the CPU; non-contiguous ones are packed. The inputs are not modified.
-            metadata: JSON data (str keys; dicts, lists, str, finite numbers, bool, None) that must
-                come back unchanged, so tuples, non-str keys, NaN and inf are refused.
+            metadata: JSON data (str keys; dicts, lists, str, numbers, bool, None) that must come
+                back unchanged, so tuples and non-str keys are refused. NaN and inf are kept (written
+                as the JSON extensions ``NaN`` / ``Infinity``, which Python's json reads).
             overwrite: replace an existing checkpoint of the same step. The old one stays in place
                 until the new one is complete.
 
@@ -408,18 +411,31 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"metadata must be a mapping with str keys, got {type(metadata).__name__}.")
     meta = dict(metadata)
     try:
-        text = json.dumps(meta, allow_nan=False)
+        text = json.dumps(meta)
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"metadata is not JSON data ({err}). Use dicts with str keys, lists, str, finite numbers, bool "
-            f"and None; convert tensors with `.tolist()` and store a missing number as None."
+            f"metadata is not JSON data ({err}). Use dicts with str keys, lists, str, numbers, bool and None; "
+            f"convert tensors with `.tolist()`."
         ) from None
-    if json.loads(text) != meta:
+    if not _same_json(json.loads(text), meta):
         raise CheckpointError(
             "metadata would not come back unchanged from JSON (tuples become lists, non-str keys become "
             "str): convert them before saving."
         )
     return meta
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equality of JSON values with exact types, where NaN equals NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return bool(a == b)
 
 
 def _file_entry(path: Path) -> FileEntry:

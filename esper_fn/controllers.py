@@ -40,7 +40,7 @@ class Observation:
         max_epochs: the run's epoch budget.
         state: the current training state (read its stages, alphas, parameter count).
         metrics: this epoch's train metrics and telemetry (see `esper_fn.training.telemetry`).
-        history: the metrics of every earlier epoch, oldest first.
+        history: the metrics of every earlier epoch that was not rolled back, oldest first.
         legal: `esper_fn.legal_actions(state)`.
         param_budget: maximum parameters the grown network may have, or None.
     """

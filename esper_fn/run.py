@@ -27,7 +27,17 @@ from ._serialize import state_from_tensors, state_to_tensors
 from ._state import State, advance, fossilize, germinate, init, legal_actions, prune, tick
 from .checkpoint import CheckpointManager
 from .controllers import Action, FixedSchedule, Observation, Plateau, PlateauConfig, Static
-from .events import Advanced, CheckpointSaved, EpochMetrics, EventLog, Fossilized, Germinated, Pruned, Rollback
+from .events import (
+    Advanced,
+    CheckpointSaved,
+    EpochMetrics,
+    EventLog,
+    Fossilized,
+    Germinated,
+    Pruned,
+    Rollback,
+    read_events,
+)
 from .optim import adam
 from .tasks import load
 from .training import TrainConfig, evaluate, telemetry, train_epoch
@@ -220,8 +230,8 @@ def grow(
         out: run directory (created).
         resume: continue from the latest checkpoint in ``out/checkpoints``.
         progress: show a progress bar on stderr.
-        on_epoch_start: ``f(epoch, state) -> state`` called before each epoch (fault injection in
-            tests; it may return a corrupted state).
+        on_epoch_start: ``f(epoch, state) -> state`` applied to the state an epoch trains from
+            (fault injection: a corrupted state there is rolled back to the uncorrupted one).
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -255,6 +265,10 @@ def grow(
         params_before = run["params_before"]
         _set_controller_state(ctrl, run["controller"])
         timing = run["timing"]
+        # Drop what the interrupted run logged after its last checkpoint: the resumed run redoes it.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        kept = [e for e in read_events(out / "events.jsonl", skip_truncated_tail=True) if e.epoch <= start_epoch]
+        (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
     else:
         if resume:
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume.")
@@ -268,17 +282,17 @@ def grow(
             state = advance(advance(advance(state, slot), slot), slot, force=True)
         for f in ("events.jsonl", "metrics.jsonl"):
             (out / f).unlink(missing_ok=True)
-    log = EventLog(out / "events.jsonl", drop_truncated_tail=True)
-    metrics_log = (out / "metrics.jsonl").open("a")
     good = [h for h in history if not h.get("rolled_back")]
     stopped = None
+    log = EventLog(out / "events.jsonl", drop_truncated_tail=True)
+    metrics_log = (out / "metrics.jsonl").open("a")
     bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, disable=not progress,
                desc=f"grow {config.host}", unit="ep", dynamic_ncols=True)
     try:
         for epoch in bar:
-            if on_epoch_start is not None:
-                state = on_epoch_start(epoch, state)
             last_good = state
+            if on_epoch_start is not None:  # a fault injected here hits this epoch only
+                state = on_epoch_start(epoch, state)
             t0 = time.perf_counter()
             new, m = train_epoch(state, task, config.train, generator=g)
             t1 = time.perf_counter()
@@ -306,7 +320,7 @@ def grow(
             state = new
             log.append(EpochMetrics(run_id=run_id, epoch=epoch + 1, metrics={k: float(v) for k, v in m.items()}))
             metrics_log.write(json.dumps(m) + "\n")
-            obs = Observation(epoch + 1, config.epochs, state, m, history, legal_actions(state), config.param_budget)
+            obs = Observation(epoch + 1, config.epochs, state, m, good, legal_actions(state), config.param_budget)
             for a in ctrl.decide(obs):
                 before = state.stage(a.slot) if a.slot else None
                 state = _apply_action(state, a, g)
@@ -337,9 +351,9 @@ def grow(
     finally:
         bar.close()
         metrics_log.close()
+        log.close()
     test = evaluate(state, task.x_test, task.y_test)
     _write_csv(out / "metrics.csv", history)
-    log.close()
     summary = RunSummary(
         run_id=run_id, epochs=len(history), test_accuracy=test["accuracy"], test_loss=test["loss"],
         best_val_accuracy=max((h.get("val_accuracy", 0.0) for h in history), default=0.0),

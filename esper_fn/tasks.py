@@ -337,7 +337,7 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             data = make_dataset(args)
         finally:
             np.random.set_state(np_state)
-            pass
+            random.setstate(py_state)
     arrays = (data["x"], data["y"], data["x_test"], data["y_test"])
     for a in arrays:
         a.setflags(write=False)

@@ -7,8 +7,8 @@
   buffers (per-feature ``mean`` and ``var``, and ``dead``: the fraction of slot entries with
   ``|h| < 1e-6``), updated by training forwards only.
 - ``grad_clamp``: no parameters, delta exactly 0 in the forward; in the backward the gradient that
-  flows through the slot is clamped elementwise to [-c, c] (c = 1) at alpha 1 (a blend at alpha < 1:
-  ``(1 - alpha) * g + alpha * clamp(g)``).
+  flows through the slot is clamped elementwise to [-c, c] (c = 1, kept in a 0-d buffer ``clamp``)
+  once blended in; at alpha < 1 the slot passes ``(1 - alpha) * g + clamp(alpha * g, -c, c)``.
 - ``allreduce_shard`` (needs "cuda" and "distributed"; falls back to ``mlp_gelu@1.0.0``): the
   ``mlp_gelu`` block (same parameter names and shapes) with its hidden layer split into shards that
   are computed separately and summed, which is what the all-reduce of a tensor-parallel MLP computes
@@ -97,35 +97,39 @@ def _activation_tap(momentum: float = 0.1, dead_below: float = 1e-6) -> Blueprin
 
 
 class _ClampGrad(torch.autograd.Function):
-    """Identity in the forward; clamps the incoming gradient to [-c, c] in the backward."""
+    """Identity in the forward; clamps the incoming gradient to [-c, c] in the backward (vmap-able)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h: Tensor, c: float) -> Tensor:
+    def forward(h: Tensor, c: Tensor) -> Tensor:
         return h.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.c = inputs[1]
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        return g.clamp(-ctx.c, ctx.c), None
+        (c,) = ctx.saved_tensors
+        return torch.minimum(torch.maximum(g, -c), c), None
 
 
-def clamp_grad(h: Tensor, c: float) -> Tensor:
-    """``h`` in the forward; the gradient through it is clamped elementwise to [-c, c]."""
+def clamp_grad(h: Tensor, c: Tensor) -> Tensor:
+    """``h`` in the forward; the gradient through it is clamped elementwise to [-c, c] (c: 0-d tensor)."""
     return _ClampGrad.apply(h, c)
 
 
 def _grad_clamp(c: float = 1.0) -> Blueprint:
+    """The bound lives in a 0-d buffer ``clamp`` (c), so it is visible in checkpoints and exports."""
+
     def init(spec, g):
-        return {}, {}
+        return {}, {"clamp": torch.tensor(float(c))}
 
     def apply(p, h, x_in, spec, train):
-        # Value: h - h == 0 exactly. Gradient of h + alpha * delta w.r.t. h: (1 - alpha) g + alpha clamp(g).
-        return clamp_grad(h, c) - h
+        # Value: h - h == 0 exactly. Gradient of h + alpha * delta w.r.t. h, for an upstream gradient g:
+        # (1 - alpha) * g + clamp(alpha * g, -c, c), i.e. clamp(g, -c, c) once blended in (alpha 1).
+        return clamp_grad(h, p["clamp"].to(h.dtype)) - h
 
     meta = BlueprintMeta(
         name="grad_clamp", version="1.0.0", slot_kinds=ALL_KINDS, risk_score=0.05,
