@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	OMP_NUM_THREADS=2 $(BIN)/python examples/custom_loop.py
+	OMP_NUM_THREADS=1 $(BIN)/esper-fn grow --task mnist1d --host mlp-impaired --controller heuristic \
+		--epochs 200 --seed 0 --out runs/demo
+	$(BIN)/esper-fn report runs/demo
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest

@@ -103,7 +103,9 @@ def test_grad_tensors_are_detached(tmp_path: Path) -> None:
     assert not tensors["w"].requires_grad and torch.equal(tensors["w"], torch.ones(2))
 
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8]
+_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8
+]  # fmt: skip
 _KEYS = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12).filter(
     lambda k: k != "__metadata__"
 )
@@ -290,7 +292,8 @@ def test_flipped_byte_is_detected(tmp_path: Path) -> None:
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x01  # inside the tensor payload: safetensors itself would not notice
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"tensors\.safetensors is corrupt: SHA-256 is [0-9a-f]{64}, the manifest says [0-9a-f]{64}"):
+    corrupt = r"tensors\.safetensors is corrupt: SHA-256 is [0-9a-f]{64}, the manifest says [0-9a-f]{64}"
+    with pytest.raises(CheckpointError, match=corrupt):
         mgr.restore(1)
 
 
@@ -333,7 +336,8 @@ def test_manifest_disagreeing_with_tensors_names_the_key(tmp_path: Path) -> None
     doc = json.loads(m.read_text())
     doc["tensors"]["params/host/fc1/bias"]["shape"] = [5]
     m.write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match=r"'params/host/fc1/bias' .* float32 \[4\], but the manifest says float32 \[5\]"):
+    mismatch = r"'params/host/fc1/bias' .* float32 \[4\], but the manifest says float32 \[5\]"
+    with pytest.raises(CheckpointError, match=mismatch):
         mgr.restore(1)
     doc["tensors"]["params/host/fc1/bias"]["shape"] = [4]
     doc["tensors"]["ghost"] = {"dtype": "float32", "shape": [1]}
