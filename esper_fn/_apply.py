@@ -63,7 +63,7 @@ def _plan(state: State) -> _Plan:
         for i, (name, stage, bid) in enumerate(zip(state.slot_names, stages, state.blueprints)):
             if bid is None:
                 continue
-            entry = (bpm.get(bid), state.spec(name), i)
+            entry = (bpm.registry()[bid], state.spec(name), i)  # the exact design the state holds
             if stage in _IN_FORWARD:
                 live[name] = entry
             elif stage == Stage.TRAINING:
@@ -187,7 +187,7 @@ def train_step(
 ) -> tuple[State, dict[str, Tensor]]:
     """One optimisation step: forward, backward, optimizer update. Pure: returns a new state.
 
-    The host trains in every step. Seeds in BLENDING or HOLDING train in the live forward; seeds in
+    The host trains in every step. Seeds in BLENDING, HOLDING or FOSSILIZED train in the live forward; seeds in
     TRAINING train only in the shadow forward (``incubation="shadow"``); FOSSILIZED seeds train with the
     host (they are part of the network now).
 
@@ -198,6 +198,8 @@ def train_step(
         loss_fn: ``loss_fn(output, target) -> 0-d mean loss``.
         incubation: "shadow" or "none" (see module docstring).
         aux_weight: weight of seeds' auxiliary losses (router load balancing).
+        (Seed buffers, such as an activation tap's statistics, are updated by the live forward only;
+        the shadow forward's are discarded.)
         grad_stats: also return "grad_sq", the squared gradient norm of every trained leaf
             (float32 [K], or [N, K] stacked), aligned with `trained_keys(state)`.
         with_output: also return "output", the live forward's detached output (before the update).

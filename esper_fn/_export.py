@@ -68,9 +68,10 @@ class GrownNetwork(nn.Module):
         flat.update(self.host.named_buffers())
         seeds = {}
         for slot in self._entries:
-            m = getattr(self.seeds, slot)
-            d = {n: p for n, p in m.named_parameters()}
-            d.update(m.named_buffers())
+            m = getattr(self.seeds, slot, None)  # absent for seeds without parameters or buffers
+            d = {} if m is None else dict(m.named_parameters())
+            if m is not None:
+                d.update(m.named_buffers())
             seeds[slot] = d
         alphas = {slot: self.alpha[i] for slot, (_, _, i) in self._entries.items()}
         aux: list[Tensor] = []

@@ -335,7 +335,10 @@ def transformer(
             a = F.layer_norm(h, (d_model,), flat[b + "ln1.weight"], flat[b + "ln1.bias"])
             qkv = F.linear(a, flat[b + "attn.in_proj.weight"], flat[b + "attn.in_proj.bias"])
             q, k, v = qkv.unflatten(-1, (3, n_heads, d_model // n_heads)).unbind(-3)
-            att = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3))
+            q, k, v = q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3)  # [..., H, T, hd]
+            # Written out rather than F.scaled_dot_product_attention: its fused CPU kernel cannot be
+            # vmapped (stacked hosts), and at these sizes the plain form is as fast.
+            att = torch.softmax(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5), dim=-1) @ v
             att = att.transpose(-2, -3).flatten(-2)
             h = h + F.linear(att, flat[b + "attn.out_proj.weight"], flat[b + "attn.out_proj.bias"])
             m = F.layer_norm(h, (d_model,), flat[b + "ln2.weight"], flat[b + "ln2.bias"])

@@ -216,6 +216,9 @@ def germinate(
         IllegalTransitionError: the slot is not DORMANT.
         BlueprintError: unknown blueprint, or it does not fit the slot.
         CapabilityError: the blueprint needs a capability this machine lacks (and has no fallback).
+
+    A blueprint whose capability is absent resolves to its fallback, and the state records the
+    design that actually runs (``state.blueprints``).
     """
     i = state.index(slot)
     check_transition(slot, state.stage(slot), Op.GERMINATE)
@@ -367,7 +370,7 @@ def fossilize(
     if not force:
         check_gate(slot, stage, Op.FOSSILIZE, int(state.slots["epochs"][..., i].min()), gates or GateConfig(),
                    telemetry)
-    bp = bpm.get(state.blueprints[i])
+    bp = bpm.registry()[state.blueprints[i]]
     if not bp.meta.mergeable:
         slots = _set_slot(state.slots, i, stage=int(Stage.FOSSILIZED), alpha=1.0, epochs=0)
         return replace(state, slots=slots, _cache={})
