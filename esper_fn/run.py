@@ -297,9 +297,11 @@ def grow(
             new, m = train_epoch(state, task, config.train, generator=g)
             t1 = time.perf_counter()
             m.update(telemetry(new, task, m))
+            t2 = time.perf_counter()
             timing["train"] += t1 - t0
-            timing["telemetry"] += time.perf_counter() - t1
+            timing["telemetry"] += t2 - t1
             m["epoch"] = epoch + 1
+            m["time/train"], m["time/telemetry"] = t1 - t0, t2 - t1
             reason = governor_verdict(m, good, task.n_classes, config.governor)
             if reason is not None:
                 counts["rollbacks"] += 1
@@ -318,8 +320,6 @@ def grow(
                 state = tick(state)
                 continue
             state = new
-            log.append(EpochMetrics(run_id=run_id, epoch=epoch + 1, metrics={k: float(v) for k, v in m.items()}))
-            metrics_log.write(json.dumps(m) + "\n")
             obs = Observation(epoch + 1, config.epochs, state, m, good, legal_actions(state), config.param_budget)
             for a in ctrl.decide(obs):
                 before = state.stage(a.slot) if a.slot else None
@@ -338,9 +338,12 @@ def grow(
                 elif a.op == Op.PRUNE:
                     counts["pruned"] += 1
                     log.append(Pruned(run_id=run_id, epoch=epoch + 1, slot=a.slot, reason="contribution below threshold"))
+            state = tick(state)
+            m["time/control"] = time.perf_counter() - t2  # governor, controller, lifecycle ops, tick
+            log.append(EpochMetrics(run_id=run_id, epoch=epoch + 1, metrics={k: float(v) for k, v in m.items()}))
+            metrics_log.write(json.dumps(m) + "\n")
             history.append(m)
             good.append(m)
-            state = tick(state)
             bar.set_postfix(val=f"{m['val_accuracy']:.3f}", params=state.num_params(),
                             seeds=" ".join(f"{n}:{state.stage(n).name[:4]}" for n in state.slot_names
                                            if state.stage(n) != Stage.DORMANT) or "-")
