@@ -21,7 +21,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._errors import GraftError, HostError
+from ._errors import GateError, GraftError, HostError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
     CURVES,
@@ -282,8 +282,6 @@ def advance(
         if stage == Stage.BLENDING:
             a = float(state.slots["alpha"][..., i].min())
             if a < 1.0:
-                from ._errors import GateError
-
                 raise GateError(
                     f"slot {slot!r} is still blending (alpha={a:.3f}, epoch {epochs} of "
                     f"{int(state.slots['tempo'][..., i].max())}); tick until alpha reaches 1, or pass force=True."

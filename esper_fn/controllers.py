@@ -153,7 +153,7 @@ class PlateauConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    patience: int = Field(default=3, ge=1)
+    patience: int = Field(default=2, ge=1)
     min_delta: float = Field(default=0.005, ge=0)
     min_train_loss: float = Field(default=0.5, ge=0)
     grow_until: float = Field(default=0.5, gt=0, le=1)
