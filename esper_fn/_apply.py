@@ -47,17 +47,15 @@ class _Plan:
     has_buffers: bool
 
 
-_PLANS: dict[tuple, _Plan] = {}
-
-
 def _plan(state: State) -> _Plan:
     cached = state._cache.get("plan")
     if cached is not None:
         return cached
     stages = tuple(Stage(s) for s in state.slots["stage"].reshape(-1, len(state.slot_names))[0].tolist())
-    sig = (id(state.host), state.blueprints, stages, tuple(state.buffers_flat),
-           tuple((k, v.shape) for k, v in state.params_flat.items()))
-    plan = _PLANS.get(sig)
+    sig = (state.blueprints, stages, tuple(state.buffers_flat),
+           tuple((k, v.shape[len(state.batch):]) for k, v in state.params_flat.items()))
+    plans = state.host._plan_cache
+    plan = plans.get(sig)
     if plan is None:
         live, incubating = {}, {}
         for i, (name, stage, bid) in enumerate(zip(state.slot_names, stages, state.blueprints)):
@@ -80,9 +78,9 @@ def _plan(state: State) -> _Plan:
         plan = _Plan(live, incubating, host_keys, tuple(".".join(k[1:]) for k in host_keys),
                      {n: tuple(v) for n, v in seed_keys.items()}, trainable, trainable_shadow,
                      bool(state.buffers_flat))
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        _PLANS[sig] = plan
+        if len(plans) > 4096:  # structures seen by a long-lived host (e.g. an RL environment)
+            plans.clear()
+        plans[sig] = plan
     state._cache["plan"] = plan
     return plan
 

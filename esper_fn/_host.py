@@ -108,6 +108,7 @@ class Host:
     slots_fn: Callable[[Mapping[str, tuple[int, ...]]], tuple[SlotSpec, ...]]
     config: Mapping[str, Any] = field(default_factory=dict)
     _slot_cache: dict = field(default_factory=dict, repr=False)
+    _plan_cache: dict = field(default_factory=dict, repr=False)  # esper_fn._apply's per-structure plans
 
     def slots(self, params: TensorDict | Mapping[str, Tensor] | None = None) -> tuple[SlotSpec, ...]:
         """Slot specs for the given host parameters (default: the freshly initialised shapes).

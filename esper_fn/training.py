@@ -172,24 +172,22 @@ def activation_stats(state: State, x: Tensor) -> dict[str, dict[str, float]]:
     return out
 
 
-_FLOPS: dict[tuple, int] = {}
-
-
 def flops_per_sample(state: State, example: Tensor) -> int:
     """Floating-point operations of one forward on one sample, measured with
     `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions; 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     plan = _plan(state)
-    key = (id(state.host), tuple(sorted(plan.live)), tuple((k, v.shape) for k, v in state.params_flat.items()))
-    if key not in _FLOPS:
+    cache = state.host._plan_cache
+    key = ("flops", tuple(sorted(plan.live)), tuple((k, v.shape) for k, v in state.params_flat.items()))
+    if key not in cache:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             from ._apply import apply
 
             apply(state, example[:1])
-        _FLOPS[key] = int(counter.get_total_flops())
-    return _FLOPS[key]
+        cache[key] = int(counter.get_total_flops())
+    return cache[key]
 
 
 def telemetry(
