@@ -108,6 +108,8 @@ class Optimizer:
         params: list[Tensor],
         grads: list[Tensor],
         states: Mapping[str, list[Tensor]],
+        *,
+        donate: bool = False,
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """The update on flat lists (the hot path used by `esper_fn.train_step`).
 
@@ -115,9 +117,11 @@ class Optimizer:
             keys: the leaf keys, each starting with "host" or "seeds" (selects the learning rate).
             params, grads: tensors aligned with `keys`.
             states: mirror name -> list aligned with `keys`.
+            donate: the caller will never use `params` and `states` again, so Adam may update them
+                in place (JAX's buffer donation); by default it writes fresh tensors.
 
         Returns:
-            new parameter list and new mirror lists (fresh tensors; inputs untouched).
+            new parameter list and new mirror lists (fresh tensors, or the donated ones).
         """
         new_p: list[Tensor] = [None] * len(keys)  # type: ignore[list-item]
         new_s: dict[str, list[Tensor]] = {m: [None] * len(keys) for m in self.mirrors}  # type: ignore[misc]
@@ -132,22 +136,26 @@ class Optimizer:
             if self.name == "sgd":
                 p2, s2 = self._sgd(p, g, s, lr)
             else:
-                p2, s2 = self._adam(p, g, s, lr)
+                p2, s2 = self._adam(p, g, s, lr, donate)
             for j, i in enumerate(idx):
                 new_p[i] = p2[j]
                 for m in self.mirrors:
                     new_s[m][i] = s2[m][j]
         return new_p, new_s
 
-    def _adam(self, p, g, s, lr):
+    def _adam(self, p, g, s, lr, donate=False):
         h = self.hyper
         b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
         if not s["step"][0].dim() and p[0].device.type == "cpu":
-            # One fused kernel on fresh copies: as fast as torch.optim.Adam(fused=True), still pure.
-            new_p = torch._foreach_mul(p, 1.0)
-            mu = torch._foreach_mul(s["mu"], 1.0)
-            nu = torch._foreach_mul(s["nu"], 1.0)
-            step = torch._foreach_add(s["step"], 1.0)
+            # One fused kernel (torch.optim.Adam(fused=True)'s), on fresh copies unless donated.
+            if donate:
+                new_p, mu, nu, step = p, s["mu"], s["nu"], s["step"]
+                torch._foreach_add_(step, 1.0)
+            else:
+                new_p = [t.clone() for t in p]
+                mu = [t.clone() for t in s["mu"]]
+                nu = [t.clone() for t in s["nu"]]
+                step = torch._foreach_add(s["step"], 1.0)
             fused = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
             fused(new_p, g, mu, nu, [], step, amsgrad=False, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
                   maximize=False, grad_scale=None, found_inf=None)

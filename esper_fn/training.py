@@ -67,10 +67,10 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64)
     grad_sq = torch.zeros(len(keys))
     n = steps = 0
-    x_all, y_all = task.split("train")
-    for xb, yb in task.batches("train", config.batch_size, generator=generator):
+    for step, (xb, yb) in enumerate(task.batches("train", config.batch_size, generator=generator)):
+        # The caller's state is never donated; the intermediate states are ours alone.
         state, m = train_step(state, xb, yb, incubation=config.incubation, aux_weight=config.aux_weight,
-                              grad_stats=True, with_output=True)
+                              grad_stats=True, with_output=True, donate=step > 0)
         loss_sum += m["loss"] * len(yb)
         correct += (m["output"].argmax(-1) == yb).sum()
         if "shadow_loss" in m:
