@@ -146,7 +146,7 @@ class Optimizer:
     def _adam(self, p, g, s, lr, donate=False):
         h = self.hyper
         b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
-        if not s["step"][0].dim() and p[0].device.type == "cpu":
+        if p[0].device.type == "cpu":
             # One fused kernel (torch.optim.Adam(fused=True)'s), on fresh copies unless donated.
             if donate:
                 new_p, mu, nu, step = p, s["mu"], s["nu"], s["step"]
@@ -156,9 +156,14 @@ class Optimizer:
                 mu = [t.clone() for t in s["mu"]]
                 nu = [t.clone() for t in s["nu"]]
                 step = torch._foreach_add(s["step"], 1.0)
+            args = (new_p, [t.contiguous() for t in g], mu, nu, step)  # the kernel assumes dense memory
+            if step[0].dim():
+                # Stacked hosts keep a step count per host ([N]): hand the kernel one view per host,
+                # so each gets its own bias correction, and the updates land in the stacked tensors.
+                args = tuple([v for t in lst for v in t.unbind(0)] for lst in args)
             fused = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
-            fused(new_p, g, mu, nu, [], step, amsgrad=False, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
-                  maximize=False, grad_scale=None, found_inf=None)
+            fused(args[0], args[1], args[2], args[3], [], args[4], amsgrad=False, lr=lr, beta1=b1, beta2=b2,
+                  weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
             return new_p, {"step": step, "mu": mu, "nu": nu}
         if wd and self.name == "adam":  # L2 penalty in the gradient (torch.optim.Adam semantics)
             g = torch._foreach_add(g, p, alpha=wd)
