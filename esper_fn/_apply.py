@@ -256,7 +256,10 @@ def train_step(
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
     if grad_stats:
         nb = len(state.batch)
-        metrics["grad_sq"] = torch.stack([g.square().flatten(nb).sum(-1) for g in grads], -1)
+        if nb:
+            metrics["grad_sq"] = torch.stack([g.square().flatten(nb).sum(-1) for g in grads], -1)
+        else:
+            metrics["grad_sq"] = torch.stack(torch._foreach_norm(grads)).square()
     opt = state.opt_flat
     mirrors = state.optimizer.mirrors
     states = {m: [opt[(m,) + k] for k in keys] for m in mirrors}

@@ -158,9 +158,14 @@ class Optimizer:
                 step = torch._foreach_add(s["step"], 1.0)
             args = (new_p, [t.contiguous() for t in g], mu, nu, step)  # the kernel assumes dense memory
             if step[0].dim():
-                # Stacked hosts keep a step count per host ([N]): hand the kernel one view per host,
-                # so each gets its own bias correction, and the updates land in the stacked tensors.
-                args = tuple([v for t in lst for v in t.unbind(0)] for lst in args)
+                # Stacked hosts keep a step count per host ([N]). In lockstep (the usual case) one
+                # count serves all; otherwise hand the kernel one view per host, so each gets its own
+                # bias correction, and the updates land in the stacked tensors.
+                counts = torch.stack(step)
+                if bool((counts == counts[..., :1]).all()):
+                    args = args[:4] + ([t[(0,) * t.dim()] for t in step],)
+                else:
+                    args = tuple([v for t in lst for v in t.unbind(0)] for lst in args)
             fused = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
             fused(args[0], args[1], args[2], args[3], [], args[4], amsgrad=False, lr=lr, beta1=b1, beta2=b2,
                   weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)

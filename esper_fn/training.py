@@ -62,27 +62,25 @@ def train_epoch(
     config = config or TrainConfig()
     keys = trained_keys(state, config.incubation)
     groups = ["host" if k[0] == "host" else k[1] for k in keys]
-    loss_sum = torch.zeros(())
-    shadow_sum = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.int64)
-    grad_sq = torch.zeros(len(keys))
-    n = steps = 0
+    losses, corrects, shadows, grad_sqs, sizes = [], [], [], [], []
     for step, (xb, yb) in enumerate(task.batches("train", config.batch_size, generator=generator)):
         # The caller's state is never donated; the intermediate states are ours alone.
         state, m = train_step(state, xb, yb, incubation=config.incubation, aux_weight=config.aux_weight,
                               grad_stats=True, with_output=True, donate=step > 0)
-        loss_sum += m["loss"] * len(yb)
-        correct += (m["output"].argmax(-1) == yb).sum()
+        losses.append(m["loss"])
+        corrects.append((m["output"].argmax(-1) == yb).sum())
         if "shadow_loss" in m:
-            shadow_sum += m["shadow_loss"] * len(yb)
-        grad_sq += m["grad_sq"]
-        n += len(yb)
-        steps += 1
-    out = {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
-    if float(shadow_sum):
-        out["shadow_loss"] = float(shadow_sum) / n
+            shadows.append(m["shadow_loss"])
+        grad_sqs.append(m["grad_sq"])
+        sizes.append(len(yb))
+    n = sum(sizes)
+    w = torch.tensor(sizes, dtype=torch.float32)
+    out = {"train_loss": float(torch.stack(losses) @ w) / n, "train_accuracy": float(torch.stack(corrects).sum()) / n}
+    if shadows:
+        out["shadow_loss"] = float(torch.stack(shadows) @ w) / n
+    grad_sq = torch.stack(grad_sqs).mean(0) if grad_sqs else torch.zeros(len(keys))
     per_group: dict[str, float] = {}
-    for g, v in zip(groups, (grad_sq / max(steps, 1)).tolist()):
+    for g, v in zip(groups, grad_sq.tolist()):
         per_group[g] = per_group.get(g, 0.0) + v
     for g, v in per_group.items():
         out[f"grad_norm/{g}"] = math.sqrt(v)
@@ -149,27 +147,31 @@ def activation_stats(state: State, x: Tensor) -> dict[str, dict[str, float]]:
         fraction of features (last dim of vectors/sequences, channels of convs) that are <= 0 for
         every sample (units a following ReLU never passes).
     """
+    return _probe(state, x)[1]
+
+
+def _probe(state: State, x: Tensor) -> tuple[Tensor, dict[str, dict[str, float]]]:
+    """One eval forward that returns the output and the slot statistics of `activation_stats`."""
     plan = _plan(state)
     host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, plan.live)
     live = _make_slot_fn(plan.live, seeds, alphas, False, [], {})
     specs = {s.name: s for s in state.host.slots(state._host_shapes())}
-    out: dict[str, dict[str, float]] = {}
+    names: list[str] = []
+    rows: list[Tensor] = []
 
     def record(name, h, x_in=None):
         h = live(name, h, x_in)
         kind = specs[name].kind if name in specs else "vector"
-        feat_dim = 1 if kind in ("conv1d", "conv2d") else -1
-        pos = (h > 0).movedim(feat_dim, -1).reshape(-1, h.shape[feat_dim]).any(0)
-        out[name] = {
-            "mean": float(h.mean()),
-            "var": float(h.var()) if h.numel() > 1 else 0.0,
-            "saturation": float((h.abs() > 3).float().mean()),
-            "dead": float(1 - pos.float().mean()),
-        }
+        feat = 1 if kind in ("conv1d", "conv2d") else h.dim() - 1
+        peak = h.amax(dim=tuple(d for d in range(h.dim()) if d != feat))
+        var = h.var() if h.numel() > 1 else h.new_zeros(())
+        rows.append(torch.stack([h.mean(), var, (h.abs() > 3).float().mean(), (peak <= 0).float().mean()]))
+        names.append(name)
         return h
 
-    state.host.forward_fn(host_flat, x, record, False)
-    return out
+    y, _ = state.host.forward_fn(host_flat, x, record, False)
+    values = torch.stack(rows).tolist() if rows else []
+    return y, {n: dict(zip(("mean", "var", "saturation", "dead"), v)) for n, v in zip(names, values)}
 
 
 def flops_per_sample(state: State, example: Tensor) -> int:
@@ -191,7 +193,7 @@ def flops_per_sample(state: State, example: Tensor) -> int:
 
 
 def telemetry(
-    state: State, task: Task, train_metrics: Mapping[str, float], *, probe_size: int = 500
+    state: State, task: Task, train_metrics: Mapping[str, float]
 ) -> dict[str, float]:
     """Health signals for one epoch, as a flat dict of floats (see docs/telemetry.md).
 
@@ -202,10 +204,12 @@ def telemetry(
     """
     xv, yv = task.split("val")
     out: dict[str, float] = {}
-    ev = evaluate(state, xv, yv)
-    out["val_loss"], out["val_accuracy"] = ev["loss"], ev["accuracy"]
-    for name, stats in activation_stats(state, xv[:probe_size]).items():
-        for k, v in stats.items():
+    with torch.no_grad():
+        logits, stats = _probe(state, xv)  # one forward gives the accuracy and the slot statistics
+        out["val_loss"] = float(F.cross_entropy(logits, yv))
+        out["val_accuracy"] = float((logits.argmax(-1) == yv).float().mean())
+    for name, st in stats.items():
+        for k, v in st.items():
             out[f"{name}/{k}"] = v
     layers: dict[str, float] = {}
     for k, v in state.params_flat.items():

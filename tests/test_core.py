@@ -406,3 +406,16 @@ def test_host_without_slots_trains(generator):
     x, y = torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
     s2, m = ef.train_step(s, x, y)
     assert ef.apply(s2, x).shape == (8, 3) and ef.legal_actions(s2) == {}
+
+
+def test_stacked_hosts_with_different_step_counts(generator):
+    """Hosts stacked after different numbers of steps keep their own Adam bias correction."""
+    x, y = _data()
+    a = ef.init(MLP, generator=torch.Generator().manual_seed(1))
+    b = ef.train_step(ef.train_step(ef.init(MLP, generator=torch.Generator().manual_seed(2)), x, y)[0], x, y)[0]
+    stacked, _ = ef.train_step(ef.stack([a, b]), x.expand(2, *x.shape), y.expand(2, *y.shape))
+    for got, s in zip(ef.unstack(stacked), (a, b)):
+        want, _ = ef.train_step(s, x, y)
+        for k in want.params_flat:
+            torch.testing.assert_close(got.params_flat[k], want.params_flat[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.opt_flat[("step", "host", "fc1", "weight")], want.opt_flat[("step", "host", "fc1", "weight")])
