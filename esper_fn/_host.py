@@ -436,6 +436,13 @@ def wrap(
             chosen.update(found)
         else:
             raise HostError(f"wrap: a slot must be a submodule path or a module type, got {s!r}.")
+    names_seen: dict[str, str] = {"input": "the input slot"} if input_slot else {}
+    for path in chosen:
+        sname = _slot_name(path)
+        if sname in names_seen:
+            raise HostError(f"wrap: submodule {path!r} would get slot name {sname!r}, which {names_seen[sname]} "
+                            "already has. Rename the submodule, or pass input_slot=False.")
+        names_seen[sname] = f"submodule {path!r}"
     for path, m in chosen.items():
         if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
             raise HostError(f"wrap: {path!r} is a MultiheadAttention without batch_first=True; "
@@ -495,16 +502,25 @@ def wrap(
     recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
 
     def recorder(sname, h, x_in=None):
+        if sname in recorded:
+            raise HostError(f"wrap: slot {sname!r} was reached twice in one forward (a submodule called more "
+                            "than once); a slot must follow a submodule that runs once per forward.")
         recorded[sname] = (tuple(h.shape), None if x_in is None else tuple(x_in.shape))
         return h
 
     with torch.no_grad():
         forward_fn({**init_params, **init_buffers}, example_input, recorder, False)
     module_types = {path: SLOT_TYPES.get(type(m), "other") for path, m in chosen.items()}
+    never = [p for p in chosen if _slot_name(p) not in recorded]
+    if never:
+        raise HostError(f"wrap: submodules {never} never ran in the forward on `example_input`; slots must "
+                        "follow submodules the forward uses.")
+    order = list(recorded)  # slots in the order the forward reaches them (the last one is the output side)
+    path_of = {_slot_name(p): p for p in chosen}
 
     def slots_fn(shapes):
         specs = []
-        items = ([("input", None)] if input_slot else []) + [(_slot_name(p), p) for p in chosen]
+        items = [(n, path_of.get(n)) for n in order]
         for sname, path in items:
             out_shape, in_shape = recorded[sname]
             ltype = module_types.get(path) if path else None

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import GateError, IllegalTransitionError
+from ._errors import GateError, GraftError, IllegalTransitionError
 
 
 class Stage(enum.IntEnum):
@@ -110,7 +110,7 @@ def alpha_at(curve: str, progress: float) -> float:
         k = 10.0
         lo, hi = 1 / (1 + math.exp(k / 2)), 1 / (1 + math.exp(-k / 2))
         return (1 / (1 + math.exp(-k * (p - 0.5))) - lo) / (hi - lo)
-    raise IllegalTransitionError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
+    raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
 
 
 # --- gates -------------------------------------------------------------------------------------

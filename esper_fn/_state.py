@@ -212,6 +212,9 @@ def germinate(
         tempo: epochs the BLENDING alpha ramp will take (>= 1).
         curve: "linear", "cosine" or "sigmoid".
 
+    On a stacked state every host gets the same initial seed weights (one draw, broadcast);
+    germinate the hosts one by one before `stack` for independent draws.
+
     Raises:
         IllegalTransitionError: the slot is not DORMANT.
         BlueprintError: unknown blueprint, or it does not fit the slot.
@@ -292,13 +295,14 @@ def advance(
     return replace(state, slots=_set_slot(state.slots, i, **values), _cache={})
 
 
-def tick(state: State, *, embargo_epochs: int = 2) -> State:
+def tick(state: State, *, gates: GateConfig | None = None) -> State:
     """Advance the clock by one epoch.
 
     Every slot's epochs-in-stage count grows by one; BLENDING alphas follow their curve
     (``alpha = curve(epochs / tempo)``); a PRUNED slot becomes EMBARGOED, and an EMBARGOED slot
-    becomes DORMANT after `embargo_epochs` epochs.
+    becomes DORMANT after ``gates.embargo_epochs`` epochs (default `GateConfig()`: 2).
     """
+    embargo_epochs = (gates or GateConfig()).embargo_epochs
     slots = state.slots.clone()
     stage, epochs = slots["stage"], slots["epochs"]
     epochs += 1
@@ -373,6 +377,9 @@ def fossilize(
         slots = _set_slot(state.slots, i, stage=int(Stage.FOSSILIZED), alpha=1.0, epochs=0)
         return replace(state, slots=slots, _cache={})
     spec = state.spec(slot)
+    blocker = _reshape_conflict(state, slot, bp)
+    if blocker is not None:
+        raise GraftError(blocker)
     nb = len(state.batch)
     host_flat = {".".join(k[1:]): v for k, v in state.params_flat.items() if k[0] == "host"}
     seed = state.seed_params(slot)
@@ -402,6 +409,25 @@ def fossilize(
                    _cache={})
 
 
+def _reshape_conflict(state: State, slot: str, bp: bpm.Blueprint) -> str | None:
+    """Why folding `bp` at `slot` would break another seed, or None.
+
+    A merge that changes host shapes (width growth) widens the consumer Linear's input; a seed at
+    the consumer's slot that reads that layer (LoRA, IA3, width growth) was built for the old width.
+    """
+    if bp.merge_moment is None:
+        return None
+    consumer = state.spec(slot).consumer
+    if consumer is None:
+        return None
+    other = state.blueprints[state.index(consumer)]
+    if other is not None and bpm.registry()[other].meta.layer_types is not None:
+        return (f"fossilizing {bp.id!r} at slot {slot!r} widens the input of layer {consumer!r}, and slot "
+                f"{consumer!r} holds {other!r}, which was built for the old width. Fossilize or prune the "
+                f"seed at {consumer!r} first.")
+    return None
+
+
 # --- action masks ------------------------------------------------------------------------------
 
 
@@ -419,6 +445,8 @@ def legal_actions(state: State, *, capabilities: frozenset[str] | None = None) -
         stage = state.stage(name)
         ops = legal_ops(stage)
         bps: tuple[str, ...] = ()
+        if Op.FOSSILIZE in ops and _reshape_conflict(state, name, bpm.registry()[state.blueprints[state.index(name)]]):
+            ops = tuple(o for o in ops if o != Op.FOSSILIZE)
         if Op.GERMINATE in ops:
             spec = state.spec(name)
             bps = tuple(
@@ -448,6 +476,9 @@ def stack(states: Sequence[State]) -> State:
     for j, s in enumerate(states[1:], 1):
         if s.host is not s0.host:
             raise GraftError(f"stack: state {j} has a different host object than state 0.")
+        if s.optimizer != s0.optimizer:
+            raise GraftError(f"stack: state {j} uses optimizer {s.optimizer}, state 0 uses {s0.optimizer}; "
+                             "stacked hosts share one optimizer.")
         if s.blueprints != s0.blueprints or s.batch != s0.batch:
             raise GraftError(f"stack: state {j} has seeds {s.blueprints}, state 0 has {s0.blueprints}.")
         for a, b in ((s.params_flat, s0.params_flat), (s.opt_flat, s0.opt_flat), (s.buffers_flat, s0.buffers_flat)):

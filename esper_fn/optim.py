@@ -208,8 +208,8 @@ class Optimizer:
         out = {"step": step}
         if mom:
             # torch.optim.SGD: the first step copies the gradient into the buffer (dampening 0).
-            first = [float(t) == 1.0 for t in step]
-            buf = [gi.clone() if f else bi * mom + gi for f, gi, bi in zip(first, g, s["momentum"])]
+            # The buffer starts at zero, so mom * 0 + g is that copy, per host when stacked.
+            buf = torch._foreach_add(torch._foreach_mul(s["momentum"], mom), g)
             out["momentum"] = buf
             d = torch._foreach_add(g, buf, alpha=mom) if nesterov else buf
         else:

@@ -288,6 +288,14 @@ def grow(
     metrics_log = (out / "metrics.jsonl").open("a")
     bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, disable=not progress,
                desc=f"grow {config.host}", unit="ep", dynamic_ncols=True)
+
+    def checkpoint(done: int, state: State, final: bool = False) -> None:
+        """Save after epoch `done` when it is a checkpoint epoch, the last epoch, or `final`."""
+        if final or done % config.checkpoint_every == 0 or done == config.epochs:
+            metrics_log.flush()
+            path = _save(ckpts, done, state, g, config, run_id, history, counts, params_before, ctrl, timing)
+            log.append(CheckpointSaved(run_id=run_id, epoch=done, step=done, path=str(path)))
+
     try:
         for epoch in bar:
             last_good = state
@@ -316,8 +324,10 @@ def grow(
                 metrics_log.write(json.dumps(m) + "\n")
                 if counts["rollbacks"] > config.governor.max_rollbacks:
                     stopped = f"more than {config.governor.max_rollbacks} rollbacks; last: {reason}"
+                    checkpoint(epoch + 1, state, final=True)
                     break
                 state = tick(state)
+                checkpoint(epoch + 1, state)
                 continue
             state = new
             obs = Observation(epoch + 1, config.epochs, state, m, good, legal_actions(state), config.param_budget)
@@ -347,10 +357,7 @@ def grow(
             bar.set_postfix(val=f"{m['val_accuracy']:.3f}", params=state.num_params(),
                             seeds=" ".join(f"{n}:{state.stage(n).name[:4]}" for n in state.slot_names
                                            if state.stage(n) != Stage.DORMANT) or "-")
-            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-                metrics_log.flush()
-                path = _save(ckpts, epoch + 1, state, g, config, run_id, history, counts, params_before, ctrl, timing)
-                log.append(CheckpointSaved(run_id=run_id, epoch=epoch + 1, step=epoch + 1, path=str(path)))
+            checkpoint(epoch + 1, state)
     finally:
         bar.close()
         metrics_log.close()

@@ -181,7 +181,8 @@ def flops_per_sample(state: State, example: Tensor) -> int:
 
     plan = _plan(state)
     cache = state.host._plan_cache
-    key = ("flops", tuple(sorted(plan.live)), tuple((k, v.shape) for k, v in state.params_flat.items()))
+    key = ("flops", tuple((n, state.blueprints[i]) for n, (_, _, i) in sorted(plan.live.items())),
+           tuple((k, v.shape) for k, v in state.params_flat.items()))
     if key not in cache:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():

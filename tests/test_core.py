@@ -419,3 +419,58 @@ def test_stacked_hosts_with_different_step_counts(generator):
         for k in want.params_flat:
             torch.testing.assert_close(got.params_flat[k], want.params_flat[k], rtol=1e-5, atol=1e-6)
         assert torch.equal(got.opt_flat[("step", "host", "fc1", "weight")], want.opt_flat[("step", "host", "fc1", "weight")])
+
+
+def test_width_merge_refuses_to_break_a_seed_built_for_the_old_width(generator):
+    x, y = _data()
+    s = _grown(MLP, "fc1", "width_k4", generator, x, y, steps=1)
+    s = ef.germinate(s, "fc2", "lora_r4", generator=generator)
+    assert ef.Op.FOSSILIZE not in ef.legal_actions(s)["fc1"]["ops"]
+    with pytest.raises(ef.GraftError, match="Fossilize or prune the seed at 'fc2' first"):
+        ef.fossilize(s, "fc1")
+    f = ef.fossilize(ef.prune(s, "fc2"), "fc1")
+    assert f.params["host", "fc2", "weight"].shape == (10, 20)
+
+
+def test_stacked_sgd_momentum_matches_single_hosts(generator):
+    x, y = _data()
+    opt = ef.optim.sgd(0.05, momentum=0.9)
+    states = [ef.init(MLP, optimizer=opt, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    st = ef.stack(states)
+    for _ in range(3):
+        st, _ = ef.train_step(st, x.expand(2, *x.shape), y.expand(2, *y.shape))
+        states = [ef.train_step(s, x, y)[0] for s in states]
+    for a, b in zip(ef.unstack(st), states):
+        for k in a.params_flat:
+            torch.testing.assert_close(a.params_flat[k], b.params_flat[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ef.GraftError, match="optimizer"):
+        ef.stack([ef.init(MLP, optimizer=opt), ef.init(MLP, optimizer=ef.optim.adam(0.5))])
+
+
+def test_wrap_orders_slots_as_the_forward_reaches_them_and_rejects_clashing_names():
+    x, _ = _data()
+    net = nn.Sequential(nn.Linear(40, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+    host = ef.wrap(net, x, slots=[nn.Linear, nn.BatchNorm1d])
+    assert [s.name for s in host.slots()] == ["input", "0", "1", "3"]
+
+    class Clash(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input = nn.Linear(40, 10)
+
+        def forward(self, x):
+            return self.input(x)
+
+    with pytest.raises(ef.HostError, match="already has"):
+        ef.wrap(Clash(), x, slots=["input"])
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(40, 10), nn.Linear(40, 10)
+
+        def forward(self, x):
+            return self.a(x)
+
+    with pytest.raises(ef.HostError, match="never ran"):
+        ef.wrap(Unused(), x, slots=[nn.Linear])

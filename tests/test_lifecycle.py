@@ -80,12 +80,12 @@ def test_legal_actions_follow_table(stage, generator):
 
 def test_embargo_counts_down_to_dormant(generator):
     s = _state_in(Stage.PRUNED, generator)
-    s = ef.tick(s, embargo_epochs=3)
+    s = ef.tick(s, gates=ef.GateConfig(embargo_epochs=3))
     assert s.stage("fc1") == Stage.EMBARGOED
     for _ in range(2):
-        s = ef.tick(s, embargo_epochs=3)
+        s = ef.tick(s, gates=ef.GateConfig(embargo_epochs=3))
         assert s.stage("fc1") == Stage.EMBARGOED
-    s = ef.tick(s, embargo_epochs=3)
+    s = ef.tick(s, gates=ef.GateConfig(embargo_epochs=3))
     assert s.stage("fc1") == Stage.DORMANT
     assert ef.germinate(s, "fc1", "lora_r4", generator=generator).stage("fc1") == Stage.GERMINATED
 

@@ -120,3 +120,18 @@ def test_cli_grow_report_blueprints(tmp_path):
     r = subprocess.run(cmd + ["grow", "--config", str(cfg), "--out", str(tmp_path / "x")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "Did you mean 'controller'" in r.stderr
+
+
+def test_a_rollback_on_the_last_epoch_still_checkpoints(tmp_path):
+    def poison(epoch, state):
+        if epoch == 5:
+            from dataclasses import replace
+            flat = dict(state.params_flat)
+            flat[("host", "fc1", "bias")] = torch.full_like(flat[("host", "fc1", "bias")], float("inf"))
+            return replace(state, params_flat=flat, _cache={})
+        return state
+
+    s = grow(RunConfig(**{**FAST, "epochs": 6}), tmp_path / "r", progress=False, on_epoch_start=poison)
+    assert s.rollbacks == 1
+    steps = ef.checkpoint.CheckpointManager(tmp_path / "r" / "checkpoints").steps()
+    assert steps[-1] == 6

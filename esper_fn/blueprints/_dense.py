@@ -137,7 +137,9 @@ def _width(k: int) -> Blueprint:
 
     New units ``u = act(U x_in + c)`` feed the consumer through new columns ``V`` (zero at birth),
     so the delta lands at the consumer's output. Fossilizing appends U, c as rows of the producer
-    and alpha * V as columns of the consumer: the host is then k units wider, exactly.
+    and alpha * V as columns of the consumer: the host is then k units wider, exactly. The new
+    units' Adam moments are appended to the host's; from then on they share the host leaf's step
+    count, so their bias correction is the host's (close to 1 after a few hundred steps).
     """
 
     def init(spec, g):
