@@ -14,75 +14,99 @@ Forward semantics by stage (alpha is the slot's tensor-valued blend weight):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from dataclasses import replace as _dc_replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._errors import EsperError
+from ._errors import ConfigError, GraftError
 from ._host import SlotSpec, identity_slot
 from ._lifecycle import Stage
-from ._state import Key, State
+from ._state import Key, State, _derive, _Ownership
 
 __all__ = ["apply", "train_step", "trained_keys", "INCUBATION"]
 
 INCUBATION = ("shadow", "none")
-_IN_FORWARD = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
-_TRAINED = (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
+
+# Per-host role of a seed slot, derived from its stage and alpha (data, so stacked hosts may differ).
+NONE, IDLE, INCUBATING, LIVE = 0, 1, 2, 3
+"""NONE: no seed in the computation (DORMANT, PRUNED, EMBARGOED, or a merged fossil). IDLE: a
+GERMINATED seed (exists, does not compute). INCUBATING: TRAINING, or BLENDING while alpha is still 0
+(the live output ignores the seed, so it can only learn in the shadow forward). LIVE: BLENDING with
+alpha > 0, HOLDING, FOSSILIZED: ``h + alpha * delta`` in the live forward."""
+
+
+def roles(state: State) -> Tensor:
+    """The role code of every slot on every host: int64 ``[*batch, S]`` (see `LIVE` etc.)."""
+    stage, alpha = state.slots["stage"], state.slots["alpha"]
+    out = torch.zeros_like(stage)
+    out[stage == int(Stage.GERMINATED)] = IDLE
+    out[(stage == int(Stage.TRAINING)) | ((stage == int(Stage.BLENDING)) & (alpha <= 0))] = INCUBATING
+    out[((stage == int(Stage.BLENDING)) & (alpha > 0)) | (stage == int(Stage.HOLDING))
+        | (stage == int(Stage.FOSSILIZED))] = LIVE
+    return out
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """Structure of a state, derived once per structure and reused by every step."""
+    """Structure of a state, derived once per structure and reused by every step.
+
+    Slots enter a pass if any host needs them there; hosts that do not (a seed still incubating on
+    one host, live on another) run it at alpha 0 and are masked out of its gradient and update.
+    """
 
     live: dict[str, tuple[bpm.Blueprint, SlotSpec, int]]  # seeds in the live forward
-    incubating: dict[str, tuple[bpm.Blueprint, SlotSpec, int]]  # TRAINING seeds
+    incubating: dict[str, tuple[bpm.Blueprint, SlotSpec, int]]  # seeds with an INCUBATING host
     host_keys: tuple[Key, ...]
     host_names: tuple[str, ...]  # dotted names aligned with host_keys
     seed_keys: dict[str, tuple[Key, ...]]
-    trainable: tuple[Key, ...]  # keys that get gradients in a train step
-    trainable_shadow: tuple[Key, ...]  # incubating seed keys (shadow pass)
+    slot_roles: tuple[frozenset[int], ...]  # roles present per slot, over the hosts
     has_buffers: bool
+
+    def trainable(self, shadow: bool) -> tuple[Key, ...]:
+        """Keys that get gradients in a train step (host first, then seeds by slot)."""
+        keys = list(self.host_keys)
+        for n, (_, _, i) in {**self.live, **self.incubating}.items():
+            if LIVE in self.slot_roles[i] or (shadow and INCUBATING in self.slot_roles[i]):
+                keys.extend(self.seed_keys.get(n, ()))
+        return tuple(keys)
 
 
 def _plan(state: State) -> _Plan:
     cached = state._cache.get("plan")
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] is state.slots and cached[1] == state.blueprints:
+        return cached[2]
     S = len(state.slot_names)
-    stages = tuple(Stage(s) for s in state.slots["stage"].reshape(-1, S)[0].tolist()) if S else ()
-    sig = (state.blueprints, stages, tuple(state.buffers_flat),
+    r = roles(state).reshape(-1, S).T.tolist() if S else []
+    slot_roles = tuple(frozenset(x) for x in r)
+    sig = (state.blueprints, slot_roles, tuple(state.buffers_flat),
            tuple((k, v.shape[len(state.batch):]) for k, v in state.params_flat.items()))
     plans = state.host._plan_cache
     plan = plans.get(sig)
     if plan is None:
         live, incubating = {}, {}
-        for i, (name, stage, bid) in enumerate(zip(state.slot_names, stages, state.blueprints)):
+        for i, (name, present, bid) in enumerate(zip(state.slot_names, slot_roles, state.blueprints)):
             if bid is None:
                 continue
             entry = (bpm.registry()[bid], state.spec(name), i)  # the exact design the state holds
-            if stage in _IN_FORWARD:
+            if LIVE in present:
                 live[name] = entry
-            elif stage == Stage.TRAINING:
+            if INCUBATING in present:
                 incubating[name] = entry
         host_keys = tuple(k for k in state.params_flat if k[0] == "host")
         seed_keys: dict[str, list[Key]] = {}
         for k in state.params_flat:
             if k[0] == "seeds":
                 seed_keys.setdefault(k[1], []).append(k)
-        trainable = host_keys + tuple(
-            k for n, (_, _, i) in live.items() if stages[i] in _TRAINED for k in seed_keys.get(n, ())
-        )
-        trainable_shadow = tuple(k for n in incubating for k in seed_keys.get(n, ()))
         plan = _Plan(live, incubating, host_keys, tuple(".".join(k[1:]) for k in host_keys),
-                     {n: tuple(v) for n, v in seed_keys.items()}, trainable, trainable_shadow,
-                     bool(state.buffers_flat))
+                     {n: tuple(v) for n, v in seed_keys.items()}, slot_roles, bool(state.buffers_flat))
         if len(plans) > 4096:  # structures seen by a long-lived host (e.g. an RL environment)
             plans.clear()
         plans[sig] = plan
-    state._cache["plan"] = plan
+    state._cache["plan"] = (state.slots, state.blueprints, plan)
     return plan
 
 
@@ -149,7 +173,7 @@ def _run(state, plan, entries, params, x, train):
     if not state.batch:
         return _forward(state, plan, entries, host_flat, seeds, alphas, x, train)
     if len(state.batch) != 1:
-        raise EsperError(f"apply supports one stacking dimension, got batch {state.batch}.")
+        raise GraftError(f"apply supports one stacking dimension, got batch {state.batch}; stack one level only.")
 
     def one(h, s, a, xi):
         y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train)
@@ -212,10 +236,11 @@ def train_step(
         [N]) and, while seeds incubate, "shadow_loss".
     """
     if incubation not in INCUBATION:
-        raise EsperError(f"incubation must be one of {INCUBATION}, got {incubation!r}.")
+        raise ConfigError(f"incubation must be one of {INCUBATION}, got {incubation!r}.")
     plan = _plan(state)
     shadow = incubation == "shadow" and bool(plan.incubating)
-    keys = plan.trainable + (plan.trainable_shadow if shadow else ())
+    keys = plan.trainable(shadow)
+    masks = _update_masks(state, plan, shadow)
     pf = state.params_flat
     leaves = [pf[k].detach().requires_grad_() for k in keys]
     params = dict(pf)
@@ -238,15 +263,7 @@ def train_step(
         if with_output:
             metrics["output"] = out.detach()
         if shadow:
-            # Host and non-incubating seeds detached: only incubating seeds learn from this pass.
-            sp = {k: (v.detach() if k[0] == "host" or k[1] not in plan.incubating else v) for k, v in params.items()}
-            entries = dict(plan.live)
-            entries.update(plan.incubating)
-            alpha = state.slots["alpha"].clone()
-            for _, _, i in plan.incubating.values():
-                alpha[..., i] = 1.0
-            shadow_state = replace(state, slots=state.slots.clone(False).set("alpha", alpha), _cache=state._cache)
-            sout, saux, _, _ = _run(shadow_state, plan, entries, sp, x, True)
+            sout, saux = _shadow_forward(state, plan, params, x)
             s_loss = lf(sout, y)
             total = total + (s_loss.sum() if batched else s_loss)
             if saux is not None:
@@ -263,7 +280,19 @@ def train_step(
     opt = state.opt_flat
     mirrors = state.optimizer.mirrors
     states = {m: [opt[(m,) + k] for k in keys] for m in mirrors}
-    new_p, new_s = state.optimizer.update_lists(keys, [pf[k] for k in keys], grads, states, donate=donate)
+    own = state._own
+    owned = own.keys if donate and own.holder == id(state) else frozenset()
+    give = [k in owned and k not in masks for k in keys]
+    new_p, new_s = state.optimizer.update_lists(keys, [pf[k] for k in keys], grads, states, donate=give)
+    if masks:  # hosts whose seed does not train this step keep its parameters and moments
+        for j, k in enumerate(keys):
+            m = masks.get(k)
+            if m is None:
+                continue
+            new_p[j] = torch.where(m.view(m.shape + (1,) * (new_p[j].dim() - m.dim())), new_p[j], pf[k])
+            for name in mirrors:
+                old = states[name][j]
+                new_s[name][j] = torch.where(m.view(m.shape + (1,) * (old.dim() - m.dim())), new_s[name][j], old)
     params_out = dict(pf)
     params_out.update(zip(keys, new_p))
     opt_out = dict(opt)
@@ -277,11 +306,60 @@ def train_step(
         for s, d in seed_buf.items():
             for n, v in d.items():
                 buffers_out[("seeds", s, n)] = v.detach()
-    new = replace(state, params_flat=params_out, opt_flat=opt_out, buffers_flat=buffers_out, _cache=state._cache)
+    new = _derive(state, params_flat=params_out, opt_flat=opt_out, buffers_flat=buffers_out,
+                  _owned=frozenset(keys), _keep_cache=True)
     return new, metrics
+
+
+def _update_masks(state: State, plan: _Plan, shadow: bool) -> dict[Key, Tensor]:
+    """Per-host update masks ([N] bool) for seed keys that train on some stacked hosts only."""
+    if not state.batch:
+        return {}
+    cached = state._cache.get(("masks", shadow))
+    if cached is not None and cached[0] is state.slots:
+        return cached[1]
+    r = roles(state)
+    out: dict[Key, Tensor] = {}
+    for n, (_, _, i) in {**plan.live, **plan.incubating}.items():
+        present = plan.slot_roles[i]
+        trains = {LIVE, INCUBATING} if shadow else {LIVE}
+        if not (present & trains) or present <= trains:
+            continue  # trained on no host (not a trainable key) or on every host (no mask)
+        m = r[..., i] == LIVE
+        if shadow:
+            m = m | (r[..., i] == INCUBATING)
+        for k in plan.seed_keys.get(n, ()):
+            out[k] = m
+    state._cache[("masks", shadow)] = (state.slots, out)
+    return out
+
+
+def _shadow_forward(state: State, plan: _Plan, params: dict[Key, Tensor], x: Tensor):
+    """The shadow forward: every incubating seed fused at alpha 1 over detached host weights, so
+    only incubating seeds learn from it (per host, on stacked states). Returns (output, aux)."""
+    r = roles(state)
+    alpha = torch.where(r == INCUBATING, torch.ones_like(state.slots["alpha"]), state.slots["alpha"])
+    sp = {}
+    for k, v in params.items():
+        if k[0] == "host" or k[1] not in plan.incubating:
+            sp[k] = v.detach()
+            continue
+        i = plan.incubating[k[1]][2]
+        if plan.slot_roles[i] == frozenset({INCUBATING}):
+            sp[k] = v
+        else:  # the seed incubates on some hosts only: the others' copies get no gradient here
+            m = (r[..., i] == INCUBATING).to(v.dtype)
+            m = m.view(m.shape + (1,) * (v.dim() - m.dim()))
+            sp[k] = m * v + (1 - m) * v.detach()
+    entries = dict(plan.live)
+    entries.update(plan.incubating)
+    shadow_state = _dc_replace(state, slots=state.slots.clone(False).set("alpha", alpha), _cache=state._cache,
+                               _own=_Ownership())
+    sout, saux, _, _ = _run(shadow_state, plan, entries, sp, x, True)
+    return sout, saux
 
 
 def trained_keys(state: State, incubation: str = "shadow") -> tuple[Key, ...]:
     """The parameter keys a `train_step` on `state` updates, in the order of its "grad_sq" metric."""
     plan = _plan(state)
-    return plan.trainable + (plan.trainable_shadow if incubation == "shadow" and plan.incubating else ())
+    return plan.trainable(incubation == "shadow" and bool(plan.incubating))

@@ -153,8 +153,9 @@ def check_gate(
         op: requested op (already legal by the transition table).
         epochs_in_stage: epochs the slot has spent in `stage`.
         gates: thresholds.
-        telemetry: optional measurements for the slot: "grad_norm" (float), "contribution"
-            (accuracy points in [0, 1]). A gate whose measurement is absent is not checked.
+        telemetry: the telemetry dict as `esper_fn.training.telemetry` emits it; the gates read
+            ``"grad_norm/<slot>"`` (the seed's gradient norm) and ``"<slot>/contribution"``
+            (accuracy points in [-1, 1]). A gate whose measurement is absent is not checked.
     """
     telemetry = telemetry or {}
     if stage == Stage.TRAINING and op == Op.ADVANCE:
@@ -163,7 +164,7 @@ def check_gate(
                 f"slot {slot!r} has incubated {epochs_in_stage} epoch(s); blending needs "
                 f"min_training_epochs={gates.min_training_epochs}. Wait, or pass force=True."
             )
-        g = telemetry.get("grad_norm")
+        g = telemetry.get(f"grad_norm/{slot}")
         if g is not None and not (math.isfinite(g) and g <= gates.max_grad_norm):
             raise GateError(
                 f"slot {slot!r} gradient norm is {g}; blending needs a finite norm <= "
@@ -175,7 +176,7 @@ def check_gate(
                 f"slot {slot!r} has held {epochs_in_stage} epoch(s); fossilizing needs "
                 f"min_holding_epochs={gates.min_holding_epochs}. Wait, or pass force=True."
             )
-        c = telemetry.get("contribution")
+        c = telemetry.get(f"{slot}/contribution")
         if c is not None and c < gates.min_contribution:
             raise GateError(
                 f"slot {slot!r} contributes {c:+.4f} accuracy; fossilizing needs "

@@ -12,8 +12,9 @@ Optimizer keys: ``(mirror, *param_key)``, e.g. ``("mu", "host", "fc1", "weight")
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from dataclasses import replace as _dc_replace
 from functools import cached_property
 
 import torch
@@ -44,8 +45,10 @@ __all__ = [
     "germinate",
     "init",
     "legal_actions",
+    "partition",
     "prune",
     "stack",
+    "structure",
     "tick",
     "unstack",
 ]
@@ -60,7 +63,21 @@ def _to_td(flat: Mapping[Key, Tensor], batch_size: Sequence[int] = ()) -> Tensor
     td = TensorDict(batch_size=list(batch_size))
     for k, v in flat.items():
         td.set(k, v)
-    return td
+    return td.lock_()
+
+
+class _Ownership:
+    """Which tensors of a state no other state can see (the only ones `train_step` may donate).
+
+    A state that another state is derived from loses its claims (the child shares its tensors);
+    `train_step` gives the child a claim on the fresh tensors it wrote.
+    """
+
+    __slots__ = ("holder", "keys")
+
+    def __init__(self, keys: frozenset = frozenset()):
+        self.holder = 0  # id() of the state holding the claim; 0 until a state adopts it
+        self.keys = keys
 
 
 def _from_td(td: TensorDict) -> Flat:
@@ -97,20 +114,41 @@ class State:
     n_seeds: int = 0
     batch: tuple[int, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _own: _Ownership = field(default_factory=_Ownership, repr=False, compare=False)
+
+    def __post_init__(self):
+        own = self._own
+        if own.holder not in (0, id(self)):
+            # Built by copying another state's fields (e.g. `dataclasses.replace`): both now share
+            # every tensor, so neither may donate any.
+            own.keys = frozenset()
+            object.__setattr__(self, "_own", _Ownership())
+            own = self._own
+        own.holder = id(self)
+
+    def replace(self, **changes) -> State:
+        """A new state with `changes` applied to its fields (always safe: cached structure is
+        recomputed, and neither state may donate tensors the other can see).
+
+        Args:
+            **changes: field values, e.g. ``params_flat=...``, ``slots=...``, ``blueprints=...``.
+        """
+        return _derive(self, **changes)
 
     # -- TensorDict views ------------------------------------------------------------------------
     @cached_property
     def params(self) -> TensorDict:
-        """Parameter tree: ``{"host": {...}, "seeds": {slot: {...}}}``."""
+        """Parameter tree: ``{"host": {...}, "seeds": {slot: {...}}}`` (a locked, read-only view)."""
         return _to_td(self.params_flat, self.batch)
 
     @cached_property
     def buffers(self) -> TensorDict:
+        """Buffers (BatchNorm statistics, seed buffers), same key scheme (read-only view)."""
         return _to_td(self.buffers_flat, self.batch)
 
     @cached_property
     def opt(self) -> TensorDict:
-        """Optimizer state: ``{mirror: tree mirroring params}``."""
+        """Optimizer state: ``{mirror: tree mirroring params}`` (read-only view)."""
         return _to_td(self.opt_flat, self.batch)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -122,11 +160,23 @@ class State:
                             f"{list(self.slot_names)}.") from None
 
     def stage(self, slot: str) -> Stage:
-        s = self.slots["stage"][..., self.index(slot)]
-        vals = set(s.flatten().tolist())
+        """The slot's stage (on a stacked state, the stage every host shares there).
+
+        Raises:
+            GraftError: the stacked hosts are in different stages at `slot` (use `host_stages`).
+        """
+        vals = set(self.host_stages(slot))
         if len(vals) != 1:
-            raise GraftError(f"slot {slot!r} is in different stages across the stacked hosts: {sorted(vals)}.")
-        return Stage(vals.pop())
+            raise GraftError(
+                f"slot {slot!r} is in different stages across the stacked hosts: {sorted(v.name for v in vals)}. "
+                "Read them with `state.host_stages(slot)`; to change one host, `unstack` the state, apply the "
+                "op to that host and `stack` again."
+            )
+        return vals.pop()
+
+    def host_stages(self, slot: str) -> tuple[Stage, ...]:
+        """The slot's stage on every host (one entry for an unstacked state)."""
+        return tuple(Stage(v) for v in self.slots["stage"][..., self.index(slot)].flatten().tolist())
 
     def stages(self) -> dict[str, Stage]:
         """Stage of every slot."""
@@ -181,6 +231,14 @@ def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Gen
     return State(host, optimizer, params, buffers, opt, slots, names, (None,) * S)
 
 
+def _derive(state: State, *, _owned: frozenset = frozenset(), _keep_cache: bool = False, **changes) -> State:
+    """A state derived from `state`. The parent loses its donation claims (the child shares its
+    tensors); the child claims `_owned`, the keys of fresh tensors written for it alone.
+    `_keep_cache` shares the per-structure cache (only for changes that keep the structure)."""
+    state._own.keys = frozenset()
+    return _dc_replace(state, **changes, _cache=state._cache if _keep_cache else {}, _own=_Ownership(_owned))
+
+
 def _set_slot(slots: TensorDict, i: int, **values) -> TensorDict:
     new = slots.clone()
     for k, v in values.items():
@@ -221,15 +279,23 @@ def germinate(
         CapabilityError: the blueprint needs a capability this machine lacks (and has no fallback).
 
     A blueprint whose capability is absent resolves to its fallback, and the state records the
-    design that actually runs (``state.blueprints``).
+    design that actually runs (``state.blueprints``). A `Blueprint` object that is not in the
+    catalogue yet is registered (`esper_fn.blueprints.register`), since states name seeds by id.
     """
     i = state.index(slot)
     check_transition(slot, state.stage(slot), Op.GERMINATE)
+    if isinstance(blueprint, bpm.Blueprint):
+        bpm.register(blueprint)  # the state names its seeds by id; the id must resolve to this design
     bp = bpm.get(blueprint)
     spec = state.spec(slot)
     why = bp.misfit(spec)
     if why is not None:
-        raise bpm.BlueprintError(f"blueprint {bp.id!r} does not fit slot {slot!r}: {why}.")
+        fitting = [bid for bid, b in bpm.registry().items() if b.fits(spec)]
+        raise bpm.BlueprintError(
+            f"blueprint {bp.id!r} does not fit slot {slot!r}: {why}. Blueprints that fit {slot!r}: "
+            f"{fitting or 'none'}; `esper_fn.legal_actions(state)[{slot!r}]['blueprints']` lists them with "
+            "capabilities checked."
+        )
     if curve not in CURVES:
         raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
     if int(tempo) < 1:
@@ -251,8 +317,8 @@ def germinate(
     slots = _set_slot(state.slots, i, stage=int(Stage.GERMINATED), alpha=0.0, curve=CURVES.index(curve),
                       tempo=int(tempo), epochs=0, seed_id=state.n_seeds)
     bps = tuple(bp.id if j == i else b_ for j, b_ in enumerate(state.blueprints))
-    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
-                   n_seeds=state.n_seeds + 1, _cache={})
+    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
+                   n_seeds=state.n_seeds + 1)
 
 
 def advance(
@@ -279,20 +345,14 @@ def advance(
     i = state.index(slot)
     stage = state.stage(slot)
     nxt = check_transition(slot, stage, Op.ADVANCE)
-    epochs = int(state.slots["epochs"][..., i].min())
     if not force:
-        check_gate(slot, stage, Op.ADVANCE, epochs, gates or GateConfig(), telemetry)
-        if stage == Stage.BLENDING:
-            a = float(state.slots["alpha"][..., i].min())
-            if a < 1.0:
-                raise GateError(
-                    f"slot {slot!r} is still blending (alpha={a:.3f}, epoch {epochs} of "
-                    f"{int(state.slots['tempo'][..., i].max())}); tick until alpha reaches 1, or pass force=True."
-                )
+        refusal = _gate_refusal(state, slot, stage, Op.ADVANCE, gates or GateConfig(), telemetry)
+        if refusal is not None:
+            raise refusal
     values = {"stage": int(nxt), "epochs": 0}
     if nxt == Stage.HOLDING:
         values["alpha"] = 1.0
-    return replace(state, slots=_set_slot(state.slots, i, **values), _cache={})
+    return _derive(state, slots=_set_slot(state.slots, i, **values))
 
 
 def tick(state: State, *, gates: GateConfig | None = None) -> State:
@@ -306,21 +366,19 @@ def tick(state: State, *, gates: GateConfig | None = None) -> State:
     slots = state.slots.clone()
     stage, epochs = slots["stage"], slots["epochs"]
     epochs += 1
-    for i in range(len(state.slot_names)):
-        s = Stage(int(stage[..., i].flatten()[0]))
-        if s == Stage.BLENDING:
-            tempo = slots["tempo"][..., i].flatten().tolist()
-            curves = slots["curve"][..., i].flatten().tolist()
-            eps = epochs[..., i].flatten().tolist()
-            vals = [alpha_at(CURVES[c], e / t) for c, e, t in zip(curves, eps, tempo)]
-            slots["alpha"][..., i] = torch.tensor(vals, dtype=torch.float32).reshape(slots["alpha"][..., i].shape)
-        elif s == Stage.PRUNED:
-            stage[..., i] = int(Stage.EMBARGOED)
-            epochs[..., i] = 0
-        elif s == Stage.EMBARGOED and int(epochs[..., i].min()) >= embargo_epochs:
-            stage[..., i] = int(Stage.DORMANT)
-            epochs[..., i] = 0
-    return replace(state, slots=slots, _cache={})
+    # Per host and slot, as data: stacked hosts may be in different stages.
+    blending = stage == int(Stage.BLENDING)
+    if bool(blending.any()):
+        tempo, curves, alpha = slots["tempo"], slots["curve"], slots["alpha"]
+        for j in blending.nonzero().tolist():
+            j = tuple(j)
+            alpha[j] = alpha_at(CURVES[int(curves[j])], int(epochs[j]) / int(tempo[j]))
+    pruned = stage == int(Stage.PRUNED)
+    released = (stage == int(Stage.EMBARGOED)) & (epochs >= embargo_epochs)
+    stage[pruned] = int(Stage.EMBARGOED)
+    stage[released] = int(Stage.DORMANT)
+    epochs[pruned | released] = 0
+    return _derive(state, slots=slots)
 
 
 def _drop_seed(state: State, slot: str) -> tuple[Flat, Flat, Flat]:
@@ -343,8 +401,7 @@ def prune(state: State, slot: str) -> State:
     params, buffers, opt = _drop_seed(state, slot)
     slots = _set_slot(state.slots, i, stage=int(Stage.PRUNED), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
     bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
-    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
-                   _cache={})
+    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
 
 
 def fossilize(
@@ -370,12 +427,13 @@ def fossilize(
     stage = state.stage(slot)
     check_transition(slot, stage, Op.FOSSILIZE)
     if not force:
-        check_gate(slot, stage, Op.FOSSILIZE, int(state.slots["epochs"][..., i].min()), gates or GateConfig(),
-                   telemetry)
+        refusal = _gate_refusal(state, slot, stage, Op.FOSSILIZE, gates or GateConfig(), telemetry)
+        if refusal is not None:
+            raise refusal
     bp = bpm.registry()[state.blueprints[i]]
     if not bp.meta.mergeable:
         slots = _set_slot(state.slots, i, stage=int(Stage.FOSSILIZED), alpha=1.0, epochs=0)
-        return replace(state, slots=slots, _cache={})
+        return _derive(state, slots=slots)
     spec = state.spec(slot)
     blocker = _reshape_conflict(state, slot, bp)
     if blocker is not None:
@@ -405,8 +463,7 @@ def fossilize(
                 opt[(m, "host", *name.split("."))] = v
     slots = _set_slot(state.slots, i, stage=int(Stage.DORMANT), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
     bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
-    return replace(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
-                   _cache={})
+    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
 
 
 def _reshape_conflict(state: State, slot: str, bp: bpm.Blueprint) -> str | None:
@@ -431,22 +488,50 @@ def _reshape_conflict(state: State, slot: str, bp: bpm.Blueprint) -> str | None:
 # --- action masks ------------------------------------------------------------------------------
 
 
-def legal_actions(state: State, *, capabilities: frozenset[str] | None = None) -> dict[str, dict]:
-    """What each slot may do now, derived from the transition table and blueprint fit.
+def legal_actions(
+    state: State,
+    *,
+    capabilities: frozenset[str] | None = None,
+    gates: GateConfig | None = None,
+    telemetry: Mapping[str, float] | None = None,
+) -> dict[str, dict]:
+    """What each slot may do now: the transition table, blueprint fit, capabilities and the gates.
+
+    An op listed here never raises when requested with the same `gates` and `telemetry` (ADVANCE
+    and FOSSILIZE are listed only where their gates pass; ADVANCE from BLENDING only once alpha is 1).
+
+    Args:
+        state: a single (unstacked) state.
+        capabilities: the capabilities to assume (default: this machine's).
+        gates: thresholds (default `GateConfig()`, as `advance` and `fossilize` use).
+        telemetry: the epoch's telemetry (`esper_fn.training.telemetry`), read by the gates.
 
     Returns:
         ``{slot: {"stage": Stage, "ops": tuple[Op, ...], "blueprints": tuple[str, ...]}}``, where
         "blueprints" lists the ids that fit the slot and whose capabilities are present (non-empty
         only where GERMINATE is legal).
+
+    Raises:
+        GraftError: `state` is stacked (masks are per host: `unstack` it first).
     """
+    if state.batch:
+        raise GraftError(f"legal_actions: the state is stacked (batch {state.batch}); masks are per host. "
+                         "Call it on each of `unstack(state)`.")
     caps = bpm.available_capabilities() if capabilities is None else capabilities
+    gates = gates or GateConfig()
     out = {}
     for name in state.slot_names:
         stage = state.stage(name)
         ops = legal_ops(stage)
         bps: tuple[str, ...] = ()
-        if Op.FOSSILIZE in ops and _reshape_conflict(state, name, bpm.registry()[state.blueprints[state.index(name)]]):
-            ops = tuple(o for o in ops if o != Op.FOSSILIZE)
+        refused = set()
+        if Op.FOSSILIZE in ops:
+            if _reshape_conflict(state, name, bpm.registry()[state.blueprints[state.index(name)]]):
+                refused.add(Op.FOSSILIZE)
+            elif _gate_refusal(state, name, stage, Op.FOSSILIZE, gates, telemetry) is not None:
+                refused.add(Op.FOSSILIZE)
+        if Op.ADVANCE in ops and _gate_refusal(state, name, stage, Op.ADVANCE, gates, telemetry) is not None:
+            refused.add(Op.ADVANCE)
         if Op.GERMINATE in ops:
             spec = state.spec(name)
             bps = tuple(
@@ -454,18 +539,69 @@ def legal_actions(state: State, *, capabilities: frozenset[str] | None = None) -
                 if bp.fits(spec) and (set(bp.meta.requires_capability) <= caps or bp.meta.fallback is not None)
             )
             if not bps:
-                ops = tuple(o for o in ops if o != Op.GERMINATE)
-        out[name] = {"stage": stage, "ops": ops, "blueprints": bps}
+                refused.add(Op.GERMINATE)
+        out[name] = {"stage": stage, "ops": tuple(o for o in ops if o not in refused), "blueprints": bps}
     return out
+
+
+def _gate_refusal(state: State, slot: str, stage: Stage, op: Op, gates: GateConfig,
+                  telemetry: Mapping[str, float] | None) -> GateError | None:
+    """The `GateError` that `advance`/`fossilize` would raise for `op` at `slot`, or None."""
+    i = state.index(slot)
+    epochs = int(state.slots["epochs"][..., i].min())
+    try:
+        check_gate(slot, stage, op, epochs, gates, telemetry)
+    except GateError as e:
+        return e
+    if stage == Stage.BLENDING and op == Op.ADVANCE:
+        a = float(state.slots["alpha"][..., i].min())
+        if a < 1.0:
+            return GateError(
+                f"slot {slot!r} is still blending (alpha={a:.3f}, epoch {epochs} of "
+                f"{int(state.slots['tempo'][..., i].max())}); tick until alpha reaches 1, or pass force=True."
+            )
+    return None
 
 
 # --- stacking N hosts of one structure -------------------------------------------------------
 
 
+def structure(state: State) -> Hashable:
+    """What must be equal for states to stack: the host object, the optimizer, the blueprint per
+    slot, and the keys and per-host shapes of every tensor. Stages, alphas and epochs are data and
+    may differ (hosts that decide differently still train in one call).
+    """
+    nb = len(state.batch)
+    shapes = lambda flat: tuple((k, tuple(v.shape[nb:])) for k, v in flat.items())  # noqa: E731
+    return (id(state.host), state.optimizer, state.blueprints, shapes(state.params_flat),
+            shapes(state.buffers_flat), shapes(state.opt_flat))
+
+
+def partition(states: Sequence[State]) -> list[list[int]]:
+    """Group a population by structure: each group lists the indices of states that `stack` accepts
+    together, in order of first appearance. A host that germinates, fossilizes (merging) or prunes
+    changes structure and so moves to another group; the next `partition` finds it there.
+
+    The intended loop (what `esper_fn.training.train_epochs` does): keep N single states, and per
+    epoch ``partition`` -> ``stack`` each group -> train -> ``unstack``; stacking costs a few
+    microseconds per tensor (docs/benchmarks.md), small next to an epoch.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for j, s in enumerate(states):
+        if s.batch:
+            raise GraftError(f"partition: state {j} is stacked (batch {s.batch}); pass single states.")
+        groups.setdefault(structure(s), []).append(j)
+    return list(groups.values())
+
+
 def stack(states: Sequence[State]) -> State:
     """Stack N states of one structure (same host, slots, blueprints, keys and shapes) into one
     state whose tensors have a leading dimension N. `train_step` and `apply` on the stacked state
-    run all N hosts in one vectorised call.
+    run all N hosts in one vectorised call. Stages, alphas and epochs-in-stage are per-host data:
+    hosts may be in different stages at the same slot (a TRAINING seed on one host and a BLENDING
+    one on another); `tick` and `train_step` treat each host by its own stage. Lifecycle ops that
+    change one host (germinate, advance, ...) work on single states: `unstack`, apply, `stack`
+    (`partition` groups a population into stackable sets).
 
     Raises:
         GraftError: the states differ in structure (naming the first difference).
@@ -484,15 +620,13 @@ def stack(states: Sequence[State]) -> State:
         for a, b in ((s.params_flat, s0.params_flat), (s.opt_flat, s0.opt_flat), (s.buffers_flat, s0.buffers_flat)):
             if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
                 raise GraftError(f"stack: state {j} has different tensor keys or shapes than state 0.")
-        if (s.slots["stage"] != s0.slots["stage"]).any():
-            raise GraftError(f"stack: state {j} has slot stages that differ from state 0.")
 
     def st(attr):
         return {k: torch.stack([getattr(s, attr)[k] for s in states]) for k in getattr(s0, attr)}
 
-    return replace(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
+    return _derive(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
                    slots=torch.stack([s.slots for s in states]), batch=(len(states),) + s0.batch,
-                   n_seeds=max(s.n_seeds for s in states), _cache={})
+                   n_seeds=max(s.n_seeds for s in states))
 
 
 def unstack(state: State) -> list[State]:
@@ -505,7 +639,7 @@ def unstack(state: State) -> list[State]:
         return {k: v[j] for k, v in flat.items()}
 
     return [
-        replace(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
-                opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:], _cache={})
+        _derive(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
+                opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:])
         for j in range(n)
     ]

@@ -21,7 +21,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from ._errors import EsperError
+from ._errors import ConfigError
 
 __all__ = ["Optimizer", "adam", "adamw", "sgd", "zero_leaf"]
 
@@ -38,13 +38,13 @@ def _lr_map(lr: float | Mapping[str, float]) -> dict[str, float]:
     if isinstance(lr, Mapping):
         unknown = set(lr) - set(GROUPS)
         if unknown or not lr:
-            raise EsperError(f"lr mapping keys must be among {GROUPS}, got {sorted(lr)}.")
+            raise ConfigError(f"lr mapping keys must be among {GROUPS}, got {sorted(lr)}.")
         base = lr.get("host", lr.get("seeds"))
         out = {g: float(lr.get(g, base)) for g in GROUPS}
     else:
         out = {g: float(lr) for g in GROUPS}
     if any(v < 0 for v in out.values()):
-        raise EsperError(f"learning rates must be >= 0, got {out}.")
+        raise ConfigError(f"learning rates must be >= 0, got {out}.")
     return out
 
 
@@ -109,7 +109,7 @@ class Optimizer:
         grads: list[Tensor],
         states: Mapping[str, list[Tensor]],
         *,
-        donate: bool = False,
+        donate: bool | Sequence[bool] = False,
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """The update on flat lists (the hot path used by `esper_fn.train_step`).
 
@@ -117,14 +117,16 @@ class Optimizer:
             keys: the leaf keys, each starting with "host" or "seeds" (selects the learning rate).
             params, grads: tensors aligned with `keys`.
             states: mirror name -> list aligned with `keys`.
-            donate: the caller will never use `params` and `states` again, so Adam may update them
-                in place (JAX's buffer donation); by default it writes fresh tensors.
+            donate: the caller gives up these tensors (no one else can see them), so Adam may update
+                them in place (JAX's buffer donation); one flag for all leaves or one per leaf. By
+                default it writes fresh tensors.
 
         Returns:
             new parameter list and new mirror lists (fresh tensors, or the donated ones).
         """
         new_p: list[Tensor] = [None] * len(keys)  # type: ignore[list-item]
         new_s: dict[str, list[Tensor]] = {m: [None] * len(keys) for m in self.mirrors}  # type: ignore[misc]
+        give = [bool(donate)] * len(keys) if isinstance(donate, bool) else [bool(d) for d in donate]
         for group in GROUPS:
             idx = [i for i, k in enumerate(keys) if k[0] == group]
             if not idx:
@@ -136,26 +138,24 @@ class Optimizer:
             if self.name == "sgd":
                 p2, s2 = self._sgd(p, g, s, lr)
             else:
-                p2, s2 = self._adam(p, g, s, lr, donate)
+                p2, s2 = self._adam(p, g, s, lr, [give[i] for i in idx])
             for j, i in enumerate(idx):
                 new_p[i] = p2[j]
                 for m in self.mirrors:
                     new_s[m][i] = s2[m][j]
         return new_p, new_s
 
-    def _adam(self, p, g, s, lr, donate=False):
+    def _adam(self, p, g, s, lr, donate):
         h = self.hyper
         b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
         if p[0].device.type == "cpu":
-            # One fused kernel (torch.optim.Adam(fused=True)'s), on fresh copies unless donated.
-            if donate:
-                new_p, mu, nu, step = p, s["mu"], s["nu"], s["step"]
-                torch._foreach_add_(step, 1.0)
-            else:
-                new_p = [t.clone() for t in p]
-                mu = [t.clone() for t in s["mu"]]
-                nu = [t.clone() for t in s["nu"]]
-                step = torch._foreach_add(s["step"], 1.0)
+            # One fused kernel (torch.optim.Adam(fused=True)'s): donated leaves are updated in place,
+            # the others on fresh copies.
+            new_p = [t if d else t.clone() for t, d in zip(p, donate)]
+            mu = [t if d else t.clone() for t, d in zip(s["mu"], donate)]
+            nu = [t if d else t.clone() for t, d in zip(s["nu"], donate)]
+            step = [t if d else t.clone() for t, d in zip(s["step"], donate)]
+            torch._foreach_add_(step, 1.0)
             args = (new_p, [t.contiguous() for t in g], mu, nu, step)  # the kernel assumes dense memory
             if step[0].dim():
                 # Stacked hosts keep a step count per host ([N]). In lockstep (the usual case) one
@@ -235,7 +235,7 @@ def sgd(lr: float | Mapping[str, float] = 1e-2, momentum: float = 0.0, weight_de
         nesterov: bool = False) -> Optimizer:
     """SGD with optional momentum (dampening 0), Nesterov and L2 weight decay, as `torch.optim.SGD`."""
     if nesterov and momentum <= 0:
-        raise EsperError("sgd: nesterov=True needs momentum > 0.")
+        raise ConfigError("sgd: nesterov=True needs momentum > 0.")
     mirrors = ("step", "momentum") if momentum else ("step",)
     return Optimizer("sgd", _lr_map(lr), mirrors,
                      {"momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov})

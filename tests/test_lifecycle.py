@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import esper_fn as ef
 from esper_fn import Op, Stage
@@ -74,8 +76,41 @@ def test_legal_actions_follow_table(stage, generator):
     s = _state_in(stage, generator)
     legal = ef.legal_actions(s)["fc1"]
     table_ops = {op for (st, op) in ef.TRANSITIONS if st == stage}
+    if stage == Stage.BLENDING:  # alpha is 0 here: the ramp gate masks ADVANCE until alpha reaches 1
+        table_ops.discard(Op.ADVANCE)
     assert set(legal["ops"]) == table_ops | {Op.WAIT}
     assert bool(legal["blueprints"]) == (stage == Stage.DORMANT)
+
+
+GATES = ef.GateConfig(min_training_epochs=2, min_holding_epochs=1, min_contribution=0.01, max_grad_norm=5.0)
+
+
+@given(steps=st.lists(st.tuples(st.sampled_from(list(Op)), st.sampled_from(["fc1", "fc2"]),
+                                st.floats(-0.1, 0.1), st.sampled_from([0.5, 50.0])), min_size=1, max_size=25))
+def test_a_masked_action_never_raises_and_an_unmasked_one_does(steps):
+    """legal_actions with gates and telemetry is exactly what the ops accept (no force)."""
+    g = torch.Generator().manual_seed(0)
+    s = ef.init(HOST, generator=g)
+    for op, slot, contribution, grad in steps:
+        tel = {f"{slot}/contribution": contribution, f"grad_norm/{slot}": grad}
+        legal = ef.legal_actions(s, gates=GATES, telemetry=tel)[slot]
+        kwargs = {"gates": GATES, "telemetry": tel}
+        def run():
+            if op == Op.GERMINATE:
+                return ef.germinate(s, slot, legal["blueprints"][0] if legal["blueprints"] else "mlp_gelu", generator=g)
+            if op == Op.ADVANCE:
+                return ef.advance(s, slot, **kwargs)
+            if op == Op.FOSSILIZE:
+                return ef.fossilize(s, slot, **kwargs)
+            if op == Op.PRUNE:
+                return ef.prune(s, slot)
+            return s
+        if op in legal["ops"]:
+            s = run()
+        else:
+            with pytest.raises((ef.IllegalTransitionError, ef.GateError)):
+                run()
+        s = ef.tick(s)
 
 
 def test_embargo_counts_down_to_dormant(generator):
@@ -110,15 +145,15 @@ def test_gates_refuse_with_reason_and_force_overrides(generator):
     with pytest.raises(ef.GateError, match="min_training_epochs=2"):
         ef.advance(s, "fc1", gates=gates)
     with pytest.raises(ef.GateError, match="gradient norm"):
-        ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates, telemetry={"grad_norm": float("nan")})
+        ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates, telemetry={"grad_norm/fc1": float("nan")})
     assert ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates).stage("fc1") == Stage.BLENDING
     assert ef.advance(s, "fc1", gates=gates, force=True).stage("fc1") == Stage.BLENDING
     h = _state_in(Stage.HOLDING, generator)
     with pytest.raises(ef.GateError, match="min_holding_epochs"):
         ef.fossilize(h, "fc1", gates=gates)
     with pytest.raises(ef.GateError, match="Prune it instead"):
-        ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"contribution": 0.0})
-    assert ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"contribution": 0.05}).stage("fc1") == Stage.FOSSILIZED
+        ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"fc1/contribution": 0.0})
+    assert ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"fc1/contribution": 0.05}).stage("fc1") == Stage.FOSSILIZED
 
 
 def test_blending_cannot_be_left_before_the_ramp_ends(generator):
