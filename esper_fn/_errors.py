@@ -47,15 +47,25 @@ class TaskError(EsperError, ValueError):
     """A task (data set) was asked for with invalid arguments."""
 
 
+class EventLogError(EsperError, OSError):
+    """An event log is missing, corrupt (malformed or truncated line), closed, or given a non-event."""
+
+
+class RunDirError(EsperError, FileNotFoundError):
+    """A directory is not a run directory (it lacks the files `esper-fn grow` writes)."""
+
+
 __all__ = [
     "BlueprintError",
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
     "EsperError",
+    "EventLogError",
     "GateError",
     "GraftError",
     "HostError",
     "IllegalTransitionError",
+    "RunDirError",
     "TaskError",
 ]

@@ -1,7 +1,8 @@
 """Typed events appended to an `events.jsonl` file: the record of what happened during a run.
 
-Every lifecycle change (a seed germinated, advanced, fossilized or pruned, a rollback) and every
-epoch's metrics is one pydantic model, written as one JSON line by `EventLog.append` and read back,
+Every lifecycle change (a seed germinated, advanced, fossilized or pruned, a rollback), every
+governor finding (a run stuck at chance, a growth the parameter budget blocked) and every epoch's
+metrics is one pydantic model, written as one JSON line by `EventLog.append` and read back,
 typed, by `read_events`. The `kind` field is the discriminator, so a line parses straight into the
 right class.
 
@@ -24,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ._errors import EsperError
+from ._errors import EventLogError
 
 __all__ = [
     "Advanced",
@@ -36,14 +37,12 @@ __all__ = [
     "EventLogError",
     "Fossilized",
     "Germinated",
+    "GrowthBlocked",
     "Pruned",
     "Rollback",
+    "StuckAtChance",
     "read_events",
 ]
-
-
-class EventLogError(EsperError, OSError):
-    """An event log is missing, corrupt (malformed or truncated line), closed, or given a non-event."""
 
 
 class Event(BaseModel):
@@ -105,6 +104,38 @@ class Rollback(Event):
     pruned: list[str]
 
 
+class StuckAtChance(Event):
+    """The governor found that the run has not left chance (see `esper_fn.run.GovernorConfig`).
+
+    Written once per run, at the first epoch >= ``GovernorConfig.stuck_epochs`` at which no epoch's
+    validation accuracy has exceeded ``chance + 3 x chance_margin``. Such a run learned nothing;
+    its accuracy must not be compared as if it had trained.
+
+    Attributes:
+        chance: 1 / n_classes.
+        threshold: the validation accuracy the run never exceeded (chance + 3 x chance_margin).
+        best_val_accuracy: the best validation accuracy so far.
+    """
+
+    kind: Literal["stuck_at_chance"] = "stuck_at_chance"
+    chance: float
+    threshold: float
+    best_val_accuracy: float
+
+
+class GrowthBlocked(Event):
+    """The controller wanted to germinate, and the parameter budget left no seed that fits.
+
+    Written once per run, the first time it happens; `reason` names the budget and the smallest
+    candidate seed that did not fit.
+    """
+
+    kind: Literal["growth_blocked"] = "growth_blocked"
+    reason: str
+    budget: int = Field(ge=0)
+    params: int = Field(ge=0)
+
+
 class EpochMetrics(Event):
     """Scalar metrics of one epoch, e.g. {"train_loss": 0.31, "val_acc": 0.88}; NaN and inf allowed."""
 
@@ -126,12 +157,15 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Fossilized,
     Pruned,
     Rollback,
+    StuckAtChance,
+    GrowthBlocked,
     EpochMetrics,
     CheckpointSaved,
 )
 
 AnyEvent = Annotated[
-    Germinated | Advanced | Fossilized | Pruned | Rollback | EpochMetrics | CheckpointSaved,
+    Germinated | Advanced | Fossilized | Pruned | Rollback | StuckAtChance | GrowthBlocked | EpochMetrics
+    | CheckpointSaved,
     Field(discriminator="kind"),
 ]
 

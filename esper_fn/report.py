@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._errors import EsperError
+from ._errors import RunDirError
 from .events import Advanced, Fossilized, Germinated, Pruned, Rollback, read_events
 
 __all__ = ["plot_run", "timeline"]
@@ -15,7 +15,12 @@ _COLORS = {"GERMINATED": "#bbbbbb", "TRAINING": "#f4a259", "BLENDING": "#5b8e7d"
 
 
 def timeline(events) -> list[tuple[str, str, int, int | None]]:
-    """Seed lifecycle segments ``(slot, stage, start_epoch, end_epoch or None)`` from typed events."""
+    """Seed lifecycle segments ``(slot, stage, start_epoch, end_epoch or None)`` from typed events.
+
+    A segment ends when the slot's next lifecycle event happens: an advance, a fossilization (a
+    merged seed's segment lasts one epoch), a prune, or a rollback that removed the seed (the slots
+    in `Rollback.pruned`, at the rollback's epoch). ``None`` means the seed lives to the end of the run.
+    """
     segs: list[list] = []
     open_: dict[str, list] = {}
 
@@ -40,6 +45,9 @@ def timeline(events) -> list[tuple[str, str, int, int | None]]:
                 close(e.slot, e.epoch + 1)
         elif isinstance(e, Pruned):
             close(e.slot, e.epoch)
+        elif isinstance(e, Rollback):
+            for slot in e.pruned:
+                close(slot, e.epoch)
     return [tuple(s) for s in segs]
 
 
@@ -47,18 +55,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a PNG summarising a run (default ``RUN_DIR/report.png``) and return its path.
 
     Raises:
-        EsperError: the directory lacks ``metrics.jsonl`` or ``events.jsonl``.
+        RunDirError: the directory lacks ``metrics.jsonl`` or ``events.jsonl`` (also a
+            `FileNotFoundError`).
     """
+    run_dir = Path(run_dir)
+    mpath, epath = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+    if not mpath.exists() or not epath.exists():
+        missing = [p.name for p in (mpath, epath) if not p.exists()]
+        raise RunDirError(f"cannot plot {run_dir}: it is not a run directory (missing {', '.join(missing)}); "
+                          f"plot a directory written by `esper-fn grow --out DIR`.")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    mpath, epath = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
-    if not mpath.exists() or not epath.exists():
-        raise EsperError(f"{run_dir} is not a run directory (needs metrics.jsonl and events.jsonl); "
-                         "create one with `esper-fn grow --out DIR`.")
     rows = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
     ok = [r for r in rows if not r.get("rolled_back")]
     events = read_events(epath, skip_truncated_tail=True)

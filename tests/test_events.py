@@ -19,8 +19,10 @@ from esper_fn.events import (
     EventLogError,
     Fossilized,
     Germinated,
+    GrowthBlocked,
     Pruned,
     Rollback,
+    StuckAtChance,
     read_events,
 )
 
@@ -30,6 +32,8 @@ ONE_OF_EACH: list[Event] = [
     Fossilized(run_id="r", epoch=5, slot="l1", merged=True),
     Pruned(run_id="r", epoch=6, slot="l2", reason="gate 'improvement' failed: -0.01 < 0.0"),
     Rollback(run_id="r", epoch=7, reason="val loss spiked", to_epoch=4, pruned=["l2", "l3"]),
+    StuckAtChance(run_id="r", epoch=5, chance=0.1, threshold=0.16, best_val_accuracy=0.11),
+    GrowthBlocked(run_id="r", epoch=9, reason="budget 1100 leaves 97 parameters", budget=1100, params=1003),
     EpochMetrics(run_id="r", epoch=7, metrics={"train_loss": 0.25, "val_acc": 0.875}),
     CheckpointSaved(run_id="r", epoch=7, step=280, path="runs/r/ckpt/step_00000280"),
 ]
@@ -50,7 +54,8 @@ def test_round_trip_of_every_event_type(tmp_path: Path) -> None:
     assert len(path.read_text().splitlines()) == len(ONE_OF_EACH)
     kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
     assert kinds == [
-        "germinated", "advanced", "fossilized", "pruned", "rollback", "epoch_metrics", "checkpoint_saved"
+        "germinated", "advanced", "fossilized", "pruned", "rollback", "stuck_at_chance", "growth_blocked",
+        "epoch_metrics", "checkpoint_saved"
     ]  # fmt: skip
 
 
@@ -208,6 +213,10 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_error_hierarchy() -> None:
     assert issubclass(EventLogError, EsperError)
     assert issubclass(EventLogError, OSError)
+    # one error hierarchy: the class lives in esper_fn._errors and esper_fn.events re-exports it
+    import esper_fn._errors as errors
+
+    assert EventLogError is errors.EventLogError and "EventLogError" in errors.__all__
 
 
 def test_empty_log_reads_as_no_events(tmp_path: Path) -> None:

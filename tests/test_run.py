@@ -135,3 +135,28 @@ def test_a_rollback_on_the_last_epoch_still_checkpoints(tmp_path):
     assert s.rollbacks == 1
     steps = ef.checkpoint.CheckpointManager(tmp_path / "r" / "checkpoints").steps()
     assert steps[-1] == 6
+
+
+def test_timeline_ends_a_rolled_back_seed_at_the_rollback():
+    from esper_fn.events import Advanced, Germinated, Rollback
+    from esper_fn.report import timeline
+
+    events = [
+        Germinated(run_id="r", epoch=3, slot="input", blueprint="conv1d_k5@1.0.0", seed_id=0),
+        Advanced(run_id="r", epoch=4, slot="input", from_stage="GERMINATED", to_stage="TRAINING"),
+        Germinated(run_id="r", epoch=4, slot="fc1", blueprint="mlp_gelu@1.0.0", seed_id=1),
+        Rollback(run_id="r", epoch=6, reason="NaN", to_epoch=5, pruned=["input"]),
+    ]
+    segs = timeline(events)
+    assert segs == [("input", "GERMINATED", 3, 4), ("input", "TRAINING", 4, 6), ("fc1", "GERMINATED", 4, None)]
+
+
+def test_report_of_a_directory_that_is_not_a_run_is_a_typed_error(tmp_path):
+    from esper_fn._errors import RunDirError
+
+    assert issubclass(RunDirError, ef.EsperError) and issubclass(RunDirError, FileNotFoundError)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(RunDirError, match="missing events.jsonl"):
+        ef.report.plot_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing metrics.jsonl, events.jsonl"):
+        ef.report.plot_run(tmp_path / "nowhere")
