@@ -132,6 +132,12 @@ class Blueprint:
     def misfit(self, spec: SlotSpec) -> str | None:
         """Why this blueprint cannot attach at `spec`, or None if it fits."""
         m = self.meta
+        if not spec.dtype.is_floating_point:
+            dt = str(spec.dtype).removeprefix("torch.")
+            what = "values" if spec.dtype.is_complex or spec.dtype == torch.bool else "tokens"
+            return (f"slot {spec.name!r} carries {dt} {what}; "
+                    "seeds add a float delta, so no blueprint fits there (attach seeds after the layer that "
+                    "turns it into floats, e.g. a slot after the nn.Embedding)")
         if spec.kind not in m.slot_kinds:
             return f"it fits slot kinds {list(m.slot_kinds)}, and slot {spec.name!r} is {spec.kind!r}"
         if m.layer_types is not None and spec.layer_type not in m.layer_types:

@@ -62,6 +62,8 @@ class SlotSpec:
         consumer_layer: path of that consumer Linear.
         consumer_out: output features of that consumer Linear.
         activation: name of that activation (a key of `ACTIVATIONS`), or None.
+        dtype: dtype of the slot tensor. Seeds add a floating-point delta, so only slots with a
+            floating-point dtype can hold one (an "input" slot on integer tokens cannot).
     """
 
     name: str
@@ -74,6 +76,7 @@ class SlotSpec:
     consumer_layer: str | None = None
     consumer_out: int | None = None
     activation: str | None = None
+    dtype: torch.dtype = torch.float32
 
     @property
     def features(self) -> int:
@@ -395,11 +398,16 @@ def wrap(
     The module is deep-copied; the copy gets forward hooks at the slot points and is run with
     `torch.func.functional_call`, so the functional forward equals the module's forward (buffers
     included: a training forward returns updated BatchNorm statistics instead of mutating them).
-    The caller's module is never modified.
+    The caller's module is never modified. Attention modules always run their composite path (the
+    eval-mode fused "fast path" of `nn.MultiheadAttention` is switched off for the call), so
+    `apply`, `train_step` and `export` compute the same values, and stacked hosts can be vmapped.
+
+    Each slot records the shape and dtype the example forward gives it; a slot on integer tokens
+    (the input of a model that starts with `nn.Embedding`) accepts no seed.
 
     Args:
         module: the network. Its parameters become the initial host parameters.
-        example_input: one batch (any batch size >= 1) used to record slot shapes.
+        example_input: one batch (any batch size >= 1) used to record slot shapes and dtypes.
         slots: submodule paths ("encoder.fc1") and/or submodule types (`nn.Linear`, `nn.Conv1d`,
             `nn.Conv2d`, `nn.MultiheadAttention`, `nn.TransformerEncoderLayer`, `nn.LayerNorm`,
             `nn.BatchNorm1d`, `nn.BatchNorm2d`); a slot follows each matching submodule's output.
@@ -483,6 +491,12 @@ def wrap(
                     pre = f"{cname}." if cname else ""
                     consumers[pre + n0] = (pre + n2, _ELEMENTWISE[type(m1)])
 
+    # nn.MultiheadAttention (and the Transformer layers built on it) take a fused "fast path" in eval
+    # mode only when no input requires grad, so the same weights gave different outputs (up to ~2e-6)
+    # as plain tensors (`apply`) and as nn.Parameters (`export`), and the fused kernel cannot be
+    # vmapped (stacked hosts). The wrapped forward always runs the composite path.
+    has_mha = any(isinstance(m, nn.MultiheadAttention) for m in template.modules())
+
     def forward_fn(flat, x, slot, train):
         template.train(train)
         call = dict(flat)
@@ -492,20 +506,25 @@ def wrap(
             for b in buffer_names:
                 new_buffers[b] = call[b] = call[b].clone()
         active[0] = slot
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        if has_mha and fastpath:
+            torch.backends.mha.set_fastpath_enabled(False)
         try:
             y = torch.func.functional_call(template, call, (x,))
         finally:
             active[0] = identity_slot
+            if has_mha and fastpath:
+                torch.backends.mha.set_fastpath_enabled(True)
         return y, new_buffers
 
     # Record slot shapes with one eval-mode forward on the example input.
-    recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
+    recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None, torch.dtype]] = {}
 
     def recorder(sname, h, x_in=None):
         if sname in recorded:
             raise HostError(f"wrap: slot {sname!r} was reached twice in one forward (a submodule called more "
                             "than once); a slot must follow a submodule that runs once per forward.")
-        recorded[sname] = (tuple(h.shape), None if x_in is None else tuple(x_in.shape))
+        recorded[sname] = (tuple(h.shape), None if x_in is None else tuple(x_in.shape), h.dtype)
         return h
 
     with torch.no_grad():
@@ -522,7 +541,7 @@ def wrap(
         specs = []
         items = [(n, path_of.get(n)) for n in order]
         for sname, path in items:
-            out_shape, in_shape = recorded[sname]
+            out_shape, in_shape, dtype = recorded[sname]
             ltype = module_types.get(path) if path else None
             nd = len(out_shape)
             kind = {2: "vector", 4: "conv2d"}.get(nd)
@@ -541,7 +560,7 @@ def wrap(
                                   consumer=_slot_name(cons[0]) if cons else None,
                                   consumer_layer=cons[0] if cons else None,
                                   consumer_out=shapes[cons[0] + ".weight"][0] if cons else None,
-                                  activation=cons[1] if cons else None))
+                                  activation=cons[1] if cons else None, dtype=dtype))
         return tuple(specs)
 
     def init_fn(g):
