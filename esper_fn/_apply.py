@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from dataclasses import replace as _dc_replace
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from . import _blueprint as bpm
 from ._errors import ConfigError, GraftError
 from ._host import SlotSpec, identity_slot
 from ._lifecycle import Stage
-from ._state import Key, State, _derive, _Ownership
+from ._state import Key, State, _derive
 
 __all__ = ["apply", "train_step", "trained_keys", "INCUBATION"]
 
@@ -150,7 +149,7 @@ def _forward(state: State, plan: _Plan, entries, host_flat, seeds, alphas, x, tr
     return y, (sum(aux) if aux else None), host_buffers, seed_buffers
 
 
-def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries):
+def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries, alpha: Tensor | None = None):
     host_flat = {n: params[k] for n, k in zip(plan.host_names, plan.host_keys)}
     if plan.has_buffers:
         for k, v in state.buffers_flat.items():
@@ -163,13 +162,14 @@ def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries):
             if k[0] == "seeds" and k[1] == name:
                 d[k[2]] = v
         seeds[name] = d
-    alpha = state.slots["alpha"]
+    alpha = state.slots["alpha"] if alpha is None else alpha
     alphas = {name: alpha[..., i] for name, (_, _, i) in entries.items()}
     return host_flat, seeds, alphas
 
 
-def _run(state, plan, entries, params, x, train):
-    host_flat, seeds, alphas = _inputs(state, plan, params, entries)
+def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None):
+    """Forward of a single or stacked state (`alpha`: [*batch, S] overriding the slots' alphas)."""
+    host_flat, seeds, alphas = _inputs(state, plan, params, entries, alpha)
     if not state.batch:
         return _forward(state, plan, entries, host_flat, seeds, alphas, x, train)
     if len(state.batch) != 1:
@@ -353,9 +353,7 @@ def _shadow_forward(state: State, plan: _Plan, params: dict[Key, Tensor], x: Ten
             sp[k] = m * v + (1 - m) * v.detach()
     entries = dict(plan.live)
     entries.update(plan.incubating)
-    shadow_state = _dc_replace(state, slots=state.slots.clone(False).set("alpha", alpha), _cache=state._cache,
-                               _own=_Ownership())
-    sout, saux, _, _ = _run(shadow_state, plan, entries, sp, x, True)
+    sout, saux, _, _ = _run(state, plan, entries, sp, x, True, alpha)
     return sout, saux
 
 

@@ -573,7 +573,9 @@ def structure(state: State) -> Hashable:
     """
     nb = len(state.batch)
     shapes = lambda flat: tuple((k, tuple(v.shape[nb:])) for k, v in flat.items())  # noqa: E731
-    return (id(state.host), state.optimizer, state.blueprints, shapes(state.params_flat),
+    opt = state.optimizer
+    return (id(state.host), opt.name, tuple(sorted(opt.lr.items())), tuple(sorted(opt.hyper.items())),
+            state.blueprints, shapes(state.params_flat),
             shapes(state.buffers_flat), shapes(state.opt_flat))
 
 

@@ -8,7 +8,7 @@ units in docs/telemetry.md). Nothing here prints or logs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ._apply import _forward, _inputs, _make_slot_fn, _plan, train_step, trained_keys
+from ._apply import INCUBATING, LIVE, _forward, _inputs, _make_slot_fn, _plan, _run, roles, train_step, trained_keys
+from ._errors import GraftError
 from ._lifecycle import Stage
-from ._state import State
+from ._state import State, partition, stack, unstack
 from .tasks import Task
 
-__all__ = ["TrainConfig", "contributions", "evaluate", "flops_per_sample", "telemetry", "train_epoch"]
+__all__ = ["TrainConfig", "contributions", "evaluate", "flops_per_sample", "telemetry", "train_epoch", "train_epochs"]
 
 
 class TrainConfig(BaseModel):
@@ -59,32 +60,102 @@ def train_epoch(
         "grad_norm/<group>" (root mean square over steps of the gradient norm) for "host" and each
         trained seed slot.
     """
+    if state.batch:
+        raise GraftError(f"train_epoch takes a single state (got batch {state.batch}); for many hosts use "
+                         "`train_epochs(unstack(state), ...)`, which gives each host its own data order.")
+    return _epoch(state, task, config or TrainConfig(), [generator])[0]
+
+
+def train_epochs(
+    states: Sequence[State],
+    tasks: Task | Sequence[Task],
+    config: TrainConfig | None = None,
+    *,
+    generators: Sequence[torch.Generator],
+) -> list[tuple[State, dict[str, float]]]:
+    """One epoch for each of N hosts, batched: hosts of one structure and task train in one stacked
+    call (`partition`), whatever their stages and alphas.
+
+    Each host draws its data order from its own generator, exactly as `train_epoch` would, so the
+    result equals N separate `train_epoch` calls (within float rounding of the vectorised kernels),
+    and a host's batches never depend on what the other hosts do.
+
+    Args:
+        states: N single (unstacked) states.
+        tasks: one task for all, or one per state (grouping uses task identity).
+        config: batch size and incubation mode.
+        generators: N generators, one per state (each advanced by one draw).
+
+    Returns:
+        ``[(state, metrics)]`` aligned with `states`; metrics as in `train_epoch`.
+    """
+    n = len(states)
+    tasks = [tasks] * n if isinstance(tasks, Task) else list(tasks)
+    if len(tasks) != n or len(generators) != n:
+        raise GraftError(f"train_epochs: {n} states need {n} tasks and {n} generators, got {len(tasks)} and "
+                         f"{len(generators)}.")
     config = config or TrainConfig()
+    out: list = [None] * n
+    for group in partition(states):
+        by_task: dict[int, list[int]] = {}
+        for j in group:
+            by_task.setdefault(id(tasks[j]), []).append(j)
+        for idx in by_task.values():
+            st = states[idx[0]] if len(idx) == 1 else stack([states[j] for j in idx])
+            for j, res in zip(idx, _epoch(st, tasks[idx[0]], config, [generators[j] for j in idx])):
+                out[j] = res
+    return out
+
+
+def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[torch.Generator]):
+    """One epoch of a single or stacked state; returns [(single state, metrics)] per host."""
+    batched = bool(state.batch)
+    x, y = task.split("train")
+    n, bs = x.shape[0], config.batch_size
+    if batched:
+        # The same draw `Task.batches` makes, once per host: each host keeps its own data order.
+        order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+        xs, ys = x[order], y[order]
+        batches = ((xs[:, i:i + bs], ys[:, i:i + bs]) for i in range(0, n, bs))
+    else:
+        batches = task.batches("train", bs, generator=generators[0])
     keys = trained_keys(state, config.incubation)
     groups = ["host" if k[0] == "host" else k[1] for k in keys]
     losses, corrects, shadows, grad_sqs, sizes = [], [], [], [], []
-    for step, (xb, yb) in enumerate(task.batches("train", config.batch_size, generator=generator)):
+    for step, (xb, yb) in enumerate(batches):
         # The caller's state is never donated; the intermediate states are ours alone.
         state, m = train_step(state, xb, yb, incubation=config.incubation, aux_weight=config.aux_weight,
                               grad_stats=True, with_output=True, donate=step > 0)
         losses.append(m["loss"])
-        corrects.append((m["output"].argmax(-1) == yb).sum())
+        corrects.append((m["output"].argmax(-1) == yb).sum(-1))
         if "shadow_loss" in m:
             shadows.append(m["shadow_loss"])
         grad_sqs.append(m["grad_sq"])
-        sizes.append(len(yb))
-    n = sum(sizes)
+        sizes.append(yb.shape[-1])
     w = torch.tensor(sizes, dtype=torch.float32)
-    out = {"train_loss": float(torch.stack(losses) @ w) / n, "train_accuracy": float(torch.stack(corrects).sum()) / n}
-    if shadows:
-        out["shadow_loss"] = float(torch.stack(shadows) @ w) / n
-    grad_sq = torch.stack(grad_sqs).mean(0) if grad_sqs else torch.zeros(len(keys))
-    per_group: dict[str, float] = {}
-    for g, v in zip(groups, grad_sq.tolist()):
-        per_group[g] = per_group.get(g, 0.0) + v
-    for g, v in per_group.items():
-        out[f"grad_norm/{g}"] = math.sqrt(v)
-    return state, out
+    loss = (torch.stack(losses, -1) @ w) / n  # [] or [N]
+    acc = torch.stack(corrects, -1).sum(-1).float() / n
+    shadow = (torch.stack(shadows, -1) @ w) / n if shadows else None
+    grad_sq = torch.stack(grad_sqs).mean(0) if grad_sqs else torch.zeros(len(keys))  # [K] or [N, K]
+    hosts = unstack(state) if batched else [state]
+    r = roles(state).reshape(len(hosts), -1).tolist() if state.slot_names else [[] for _ in hosts]
+    slot_index = {name: i for i, name in enumerate(state.slot_names)}
+    results = []
+    for j, host_state in enumerate(hosts):
+        trained = {LIVE, INCUBATING} if config.incubation == "shadow" else {LIVE}
+        mine = {"host"} | {g for g in groups if g != "host" and r[j][slot_index[g]] in trained}
+        out = {"train_loss": float(loss.reshape(-1)[j]), "train_accuracy": float(acc.reshape(-1)[j])}
+        if shadow is not None and INCUBATING in r[j]:
+            out["shadow_loss"] = float(shadow.reshape(-1)[j])
+        per_group: dict[str, float] = {}
+        row = grad_sq[j] if batched else grad_sq
+        for g, v in zip(groups, row.tolist()):
+            if g in mine:
+                per_group[g] = per_group.get(g, 0.0) + v
+        for g, v in per_group.items():
+            out[f"grad_norm/{g}"] = math.sqrt(v)
+        results.append((host_state, out))
+    return results
 
 
 def _batched_logits(state: State, x: Tensor, batch_size: int) -> Tensor:
@@ -110,31 +181,46 @@ def evaluate(state: State, x: Tensor, y: Tensor, *, batch_size: int = 2000) -> d
 
 
 @torch.no_grad()
-def contributions(state: State, x: Tensor, y: Tensor) -> dict[str, float]:
-    """Counterfactual contribution of every seed in the live forward (BLENDING, HOLDING, FOSSILIZED).
+def contributions(state: State, x: Tensor, y: Tensor) -> dict[str, float] | list[dict[str, float]]:
+    """Counterfactual contribution of every seed in the live forward (BLENDING with alpha > 0,
+    HOLDING, FOSSILIZED).
 
     All alpha configurations (as is, and each seed's alpha forced to 0) are evaluated in one
-    batched pass (`torch.vmap` over the alpha vector).
+    batched pass (`torch.vmap` over the alpha vector; over the hosts too when stacked).
+
+    Args:
+        state: a single or stacked state.
+        x, y: a batch ([B, ...], [B]); for a stacked state the same batch serves every host, or
+            pass one per host ([N, B, ...], [N, B]).
 
     Returns:
-        ``{slot: accuracy with the seed - accuracy without it}`` in accuracy points [−1, 1].
+        ``{slot: accuracy with the seed - accuracy without it}`` in accuracy points [-1, 1]; for a
+        stacked state, one such dict per host (each with the seeds live on that host).
     """
     plan = _plan(state)
     entries = plan.live
-    if not entries or state.batch:
-        return {}
-    host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, entries)
+    nb = len(state.batch)
+    if nb and y.dim() == 1:  # one batch for every host
+        x, y = x.expand(*state.batch, *x.shape), y.expand(*state.batch, *y.shape)
+    n_hosts = state.batch[0] if nb else 1
+    if not entries:
+        return [{} for _ in range(n_hosts)] if nb else {}
     names = list(entries)
-    base = torch.stack([alphas[n] for n in names])
-    configs = base.expand(len(names) + 1, len(names)).clone()
-    configs[1:].fill_diagonal_(0.0)
+    idx = [entries[n][2] for n in names]
+    base = state.slots["alpha"]
+    configs = base.expand(len(names) + 1, *base.shape).clone()  # [K, *batch, S]
+    for j, i in enumerate(idx):
+        configs[j + 1, ..., i] = 0.0
 
     def run(a):
-        return _forward(state, plan, entries, host_flat, seeds, dict(zip(names, a.unbind(0))), x, False)[0]
+        return _run(state, plan, entries, state.params_flat, x, False, a)[0]
 
-    logits = torch.vmap(run)(configs)  # [K, N, C]
-    acc = (logits.argmax(-1) == y).float().mean(-1)
-    return {n: float(acc[0] - acc[j + 1]) for j, n in enumerate(names)}
+    logits = torch.vmap(run)(configs)  # [K, *batch, B, C]
+    acc = (logits.argmax(-1) == y).float().mean(-1).reshape(len(names) + 1, n_hosts)
+    r = roles(state).reshape(n_hosts, -1)
+    out = [{n: float(acc[0, h] - acc[j + 1, h]) for j, (n, i) in enumerate(zip(names, idx)) if r[h, i] == LIVE}
+           for h in range(n_hosts)]
+    return out if nb else out[0]
 
 
 @torch.no_grad()
@@ -150,28 +236,41 @@ def activation_stats(state: State, x: Tensor) -> dict[str, dict[str, float]]:
     return _probe(state, x)[1]
 
 
-def _probe(state: State, x: Tensor) -> tuple[Tensor, dict[str, dict[str, float]]]:
-    """One eval forward that returns the output and the slot statistics of `activation_stats`."""
+_STATS = ("mean", "var", "saturation", "dead")
+
+
+def _probe(state: State, x: Tensor):
+    """One eval forward that returns the output and the slot statistics of `activation_stats`
+    (one dict per host for a stacked state, with `x` shared by every host)."""
     plan = _plan(state)
-    host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, plan.live)
-    live = _make_slot_fn(plan.live, seeds, alphas, False, [], {})
     specs = {s.name: s for s in state.host.slots(state._host_shapes())}
     names: list[str] = []
-    rows: list[Tensor] = []
 
-    def record(name, h, x_in=None):
-        h = live(name, h, x_in)
-        kind = specs[name].kind if name in specs else "vector"
-        feat = 1 if kind in ("conv1d", "conv2d") else h.dim() - 1
-        peak = h.amax(dim=tuple(d for d in range(h.dim()) if d != feat))
-        var = h.var() if h.numel() > 1 else h.new_zeros(())
-        rows.append(torch.stack([h.mean(), var, (h.abs() > 3).float().mean(), (peak <= 0).float().mean()]))
-        names.append(name)
-        return h
+    def one(host_flat, seeds, alphas):
+        live = _make_slot_fn(plan.live, seeds, alphas, False, [], {})
+        rows: list[Tensor] = []
+        names.clear()
 
-    y, _ = state.host.forward_fn(host_flat, x, record, False)
-    values = torch.stack(rows).tolist() if rows else []
-    return y, {n: dict(zip(("mean", "var", "saturation", "dead"), v)) for n, v in zip(names, values)}
+        def record(name, h, x_in=None):
+            h = live(name, h, x_in)
+            kind = specs[name].kind if name in specs else "vector"
+            feat = 1 if kind in ("conv1d", "conv2d") else h.dim() - 1
+            peak = h.amax(dim=tuple(d for d in range(h.dim()) if d != feat))
+            var = h.var() if h.numel() > 1 else h.new_zeros(())
+            rows.append(torch.stack([h.mean(), var, (h.abs() > 3).float().mean(), (peak <= 0).float().mean()]))
+            names.append(name)
+            return h
+
+        y, _ = state.host.forward_fn(host_flat, x, record, False)
+        return y, (torch.stack(rows) if rows else x.new_zeros(0, 4))
+
+    host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, plan.live)
+    if state.batch:
+        y, stats = torch.vmap(one)(host_flat, seeds, alphas)
+        values = stats.tolist()
+        return y, [{n: dict(zip(_STATS, v)) for n, v in zip(names, per)} for per in values]
+    y, stats = one(host_flat, seeds, alphas)
+    return y, {n: dict(zip(_STATS, v)) for n, v in zip(names, stats.tolist())}
 
 
 def flops_per_sample(state: State, example: Tensor) -> int:
@@ -194,40 +293,61 @@ def flops_per_sample(state: State, example: Tensor) -> int:
 
 
 def telemetry(
-    state: State, task: Task, train_metrics: Mapping[str, float]
-) -> dict[str, float]:
+    state: State, task: Task, train_metrics: Mapping[str, float] | Sequence[Mapping[str, float]]
+) -> dict[str, float] | list[dict[str, float]]:
     """Health signals for one epoch, as a flat dict of floats (see docs/telemetry.md).
 
     Keys: "val_loss", "val_accuracy", "params", "flops"; per slot ``<slot>/<signal>`` for the
     activation statistics; ``<layer>/weight_norm`` per host layer; "grad_norm/<group>" and
     ``<slot>/grad_ratio`` (seed / host gradient norm) copied from `train_metrics`; and
     ``<slot>/contribution`` for every live seed.
+
+    Args:
+        state: a single state, or a stacked one (all hosts measured in one vectorised pass).
+        task: the data (its validation split is measured).
+        train_metrics: the epoch's `train_epoch` metrics; one dict per host when stacked.
+
+    Returns:
+        The dict, or one dict per host for a stacked state.
     """
     xv, yv = task.split("val")
-    out: dict[str, float] = {}
+    nb = len(state.batch)
+    rows = list(train_metrics) if nb else [train_metrics]
+    n_hosts = state.batch[0] if nb else 1
+    if len(rows) != n_hosts:
+        raise GraftError(f"telemetry: {n_hosts} stacked hosts need {n_hosts} train-metrics dicts, got {len(rows)}.")
     with torch.no_grad():
         logits, stats = _probe(state, xv)  # one forward gives the accuracy and the slot statistics
-        out["val_loss"] = float(F.cross_entropy(logits, yv))
-        out["val_accuracy"] = float((logits.argmax(-1) == yv).float().mean())
-    for name, st in stats.items():
-        for k, v in st.items():
-            out[f"{name}/{k}"] = v
-    layers: dict[str, float] = {}
-    for k, v in state.params_flat.items():
-        if k[0] == "host" and k[-1] == "weight":
-            layers[".".join(k[1:-1])] = float(v.norm())
-    for layer, v in layers.items():
-        out[f"{layer}/weight_norm"] = v
-    host_g = train_metrics.get("grad_norm/host", 0.0)
-    for k, v in train_metrics.items():
-        if k.startswith("grad_norm/"):
-            out[k] = v
-            g = k.split("/", 1)[1]
-            if g != "host":
-                out[f"{g}/grad_ratio"] = v / host_g if host_g > 0 else math.inf
-    for slot, c in contributions(state, xv, yv).items():
-        out[f"{slot}/contribution"] = c
-    out["params"] = float(state.num_params())
-    out["flops"] = float(flops_per_sample(state, xv))
-    out["seeds_live"] = float(sum(state.stage(n) in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING) for n in state.slot_names))
-    return out
+        logits = logits.reshape(n_hosts, *logits.shape[-2:])
+        val_loss = F.cross_entropy(logits.transpose(1, 2), yv.expand(n_hosts, -1), reduction="none").mean(-1)
+        val_acc = (logits.argmax(-1) == yv).float().mean(-1)
+        contrib = contributions(state, xv, yv)
+        norms = {".".join(k[1:-1]): v.reshape(n_hosts, -1).norm(dim=-1).tolist()
+                 for k, v in state.params_flat.items() if k[0] == "host" and k[-1] == "weight"}
+    stats = stats if nb else [stats]
+    contrib = contrib if nb else [contrib]
+    hosts = unstack(state) if nb else [state]
+    n_params = float(state.num_params())
+    out_rows = []
+    for h, (host, m) in enumerate(zip(hosts, rows)):
+        out: dict[str, float] = {"val_loss": float(val_loss[h]), "val_accuracy": float(val_acc[h])}
+        for name, st in stats[h].items():
+            for k, v in st.items():
+                out[f"{name}/{k}"] = v
+        for layer, v in norms.items():
+            out[f"{layer}/weight_norm"] = v[h]
+        host_g = m.get("grad_norm/host", 0.0)
+        for k, v in m.items():
+            if k.startswith("grad_norm/"):
+                out[k] = v
+                g = k.split("/", 1)[1]
+                if g != "host":
+                    out[f"{g}/grad_ratio"] = v / host_g if host_g > 0 else math.inf
+        for slot, c in contrib[h].items():
+            out[f"{slot}/contribution"] = c
+        out["params"] = n_params
+        out["flops"] = float(flops_per_sample(host, xv))
+        out["seeds_live"] = float(sum(host.stage(n) in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
+                                      for n in host.slot_names))
+        out_rows.append(out)
+    return out_rows if nb else out_rows[0]

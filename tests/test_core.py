@@ -83,7 +83,9 @@ def test_germinate_preserves_function_and_prune_restores_it(host, seed):
             if not bp.fits(s.spec(slot)) or bp.meta.requires_capability:
                 continue
             grafted = ef.germinate(s, slot, bid, generator=g)
-            blended = ef.advance(ef.advance(grafted, slot), slot)
+            # at alpha 1 (HOLDING), where the seed's whole output counts: it must be born silent
+            blended = ef.advance(ef.advance(ef.advance(grafted, slot), slot), slot, force=True)
+            assert float(blended.slots["alpha"][blended.index(slot)]) == 1.0
             assert (ef.apply(blended, x) - base).abs().max() <= 1e-6, (slot, bid)
             assert torch.equal(ef.apply(ef.prune(blended, slot), x), base), (slot, bid)
             pruned = ef.prune(grafted, slot)
@@ -204,6 +206,35 @@ def test_optimizers_match_torch_optim(make, ref, generator):
         F.cross_entropy(module(x), y).backward()
         opt.step()
     torch.testing.assert_close(s.params_flat[("host", "fc1", "weight")], module[0].weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: ef.optim.adam(1e-2), lambda: ef.optim.adamw(1e-2),
+                                  lambda: ef.optim.sgd(0.1, momentum=0.9)], ids=["adam", "adamw", "sgd"])
+def test_optimizer_init_update_is_a_pure_public_pair(make, generator):
+    """`Optimizer.init` / `Optimizer.update` over TensorDicts equal the train-step path and mutate nothing."""
+    opt = make()
+    x, y = _data()
+    s = ef.init(MLP, optimizer=opt, generator=generator)
+    params = s.params.clone()
+    state = opt.init(params)
+    assert set(state.keys()) == set(opt.mirrors)
+    assert all(float(v.abs().sum()) == 0 for v in state.values(True, True))
+    grads = torch.func.grad(lambda p: F.cross_entropy(
+        F.linear(F.relu(F.linear(x, p["host", "fc1", "weight"], p["host", "fc1", "bias"])),
+                 p["host", "fc2", "weight"], p["host", "fc2", "bias"]), y))(params)
+    snap_p, snap_s = params.clone(), state.clone()
+    new_p, new_s = opt.update(grads, state, params)
+    assert (params == snap_p).all() and (state == snap_s).all()  # inputs untouched
+    ref, _ = ef.train_step(s, x, y)
+    for k, v in ref.params_flat.items():
+        torch.testing.assert_close(new_p.get(k), v, rtol=1e-6, atol=1e-7)
+    for k, v in ref.opt_flat.items():
+        torch.testing.assert_close(new_s.get(k), v, rtol=1e-6, atol=1e-7)
+    # a subset of leaves: the others keep their values
+    only = grads.exclude(("host", "fc2"))
+    p2, s2 = opt.update(only, state, params)
+    assert torch.equal(p2["host", "fc2", "weight"], params["host", "fc2", "weight"])
+    assert not torch.equal(p2["host", "fc1", "weight"], params["host", "fc1", "weight"])
 
 
 def test_optimizer_partition_learning_rates(generator):
