@@ -1,4 +1,30 @@
 """TorchRL environments over the functional core (installed as ``esper_fn.envs``).
 
-The batched `MorphogenesisEnv` lands here next (see SPEC.md, "The environment and the controller").
+`MorphogenesisEnv` runs N host trainings in lockstep as one batched TorchRL environment: one step is
+one epoch of every row, the action one lifecycle request per row. Keys, shapes, features, action
+layout and reward formulas: docs/env.md.
 """
+
+from . import _rewards as rewards
+from ._actions import ActionSpace, FlatAction, IllegalActionError
+from ._controller import ControllerPolicy
+from ._env import Context, MorphogenesisEnv, run_streams
+from ._features import GLOBAL_FEATURES, LAYER_FEATURES, NODE_FEATURES, SLOT_FEATURES
+from ._rewards import Reward, RewardInputs
+
+__all__ = [
+    "GLOBAL_FEATURES",
+    "LAYER_FEATURES",
+    "NODE_FEATURES",
+    "SLOT_FEATURES",
+    "ActionSpace",
+    "Context",
+    "ControllerPolicy",
+    "FlatAction",
+    "IllegalActionError",
+    "MorphogenesisEnv",
+    "Reward",
+    "RewardInputs",
+    "rewards",
+    "run_streams",
+]

@@ -1,0 +1,605 @@
+"""`MorphogenesisEnv`: morphogenetic training as a batched, reproducible TorchRL environment.
+
+One step is one training epoch of every row's host plus its telemetry; the action is one lifecycle
+request per row (germinate / advance / fossilize / prune / wait). The env is a thin shell over the
+core: `esper_fn.training.train_epochs` (rows of one structure train in one stacked call),
+`esper_fn.training.telemetry`, `esper_fn.legal_actions` (the action mask, gates included), the
+lifecycle ops, and `esper_fn.run.governor_verdict` (rollbacks). Keys, shapes, features and formulas
+are documented in docs/env.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+import esper_fn as ef
+from esper_fn import _blueprint as bpm
+from esper_fn import _host
+from esper_fn._errors import ConfigError, EsperError
+from esper_fn._host import Host
+from esper_fn._lifecycle import CURVES, LIVE_STAGES, GateConfig, Op, Stage
+from esper_fn._state import State
+from esper_fn.controllers import Observation
+from esper_fn.run import GovernorConfig, governor_verdict
+from esper_fn.tasks import Task, load
+from esper_fn.training import TrainConfig, telemetry
+
+from . import _features as feats
+from ._actions import ActionSpace, IllegalActionError, row_mask
+from ._rewards import REWARDS, Reward, RewardInputs
+
+__all__ = ["Context", "MorphogenesisEnv", "run_streams"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """SplitMix64 finaliser: a well-spread 64-bit function of an integer (no process-random hash)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class RunStreams:
+    """The random streams of one run: host init, data order and seed init."""
+
+    host: torch.Generator
+    data: torch.Generator
+    seed: torch.Generator
+
+
+def run_streams(run_seed: int) -> RunStreams:
+    """The generators `esper_fn.run.grow` uses for run seed `run_seed`, so that an env row and a
+    ``esper-fn grow --seed run_seed`` run draw the same numbers.
+
+    `grow` today drives host init, data order and seed init from one generator seeded with the run
+    seed; the three fields are that one generator.
+    """
+    g = torch.Generator().manual_seed(run_seed)
+    return RunStreams(g, g, g)
+
+
+@dataclass(frozen=True, eq=False)
+class Context:
+    """One (task, host) pair an env row can train. Rows of one context share these objects, which
+    is what lets them stack (`esper_fn.stack` needs the identical host object).
+
+    Attributes:
+        name: ``"<task>/<host>"``.
+        task: the data (train and validation splits are used; the test split never is).
+        host: the host definition.
+    """
+
+    name: str
+    task: Task
+    host: Host
+
+
+def _subset(task: Task, subset: Mapping[str, int] | None) -> Task:
+    if not subset:
+        return task
+    bad = set(subset) - {"train", "val"}
+    if bad:
+        raise ConfigError(f"subset keys must be 'train' and/or 'val', got {sorted(bad)}.")
+    changes = {}
+    for split, n in subset.items():
+        x, y = task.split(split)
+        if not isinstance(n, int) or not 1 <= n:
+            raise ConfigError(f"subset[{split!r}] must be a positive int, got {n!r}.")
+        changes[f"x_{split}"], changes[f"y_{split}"] = x[:n], y[:n]
+    return replace(task, **changes)
+
+
+def _build_host(name: str | Host, task: Task) -> Host:
+    if isinstance(name, Host):
+        return name
+    preset = getattr(_host, "preset", None)
+    if preset is not None:
+        return preset(name, input_shape=task.input_shape, n_classes=task.n_classes)
+    if name not in _host.HOST_PRESETS:
+        raise ConfigError(f"unknown host {name!r}; presets are {sorted(_host.HOST_PRESETS)}.")
+    return _host.HOST_PRESETS[name]()
+
+
+def _blueprint_id(name: str) -> str:
+    """The registered id of a blueprint id or bare name (its newest version), capabilities aside."""
+    reg = bpm.registry()
+    if name in reg:
+        return name
+    same = [b for b in reg.values() if b.meta.name == name]
+    if not same:
+        raise ConfigError(f"unknown blueprint {name!r}; see `esper_fn.blueprints.registry()`.")
+    return max(same, key=lambda b: tuple(int(v) for v in b.meta.version.split("."))).id
+
+
+def _train_epochs(states, tasks, config, generators):
+    """`esper_fn.training.train_epochs`, or a loop of `train_epoch` where the core predates it."""
+    from esper_fn import training
+
+    core = getattr(training, "train_epochs", None)
+    if core is not None:
+        return core(states, tasks, config, generators=generators)
+    return [training.train_epoch(s, t, config, generator=g) for s, t, g in zip(states, tasks, generators)]
+
+
+@dataclass
+class _Row:
+    """Mutable bookkeeping of one env row (one host's episode)."""
+
+    context: int
+    run_seed: int
+    streams: RunStreams
+    state: State
+    params0: int
+    flops0: float
+    metrics: dict[str, float]  # the last good epoch's train metrics + telemetry (or the reset evaluation)
+    evals: list[dict[str, float]]  # validation metrics of the episode, the reset evaluation first
+    good: list[dict[str, float]] = field(default_factory=list)  # metrics of good epochs (the governor's history)
+    epoch: int = 0
+    rollbacks: int = 0
+    rolled_back: bool = False
+    done: bool = False
+    germinated: int = 0
+    fossilized: int = 0
+    pruned: int = 0
+
+
+Lifecycle = Literal["auto", "full"]
+
+
+class MorphogenesisEnv(EnvBase):
+    """N host trainings in lockstep: one step is one epoch of every row, the action one lifecycle
+    request per row.
+
+    Args:
+        contexts: ``[(task, host), ...]``: a task name (`esper_fn.tasks.load`) or `Task`, and a host
+            preset name (built for the task's shapes) or `Host`. Each row draws its context at every
+            reset from its run seed (see `set_seed`), uniformly.
+        task, host: shorthand for ``contexts=[(task, host)]``.
+        num_envs: N, the batch size.
+        max_epochs: epochs per episode (the budget).
+        reward: a `Reward` (`esper_fn.envs.rewards`) or the name of a built-in one with its
+            default parameters ("delta_accuracy", "sparse_terminal", "contribution").
+        lifecycle: "auto": the env advances seeds through incubation and blending by the gates
+            (TRAINING -> BLENDING after `incubate_epochs`, BLENDING -> HOLDING at alpha 1) and the
+            policy chooses germinations (slot, blueprint, tempo) and the fossilize/prune verdict at
+            HOLDING; "full": the policy issues every op.
+        seed: the env seed (`set_seed`).
+        blueprints: the blueprint ids offered (default: the whole catalogue).
+        tempos: blending tempos (epochs) a germination may choose.
+        curve: the alpha curve of every blend.
+        lr, seed_lr: Adam learning rates of the host and the seeds (seed_lr default: lr).
+        train: batch size and incubation mode.
+        gates: lifecycle gate thresholds (the mask includes them).
+        governor: rollback thresholds; more than ``governor.max_rollbacks`` rollbacks end the
+            episode (terminated, with the reward's failure penalty).
+        incubate_epochs: epochs in TRAINING before the auto lifecycle starts blending.
+        max_param_ratio: germinations that would take the network past this multiple of its
+            parameters at reset are masked (None: no budget).
+        task_kwargs: keyword arguments for `esper_fn.tasks.load` (e.g. ``{"seed": 3}``).
+        subset: keep only the first samples of splits, e.g. ``{"train": 300, "val": 200}`` (tests).
+        terminal_at_budget: at ``max_epochs`` set ``terminated`` as well as ``truncated`` (the
+            episode's return is complete, so advantage estimation must not bootstrap; see
+            docs/env.md). False leaves ``terminated`` False there.
+
+    Raises:
+        ConfigError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        contexts: Sequence[tuple[str | Task, str | Host]] | None = None,
+        *,
+        task: str | Task | None = None,
+        host: str | Host | None = None,
+        num_envs: int = 1,
+        max_epochs: int = 50,
+        reward: Reward | str = "delta_accuracy",
+        lifecycle: Lifecycle = "auto",
+        seed: int = 0,
+        blueprints: Sequence[str] | None = None,
+        tempos: Sequence[int] = (3, 5, 8),
+        curve: str = "linear",
+        lr: float = 1e-2,
+        seed_lr: float | None = None,
+        train: TrainConfig | None = None,
+        gates: GateConfig | None = None,
+        governor: GovernorConfig | None = None,
+        incubate_epochs: int = 3,
+        max_param_ratio: float | None = None,
+        task_kwargs: Mapping | None = None,
+        subset: Mapping[str, int] | None = None,
+        terminal_at_budget: bool = True,
+        device: str | torch.device | None = None,
+    ):
+        if (contexts is None) == (task is None and host is None):
+            raise ConfigError("pass either contexts=[(task, host), ...] or task= and host=, not both or neither.")
+        if contexts is None:
+            if task is None or host is None:
+                raise ConfigError("the shorthand needs both task= and host=.")
+            contexts = [(task, host)]
+        if not contexts:
+            raise ConfigError("contexts must name at least one (task, host) pair.")
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ConfigError(f"num_envs must be a positive int, got {num_envs!r}.")
+        if not isinstance(max_epochs, int) or max_epochs < 1:
+            raise ConfigError(f"max_epochs must be a positive int, got {max_epochs!r}.")
+        if lifecycle not in ("auto", "full"):
+            raise ConfigError(f"lifecycle must be 'auto' or 'full', got {lifecycle!r}.")
+        if curve not in CURVES:
+            raise ConfigError(f"curve must be one of {CURVES}, got {curve!r}.")
+        tempos = tuple(int(t) for t in tempos)
+        if not tempos or min(tempos) < 1 or len(set(tempos)) != len(tempos):
+            raise ConfigError(f"tempos must be distinct positive epoch counts, got {tempos}.")
+        if isinstance(reward, str):
+            if reward not in REWARDS:
+                raise ConfigError(f"unknown reward {reward!r}; built-in rewards are {sorted(REWARDS)}.")
+            reward = REWARDS[reward]()
+        super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        self.num_envs = num_envs
+        self.max_epochs = max_epochs
+        self.reward_fn: Reward = reward
+        self.lifecycle: Lifecycle = lifecycle
+        self.curve = curve
+        self.train_config = train or TrainConfig()
+        self.gates = gates or GateConfig()
+        self.governor = governor or GovernorConfig()
+        self.incubate_epochs = int(incubate_epochs)
+        self.max_param_ratio = max_param_ratio
+        self.terminal_at_budget = terminal_at_budget
+        self.optimizer = ef.optim.adam({"host": lr, "seeds": seed_lr or lr})
+
+        tasks: dict[str, Task] = {}
+        built = []
+        for t, h in contexts:
+            if isinstance(t, Task):
+                tk = _subset(t, subset)
+            else:
+                if t not in tasks:  # one Task object per task name: rows of one context must share it
+                    tasks[t] = _subset(load(t, **dict(task_kwargs or {})), subset)
+                tk = tasks[t]
+            hst = _build_host(h, tk)
+            built.append(Context(f"{tk.name}/{hst.name}", tk, hst))
+        self.contexts: tuple[Context, ...] = tuple(built)
+
+        ids = tuple(_blueprint_id(b) for b in blueprints) if blueprints is not None else tuple(bpm.registry())
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"blueprints must be distinct, got {list(ids)}.")
+        probes = [ef.init(c.host, optimizer=self.optimizer, generator=torch.Generator().manual_seed(0))
+                  for c in self.contexts]
+        self._specs0 = [p.host.slots(p._host_shapes()) for p in probes]
+        self.max_slots = max(len(s) for s in self._specs0)
+        self.max_nodes = max(len(feats.graph_nodes(s)) for s in self._specs0)
+        self.max_edges = max(2 * (self.max_nodes - 1), 1)
+        self.action_space = ActionSpace(self.max_slots, ids, tempos)
+        self._rows: list[_Row | None] = [None] * num_envs
+        self._mask = torch.zeros(num_envs, self.action_space.n, dtype=torch.bool)
+        self._make_specs()
+        self.set_seed(seed)
+
+    # -- specs -----------------------------------------------------------------------------------
+    def _make_specs(self) -> None:
+        N, S, L, E = self.num_envs, self.max_slots, self.max_nodes, self.max_edges
+        B, A = len(self.action_space.blueprints), self.action_space.n
+        f32 = torch.float32
+        metrics = Composite(
+            {k: Unbounded(shape=(N,), dtype=f32) for k in
+             ("val_accuracy", "val_loss", "train_loss", "params", "param_ratio", "epoch", "rollbacks")},
+            shape=(N,),
+        )
+        self.observation_spec = Composite(
+            slot_features=Unbounded(shape=(N, S, len(feats.SLOT_FEATURES)), dtype=f32),
+            slot_mask=Categorical(2, shape=(N, S), dtype=torch.bool),
+            slot_blueprint=Categorical(B + 1, shape=(N, S), dtype=torch.int64),
+            node_features=Unbounded(shape=(N, L, len(feats.NODE_FEATURES)), dtype=f32),
+            node_mask=Categorical(2, shape=(N, L), dtype=torch.bool),
+            node_slot=Bounded(-1, S - 1, shape=(N, L), dtype=torch.int64),
+            edge_index=Bounded(0, L - 1, shape=(N, 2, E), dtype=torch.int64),
+            edge_mask=Categorical(2, shape=(N, E), dtype=torch.bool),
+            global_features=Unbounded(shape=(N, len(feats.GLOBAL_FEATURES)), dtype=f32),
+            action_mask=Categorical(2, shape=(N, A), dtype=torch.bool),
+            context=Categorical(len(self.contexts), shape=(N,), dtype=torch.int64),
+            metrics=metrics,
+            shape=(N,),
+        )
+        self.action_spec = Categorical(A, shape=(N,), dtype=torch.int64)
+        self.reward_spec = Unbounded(shape=(N, 1), dtype=f32)
+        self.done_spec = Composite(
+            done=Categorical(2, shape=(N, 1), dtype=torch.bool),
+            terminated=Categorical(2, shape=(N, 1), dtype=torch.bool),
+            truncated=Categorical(2, shape=(N, 1), dtype=torch.bool),
+            shape=(N,),
+        )
+
+    # -- seeding ---------------------------------------------------------------------------------
+    def _set_seed(self, seed: int | None) -> None:
+        """Restart the run-seed enumeration: the k-th episode of row i (counting from this call) is
+        run seed ``seed + i + k * num_envs``; its context, host init, data order and seed init all
+        derive from that run seed (`run_streams`)."""
+        self._seed = 0 if seed is None else int(seed)
+        self._episodes = [0] * self.num_envs
+
+    def run_seed(self, row: int) -> int:
+        """The run seed of row `row`'s current episode (``esper-fn grow --seed`` reproduces it)."""
+        return self._row(row).run_seed
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _row(self, i: int) -> _Row:
+        row = self._rows[i]
+        if row is None:
+            raise EsperError(f"row {i} has not been reset yet; call env.reset() first.")
+        return row
+
+    def state(self, row: int) -> State:
+        """The current training state of a row (for evaluation outside the env, e.g. on the test split)."""
+        return self._row(row).state
+
+    def context(self, row: int) -> Context:
+        """The context a row trains in its current episode."""
+        return self.contexts[self._row(row).context]
+
+    def _reset_row(self, i: int) -> None:
+        k = self._episodes[i]
+        self._episodes[i] += 1
+        run_seed = self._seed + i + k * self.num_envs
+        c = 0 if len(self.contexts) == 1 else int(
+            torch.randint(len(self.contexts), (1,), generator=torch.Generator().manual_seed(_mix(run_seed))))
+        ctx = self.contexts[c]
+        streams = run_streams(run_seed)
+        state = ef.init(ctx.host, optimizer=self.optimizer, generator=streams.host)
+        with torch.no_grad():
+            m = telemetry(state, ctx.task, {})
+        self._rows[i] = _Row(context=c, run_seed=run_seed, streams=streams, state=state,
+                             params0=state.num_params(), flops0=m["flops"], metrics=m,
+                             evals=[{"val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"]}])
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        reset = None
+        if tensordict is not None and "_reset" in tensordict.keys():
+            reset = tensordict.get("_reset").reshape(self.num_envs).tolist()
+        for i in range(self.num_envs):
+            if reset is None or reset[i] or self._rows[i] is None:
+                self._reset_row(i)
+        out = self._observe()
+        false = torch.zeros(self.num_envs, 1, dtype=torch.bool)
+        out.update({"done": false, "terminated": false.clone(), "truncated": false.clone()})
+        return out
+
+    # -- the step --------------------------------------------------------------------------------
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = tensordict.get("action").reshape(self.num_envs).tolist()
+        # Collectors and rollouts step under no_grad; training a host needs autograd.
+        with torch.enable_grad():
+            return self._advance(actions)
+
+    def _apply(self, i: int, row: _Row, index: int) -> tuple[State, float]:
+        """Apply row i's action; returns the new state and the contribution it fossilized."""
+        if not self._mask[i, index]:
+            a = self.action_space
+            legal = self._mask[i].nonzero().flatten().tolist()
+            raise IllegalActionError(
+                f"row {i}: action {index} ({a.describe(index, row.state.slot_names) if 0 <= index < a.n else '?'}) "
+                f"is masked out (stage of the slots: "
+                f"{ {n: s.name for n, s in row.state.stages().items()} }, lifecycle={self.lifecycle!r}); "
+                f"{len(legal)} actions are legal now, e.g. {[a.describe(j, row.state.slot_names) for j in legal[:4]]}. "
+                "Sample from observation['action_mask'] (torchrl.modules.MaskedCategorical).")
+        act = self.action_space.decode(index)
+        state, m = row.state, row.metrics
+        if act.op == Op.WAIT:
+            return state, 0.0
+        slot = state.slot_names[act.slot]
+        if act.op == Op.GERMINATE:
+            row.germinated += 1
+            return ef.germinate(state, slot, act.blueprint, generator=row.streams.seed, tempo=act.tempo,
+                                curve=self.curve), 0.0
+        if act.op == Op.ADVANCE:
+            return ef.advance(state, slot, gates=self.gates, telemetry=m), 0.0
+        if act.op == Op.FOSSILIZE:
+            row.fossilized += 1
+            return ef.fossilize(state, slot, gates=self.gates, telemetry=m), m.get(f"{slot}/contribution", 0.0)
+        row.pruned += 1
+        return ef.prune(state, slot), 0.0
+
+    def _advance(self, actions: list[int]) -> TensorDictBase:
+        N = self.num_envs
+        rows = [self._row(i) for i in range(N)]
+        for i, row in enumerate(rows):
+            if row.done:
+                raise EsperError(f"row {i} finished its episode; reset it before stepping (TorchRL does so "
+                                 "through the '_reset' mask: use env.step_and_maybe_reset or a collector).")
+        prev_acc = [r.metrics["val_accuracy"] for r in rows]
+        prev_ratio = [r.state.num_params() / r.params0 for r in rows]
+        before, fossil = [], []
+        for i, row in enumerate(rows):
+            state, c = self._apply(i, row, actions[i])
+            fossil.append(c)
+            before.append(ef.tick(state, gates=self.gates))
+        results = _train_epochs(before, [self.contexts[r.context].task for r in rows], self.train_config,
+                                [r.streams.data for r in rows])
+        metrics = self._telemetry([s for s, _ in results], [m for _, m in results], rows)
+        rolled, failed = [False] * N, [False] * N
+        for i, (row, (new, _), m) in enumerate(zip(rows, results, metrics)):
+            row.epoch += 1
+            m["epoch"] = float(row.epoch)
+            reason = governor_verdict(m, row.good, self.contexts[row.context].task.n_classes, self.governor)
+            row.rolled_back = reason is not None
+            if reason is not None:
+                rolled[i] = True
+                row.rollbacks += 1
+                state = before[i]
+                for n in state.slot_names:
+                    if state.stage(n) in LIVE_STAGES:
+                        state = ef.prune(state, n)
+                        row.pruned += 1
+                row.state = state
+                train_part = {k: v for k, v in row.metrics.items()
+                              if k in ("train_loss", "train_accuracy", "shadow_loss") or k.startswith("grad_norm/")}
+                with torch.no_grad():
+                    row.metrics = {**train_part, **telemetry(state, self.contexts[row.context].task, train_part),
+                                   "epoch": float(row.epoch)}
+                failed[i] = row.rollbacks > self.governor.max_rollbacks
+            else:
+                row.state, row.metrics = new, m
+                row.good.append(m)
+                if self.lifecycle == "auto":
+                    row.state = self._auto_advance(row.state, m)
+            row.evals.append({"val_accuracy": row.metrics["val_accuracy"], "val_loss": row.metrics["val_loss"]})
+        budget = [r.epoch >= self.max_epochs for r in rows]
+        done = [f or b for f, b in zip(failed, budget)]
+        terminated = [f or (b and self.terminal_at_budget) for f, b in zip(failed, budget)]
+        for row, d in zip(rows, done):
+            row.done = d
+        t = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt)  # noqa: E731
+        reward = self.reward_fn(RewardInputs(
+            val_accuracy=t([r.metrics["val_accuracy"] for r in rows]), prev_val_accuracy=t(prev_acc),
+            param_ratio=t([r.state.num_params() / r.params0 for r in rows]), prev_param_ratio=t(prev_ratio),
+            fossilized_contribution=t(fossil), rolled_back=t(rolled, torch.bool), failed=t(failed, torch.bool),
+            done=t(done, torch.bool)))
+        out = self._observe()
+        out.set("reward", reward.to(torch.float32).reshape(N, 1))
+        out.set("done", t(done, torch.bool).reshape(N, 1))
+        out.set("terminated", t(terminated, torch.bool).reshape(N, 1))
+        out.set("truncated", t(budget, torch.bool).reshape(N, 1))
+        return out
+
+    def _telemetry(self, states: list[State], train_metrics: list[dict], rows: list[_Row]) -> list[dict]:
+        """Telemetry of every row, hosts of one structure and task measured in one stacked pass."""
+        out: list = [None] * len(states)
+        with torch.no_grad():
+            for group in ef.partition(states):
+                by_task: dict[int, list[int]] = {}
+                for j in group:
+                    by_task.setdefault(rows[j].context, []).append(j)
+                for c, idx in by_task.items():
+                    task = self.contexts[c].task
+                    if len(idx) == 1:
+                        res = [telemetry(states[idx[0]], task, train_metrics[idx[0]])]
+                    else:
+                        res = telemetry(ef.stack([states[j] for j in idx]), task, [train_metrics[j] for j in idx])
+                    for j, r in zip(idx, res):
+                        out[j] = {**train_metrics[j], **r}
+        return out
+
+    def _auto_advance(self, state: State, m: Mapping[str, float]) -> State:
+        """The auto lifecycle: GERMINATED -> TRAINING at once, TRAINING -> BLENDING after
+        `incubate_epochs`, BLENDING -> HOLDING at alpha 1, each only where the gates allow."""
+        legal = ef.legal_actions(state, gates=self.gates, telemetry=m)
+        epochs = state.slots["epochs"].tolist()
+        for i, name in enumerate(state.slot_names):
+            entry = legal[name]
+            if Op.ADVANCE not in entry["ops"]:
+                continue
+            st = entry["stage"]
+            if st == Stage.GERMINATED or st == Stage.BLENDING or (st == Stage.TRAINING and epochs[i] >= self.incubate_epochs):
+                state = ef.advance(state, name, gates=self.gates, telemetry=m)
+        return state
+
+    # -- observations ----------------------------------------------------------------------------
+    def _observe(self) -> TensorDictBase:
+        N, S, L, E = self.num_envs, self.max_slots, self.max_nodes, self.max_edges
+        space = self.action_space
+        B = len(space.blueprints)
+        slot_f = torch.zeros(N, S, len(feats.SLOT_FEATURES))
+        slot_mask = torch.zeros(N, S, dtype=torch.bool)
+        slot_bp = torch.full((N, S), B, dtype=torch.int64)
+        node_f = torch.zeros(N, L, len(feats.NODE_FEATURES))
+        node_mask = torch.zeros(N, L, dtype=torch.bool)
+        node_slot = torch.full((N, L), -1, dtype=torch.int64)
+        edge_index = torch.zeros(N, 2, E, dtype=torch.int64)
+        edge_mask = torch.zeros(N, E, dtype=torch.bool)
+        glob = torch.zeros(N, len(feats.GLOBAL_FEATURES))
+        context = torch.zeros(N, dtype=torch.int64)
+        mvals = {k: torch.zeros(N) for k in ("val_accuracy", "val_loss", "train_loss", "params", "param_ratio",
+                                             "epoch", "rollbacks")}
+        for i in range(N):
+            row = self._row(i)
+            ctx = self.contexts[row.context]
+            state, m = row.state, row.metrics
+            specs = state.host.slots(state._host_shapes())
+            s_rows = feats.slot_rows(state, specs, m, row.params0)
+            n_s = len(s_rows)
+            slot_f[i, :n_s] = feats.as_tensor(s_rows, n_s, len(feats.SLOT_FEATURES))
+            slot_mask[i, :n_s] = True
+            for s, bid in enumerate(state.blueprints):
+                if bid is not None and bid in space.blueprints:
+                    slot_bp[i, s] = space.blueprints.index(bid)
+            nodes = feats.graph_nodes(specs)
+            n_rows = feats.node_rows(state, specs, s_rows)
+            node_f[i, :len(nodes)] = feats.as_tensor(n_rows, len(nodes), len(feats.NODE_FEATURES))
+            node_mask[i, :len(nodes)] = True
+            node_slot[i, :len(nodes)] = torch.tensor([s if k == "slot" else -1 for k, s in nodes])
+            edges = feats.graph_edges(len(nodes))
+            if edges:
+                edge_index[i, :, :len(edges)] = torch.tensor(edges, dtype=torch.int64).T
+                edge_mask[i, :len(edges)] = True
+            params = state.num_params()
+            glob[i] = torch.tensor(feats.global_row(
+                epoch=row.epoch, max_epochs=self.max_epochs, metrics=m, history=row.evals,
+                n_classes=ctx.task.n_classes, params=params, params0=row.params0, flops=m.get("flops", 0.0),
+                flops0=row.flops0, state=state, fossilized=row.fossilized, germinated=row.germinated,
+                rollbacks=row.rollbacks, max_rollbacks=self.governor.max_rollbacks))
+            context[i] = row.context
+            for k, v in (("val_accuracy", m["val_accuracy"]), ("val_loss", m["val_loss"]),
+                         ("train_loss", m.get("train_loss", float("nan"))), ("params", float(params)),
+                         ("param_ratio", params / row.params0), ("epoch", float(row.epoch)),
+                         ("rollbacks", float(row.rollbacks))):
+                mvals[k][i] = v
+            self._mask[i] = self._row_mask(row)
+        mask = self._mask.clone()
+        self.action_spec.update_mask(mask)
+        return TensorDict(
+            {"slot_features": slot_f, "slot_mask": slot_mask, "slot_blueprint": slot_bp, "node_features": node_f,
+             "node_mask": node_mask, "node_slot": node_slot, "edge_index": edge_index, "edge_mask": edge_mask,
+             "global_features": glob, "action_mask": mask, "context": context,
+             "metrics": TensorDict(mvals, batch_size=[N])},
+            batch_size=[N],
+        )
+
+    def _row_mask(self, row: _Row) -> torch.Tensor:
+        state = row.state
+        if row.done:
+            return row_mask(self.action_space, (), {}, auto=True, room=None, param_cost={})
+        legal = ef.legal_actions(state, gates=self.gates, telemetry=row.metrics)
+        room, cost = None, {}
+        if self.max_param_ratio is not None:
+            room = self.max_param_ratio * row.params0 - state.num_params()
+            reg = bpm.registry()
+            for name, entry in legal.items():
+                spec = state.spec(name)
+                for bid in entry["blueprints"]:
+                    cost[(name, bid)] = reg[bid].param_count(spec)
+        return row_mask(self.action_space, state.slot_names, legal, auto=self.lifecycle == "auto", room=room,
+                        param_cost=cost)
+
+    # -- the core's view, for controllers written against esper_fn.controllers ---------------------
+    def core_observation(self, row: int, *, param_budget: int | None = None) -> Observation | None:
+        """What `esper_fn.run.grow` would show its controller after the row's last epoch, or None
+        where grow consults no controller (before the first epoch, and after a rollback).
+
+        Args:
+            row: the row index.
+            param_budget: the budget the controller is told about (`RunConfig.param_budget`).
+        """
+        r = self._row(row)
+        if r.epoch == 0 or r.rolled_back or r.done:
+            return None
+        legal = ef.legal_actions(r.state, gates=self.gates, telemetry=r.metrics)
+        return Observation(r.epoch, self.max_epochs, r.state, r.metrics, r.good[:-1], legal, param_budget)
+
+    def describe_action(self, row: int, index: int) -> str:
+        """A readable form of an action for a row, with its slot names."""
+        return self.action_space.describe(index, self._row(row).state.slot_names)
+
+    def __repr__(self) -> str:
+        return (f"MorphogenesisEnv(contexts={[c.name for c in self.contexts]}, num_envs={self.num_envs}, "
+                f"max_epochs={self.max_epochs}, lifecycle={self.lifecycle!r}, actions={self.action_space.n})")
+
