@@ -10,6 +10,7 @@ from ._actions import ActionSpace, FlatAction, IllegalActionError
 from ._controller import ControllerPolicy
 from ._env import Context, MorphogenesisEnv, run_streams
 from ._features import GLOBAL_FEATURES, LAYER_FEATURES, NODE_FEATURES, SLOT_FEATURES
+from ._ray import MissingExtraError, ray_collector
 from ._rewards import Reward, RewardInputs
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "ControllerPolicy",
     "FlatAction",
     "IllegalActionError",
+    "MissingExtraError",
     "MorphogenesisEnv",
     "Reward",
     "RewardInputs",
+    "ray_collector",
     "rewards",
     "run_streams",
 ]

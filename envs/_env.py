@@ -29,7 +29,7 @@ from esper_fn._state import State
 from esper_fn.controllers import Observation
 from esper_fn.run import GovernorConfig, governor_verdict
 from esper_fn.tasks import Task, load
-from esper_fn.training import TrainConfig, telemetry
+from esper_fn.training import TrainConfig, telemetry, train_epochs
 
 from . import _features as feats
 from ._actions import ActionSpace, IllegalActionError, row_mask
@@ -58,14 +58,17 @@ class RunStreams:
 
 
 def run_streams(run_seed: int) -> RunStreams:
-    """The generators `esper_fn.run.grow` uses for run seed `run_seed`, so that an env row and a
-    ``esper-fn grow --seed run_seed`` run draw the same numbers.
+    """The generators `esper_fn.run.grow` uses for run seed `run_seed` (`esper_fn.run.rng_streams`),
+    so that an env row and ``esper-fn grow --seed run_seed`` draw the same host init, data order and
+    seed init."""
+    from esper_fn import run
 
-    `grow` today drives host init, data order and seed init from one generator seeded with the run
-    seed; the three fields are that one generator.
-    """
-    g = torch.Generator().manual_seed(run_seed)
-    return RunStreams(g, g, g)
+    streams = getattr(run, "rng_streams", None)
+    if streams is None:  # a core whose grow drives everything from one generator
+        g = torch.Generator().manual_seed(run_seed)
+        return RunStreams(g, g, g)
+    s = streams(run_seed)
+    return RunStreams(s["host"], s["data"], s["seeds"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,16 +122,6 @@ def _blueprint_id(name: str) -> str:
     if not same:
         raise ConfigError(f"unknown blueprint {name!r}; see `esper_fn.blueprints.registry()`.")
     return max(same, key=lambda b: tuple(int(v) for v in b.meta.version.split("."))).id
-
-
-def _train_epochs(states, tasks, config, generators):
-    """`esper_fn.training.train_epochs`, or a loop of `train_epoch` where the core predates it."""
-    from esper_fn import training
-
-    core = getattr(training, "train_epochs", None)
-    if core is not None:
-        return core(states, tasks, config, generators=generators)
-    return [training.train_epoch(s, t, config, generator=g) for s, t, g in zip(states, tasks, generators)]
 
 
 @dataclass
@@ -423,8 +416,8 @@ class MorphogenesisEnv(EnvBase):
             state, c = self._apply(i, row, actions[i])
             fossil.append(c)
             before.append(ef.tick(state, gates=self.gates))
-        results = _train_epochs(before, [self.contexts[r.context].task for r in rows], self.train_config,
-                                [r.streams.data for r in rows])
+        results = train_epochs(before, [self.contexts[r.context].task for r in rows], self.train_config,
+                               generators=[r.streams.data for r in rows])
         metrics = self._telemetry([s for s, _ in results], [m for _, m in results], rows)
         rolled, failed = [False] * N, [False] * N
         for i, (row, (new, _), m) in enumerate(zip(rows, results, metrics)):
