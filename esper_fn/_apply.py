@@ -227,9 +227,13 @@ def train_step(
         grad_stats: also return "grad_sq", the squared gradient norm of every trained leaf
             (float32 [K], or [N, K] stacked), aligned with `trained_keys(state)`.
         with_output: also return "output", the live forward's detached output (before the update).
-        donate: promise that `state` is never used again, so the optimizer may update its tensors
-            in place (as JAX's ``donate_argnums``). Saves three tensor copies per leaf; `train_epoch`
-            donates the intermediate states it creates itself, never the caller's.
+        donate: give up `state`'s tensors, so the optimizer may update them in place (as JAX's
+            ``donate_argnums``; saves three tensor copies per leaf). Only tensors no other state can
+            see are given up: those a previous `train_step` wrote for `state` alone, as long as no
+            state was derived from `state` since (germinate, advance, tick, `State.replace`,
+            `dataclasses.replace`, ... all revoke it). Everything else is copied, so donation never
+            changes another state; after a donating call, `state` itself must not be used again.
+            `train_epoch` donates the intermediate states it creates itself, never the caller's.
 
     Returns:
         ``(new_state, metrics)``; metrics holds detached tensors "loss" (live loss per host, 0-d or
