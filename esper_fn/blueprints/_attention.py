@@ -3,13 +3,19 @@
 - ``attention_mhsa``: pre-norm multi-head self-attention, heads = the largest of 4/2/1 dividing d.
 - ``attention_split_qkv``: split Q/KV capacity (grouped-query attention): Q has d features in H heads,
   K and V only kv_dim = d / 2 features in H / 2 heads, each shared by two query heads.
-- ``flash_attention`` (needs "cuda" and "flash_attention"; falls back to ``attention_mhsa@1.0.0``):
-  the same design and parameters as ``attention_mhsa``, computed in bfloat16 on CUDA so
-  `scaled_dot_product_attention` can dispatch to the fused flash kernel.
-- ``kv_cache_int8`` (needs "cuda" and "int8_kv_cache"; no fallback): ``attention_mhsa`` with K and V
-  round-tripped through an 8-bit cache (symmetric absmax per token and head; straight-through
-  gradient). Pure PyTorch, so it also runs (and is tested) on CPU when the capabilities are passed
-  explicitly to `get`.
+- ``flash_attention@2.0.0`` (needs "cuda" and "flash_attention", i.e. an sm80+ GPU; falls back to
+  ``attention_mhsa@1.0.0``): the same design and parameters as ``attention_mhsa``, with the attention
+  itself run by the fused FlashAttention kernel: `F.scaled_dot_product_attention` pinned to
+  ``SDPBackend.FLASH_ATTENTION`` on CUDA tensors in float16/bfloat16 (float32 slots are cast to
+  bfloat16 for the kernel and back). It never runs another kernel: on CPU tensors it raises
+  `CapabilityError` (where CUDA is absent, `get` resolves it to ``attention_mhsa``), and it fits only
+  slots whose head size the kernel takes (at most 256). Version 1.0.0 fell back to ordinary
+  attention silently and was removed.
+- ``attention_int8_kv`` (pure PyTorch, no capability): quantisation-aware attention, ``attention_mhsa``
+  with K and V fake-quantised to int8 (symmetric absmax scale per token and head, rounded to the
+  int8 grid and back) and a straight-through gradient. It trains a seed that tolerates an int8 K/V
+  cache at inference; it keeps no cache itself. (It replaces ``kv_cache_int8@1.0.0``, which claimed
+  a CUDA-only int8 KV cache it did not have.)
 
 Every design normalises its input (LayerNorm without affine) and zero-initialises its output
 projection, so the delta is 0 at germination; Q/K/V projections are random, so the output projection
@@ -24,6 +30,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._blueprint import Blueprint, BlueprintMeta, register
+from .._errors import CapabilityError
 from ._common import uniform
 
 SEQUENCE_KINDS = ("sequence",)
@@ -79,6 +86,25 @@ def _mhsa_init(spec, g):
     return {"w_qkv": uniform((3 * d, d), d, g), "w_o": torch.zeros(d, d)}, {}
 
 
+def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`F.scaled_dot_product_attention` on [..., H, T, hd] CUDA tensors, run by the FlashAttention
+    kernel and nothing else (float32 inputs are cast to bfloat16 for the kernel, the output back).
+
+    Raises:
+        CapabilityError: the tensors are not on a CUDA device.
+    """
+    if not q.is_cuda:
+        raise CapabilityError(
+            f"flash_attention@2.0.0 runs the fused FlashAttention kernel on CUDA tensors, and the slot tensor "
+            f"is on {q.device.type!r}. Where CUDA is absent `esper_fn.blueprints.get` resolves it to "
+            "attention_mhsa@1.0.0; on a CUDA machine keep the state and the inputs on the GPU, or germinate "
+            "attention_mhsa@1.0.0."
+        )
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt)).to(q.dtype)
+
+
 def _mhsa(variant: str):
     """apply of the full multi-head designs; variant is "plain", "flash" or "int8"."""
 
@@ -89,10 +115,7 @@ def _mhsa(variant: str):
         q, k, v = (_split_heads(z, n) for z in F.linear(a, p["w_qkv"]).chunk(3, dim=-1))
         if variant == "int8":
             k, v = _quant_int8(k), _quant_int8(v)
-        if variant == "flash" and q.is_cuda and q.dtype == torch.float32:
-            att = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
-        else:
-            att = sdpa(q, k, v)
+        att = flash_sdpa(q, k, v) if variant == "flash" else sdpa(q, k, v)
         return F.linear(_merge_heads(att), p["w_o"])
 
     return apply
@@ -151,25 +174,31 @@ def _attention_split_qkv() -> Blueprint:
 
 
 def _flash_attention() -> Blueprint:
+    def check(spec):
+        hd = spec.features // heads(spec.features)
+        if hd > 256:
+            return (f"the FlashAttention kernel takes head sizes up to 256, and d = {spec.features} in "
+                    f"{heads(spec.features)} heads gives {hd}")
+        return None
+
     meta = BlueprintMeta(
-        name="flash_attention", version="1.0.0", slot_kinds=SEQUENCE_KINDS, risk_score=0.3,
+        name="flash_attention", version="2.0.0", slot_kinds=SEQUENCE_KINDS, risk_score=0.3,
         requires_capability=("cuda", "flash_attention"), fallback="attention_mhsa@1.0.0",
-        description="attention_mhsa computed in bfloat16 through the fused flash kernel (same parameters); "
-                    "falls back to attention_mhsa",
+        description="attention_mhsa (same parameters) with the attention run by the fused FlashAttention kernel "
+                    "only (CUDA sm80+, bfloat16, head size <= 256); falls back to attention_mhsa",
     )
-    return Blueprint(meta, _mhsa_init, _mhsa("flash"), _mhsa_count, _mhsa_flops)
+    return Blueprint(meta, _mhsa_init, _mhsa("flash"), _mhsa_count, _mhsa_flops, check=check)
 
 
-def _kv_cache_int8() -> Blueprint:
+def _attention_int8_kv() -> Blueprint:
     meta = BlueprintMeta(
-        name="kv_cache_int8", version="1.0.0", slot_kinds=SEQUENCE_KINDS, risk_score=0.35,
-        requires_capability=("cuda", "int8_kv_cache"), fallback=None,
-        description="attention_mhsa with K/V stored as int8 (absmax scale per token and head, straight-through "
-                    "gradient)",
+        name="attention_int8_kv", version="1.0.0", slot_kinds=SEQUENCE_KINDS, risk_score=0.35,
+        description="quantisation-aware attention_mhsa: K/V fake-quantised to int8 (absmax scale per token and "
+                    "head) with a straight-through gradient; pure PyTorch, keeps no cache",
         hyperparams={"kv_bits": 8},
     )
     return Blueprint(meta, _mhsa_init, _mhsa("int8"), _mhsa_count, _mhsa_flops)
 
 
-for _bp in (_attention_mhsa(), _attention_split_qkv(), _flash_attention(), _kv_cache_int8()):
+for _bp in (_attention_mhsa(), _attention_split_qkv(), _flash_attention(), _attention_int8_kv()):
     register(_bp)

@@ -9,19 +9,27 @@
 - ``grad_clamp``: no parameters, delta exactly 0 in the forward; in the backward the gradient that
   flows through the slot is clamped elementwise to [-c, c] (c = 1, kept in a 0-d buffer ``clamp``)
   once blended in; at alpha < 1 the slot passes ``(1 - alpha) * g + clamp(alpha * g, -c, c)``.
-- ``allreduce_shard`` (needs "cuda" and "distributed"; falls back to ``mlp_gelu@1.0.0``): the
-  ``mlp_gelu`` block (same parameter names and shapes) with its hidden layer split into shards that
-  are computed separately and summed, which is what the all-reduce of a tensor-parallel MLP computes
-  on one device.
+- ``allreduce_shard@2.0.0`` (needs "distributed": an initialised `torch.distributed` process group;
+  falls back to ``mlp_gelu@1.0.0``): the ``mlp_gelu`` block (same parameter names and shapes) run
+  tensor-parallel over the ranks of the default process group. Rank r of W computes only its shard
+  of the hidden units (rows ``[r * k // W, (r + 1) * k // W)`` of ``w1``/``b1``, the matching columns of
+  ``w2``), and `torch.distributed.all_reduce` sums the partial outputs, so every rank gets the full
+  delta. The gradient through the sum is the identity (Megatron's row-parallel rule): every rank
+  must feed the same batch and compute the same loss, so each rank trains only its own shard and the
+  seed's full weights are the ranks' shards together. With one rank it equals ``mlp_gelu``. Any
+  backend works (gloo on CPU, NCCL on GPU). Version 1.0.0 summed shards on one device, ran no
+  collective, and was removed.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._blueprint import Blueprint, BlueprintMeta, SeedOut, register
+from .._errors import CapabilityError
 from ._common import uniform
 
 FEATURE_KINDS = ("vector", "sequence")
@@ -139,10 +147,59 @@ def _grad_clamp(c: float = 1.0) -> Blueprint:
     return Blueprint(meta, init, apply, lambda s: 0, lambda s: 0)
 
 
-# --- sharded MLP (all-reduce shard) ------------------------------------------------------------
+# --- tensor-parallel MLP (all-reduce shard) ------------------------------------------------------
 
 
-def _allreduce_shard(shards: int = 2) -> Blueprint:
+class _AllReduceSum(torch.autograd.Function):
+    """`torch.distributed.all_reduce` (sum over the default group) in the forward, identity in the
+    backward: the output gradient is already the same on every rank (tensor parallelism)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        out = x.clone()  # all_reduce works in place; the input stays untouched
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        # The sum is elementwise, so a stacked tensor (vmapped hosts) is reduced in one collective.
+        return _AllReduceSum.apply(x), in_dims[0]
+
+
+def _require_group() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CapabilityError(
+            "allreduce_shard@2.0.0 sums its shards with torch.distributed.all_reduce, and no process group is "
+            "initialised. Call torch.distributed.init_process_group(...) on every rank first (each rank feeding "
+            "the same batch), or germinate mlp_gelu@1.0.0, which `esper_fn.blueprints.get` resolves it to where "
+            "the 'distributed' capability is absent."
+        )
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum `x` over the ranks of the default process group (differentiable: identity gradient).
+
+    Raises:
+        CapabilityError: no process group is initialised.
+    """
+    _require_group()
+    return _AllReduceSum.apply(x)
+
+
+def shard_bounds(k: int, rank: int, world: int) -> tuple[int, int]:
+    """The hidden units ``[lo, hi)`` of `k` that rank `rank` of `world` computes."""
+    return rank * k // world, (rank + 1) * k // world
+
+
+def _allreduce_shard() -> Blueprint:
     def hidden(spec):
         return max(4, spec.features)  # as mlp_gelu@1.0.0 (ratio 1), whose parameters these are
 
@@ -152,23 +209,22 @@ def _allreduce_shard(shards: int = 2) -> Blueprint:
                 "w2": torch.zeros(d, k), "b2": torch.zeros(d)}, {}
 
     def apply(p, h, x_in, spec, train):
-        partial = [
-            F.linear(F.gelu(F.linear(h, w1, b1)), w2)
-            for w1, b1, w2 in zip(p["w1"].chunk(shards, 0), p["b1"].chunk(shards, 0), p["w2"].chunk(shards, 1))
-        ]
-        return torch.stack(partial).sum(0) + p["b2"]  # the all-reduce (sum) of the shards' partial outputs
+        _require_group()
+        lo, hi = shard_bounds(hidden(spec), dist.get_rank(), dist.get_world_size())
+        partial = F.linear(F.gelu(F.linear(h, p["w1"][lo:hi], p["b1"][lo:hi])), p["w2"][:, lo:hi])
+        return all_reduce_sum(partial) + p["b2"]
 
     def count(spec):
         d, k = spec.features, hidden(spec)
         return 2 * d * k + k + d
 
     meta = BlueprintMeta(
-        name="allreduce_shard", version="1.0.0", slot_kinds=FEATURE_KINDS, risk_score=0.3,
-        requires_capability=("cuda", "distributed"), fallback="mlp_gelu@1.0.0",
-        description=f"mlp_gelu with its hidden layer split over {shards} tensor-parallel shards summed by an "
-                    "all-reduce; falls back to mlp_gelu",
-        hyperparams={"shards": shards},
+        name="allreduce_shard", version="2.0.0", slot_kinds=FEATURE_KINDS, risk_score=0.3,
+        requires_capability=("distributed",), fallback="mlp_gelu@1.0.0",
+        description="mlp_gelu run tensor-parallel: each rank of the process group computes its share of the hidden "
+                    "units, torch.distributed.all_reduce sums them (same batch on every rank); falls back to mlp_gelu",
     )
+    # Parameters and multiply-adds per sample of the whole block (all ranks together).
     return Blueprint(meta, init, apply, count, lambda s: count(s) * _tokens(s))
 
 
