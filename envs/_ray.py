@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,10 @@ def ray_collector(
         import ray  # noqa: F401
     except ImportError as e:
         raise MissingExtraError("ray_collector needs ray: pip install 'esper_fn[ray]'.") from e
-    from torchrl.collectors.distributed import RayCollector
+    with warnings.catch_warnings():
+        # torchrl 0.14.1 warns about its own VanillaWeightUpdater while importing its collectors.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchrl.collectors.distributed import RayCollector
 
     init = dict(ray_init_config) if ray_init_config is not None else {
         "num_cpus": max(1, int(num_workers * num_cpus_per_worker)), "include_dashboard": False,

@@ -1,0 +1,97 @@
+"""MorphogenesisEnv with TorchRL's tooling: check_env_specs on every host preset, transforms, collectors."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.envs import ActionMask, Compose, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.utils import check_env_specs
+
+import esper_fn as ef
+from esper_fn import hosts
+from esper_fn.envs import MorphogenesisEnv
+
+with warnings.catch_warnings():
+    # torchrl 0.14.1 warns about its own VanillaWeightUpdater while importing torchrl.collectors.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torchrl.collectors import Collector, MultiSyncCollector
+
+SMALL = {"train": 100, "val": 100}
+BPS = ("conv1d_k5", "mlp_gelu", "lora_r4", "attention_mhsa")
+
+
+class MaskedUniform(nn.Module):
+    """Samples a legal action uniformly (reads the mask, so it works in any process)."""
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(mask.float().reshape(-1, mask.shape[-1]), 1).reshape(mask.shape[:-1])
+
+
+def masked_policy() -> TensorDictModule:
+    return TensorDictModule(MaskedUniform(), in_keys=["action_mask"], out_keys=["action"])
+
+
+def make_env(num_envs: int = 2, max_epochs: int = 2, **kw) -> MorphogenesisEnv:
+    args = dict(task="mnist1d", host="mlp-impaired", num_envs=num_envs, max_epochs=max_epochs, subset=SMALL,
+                blueprints=BPS, tempos=(1,), incubate_epochs=0)
+    args.update(kw)
+    return MorphogenesisEnv(**args)
+
+
+@pytest.mark.parametrize("num_envs", [1, 4])
+@pytest.mark.parametrize("host", sorted(hosts.hosts()))
+def test_check_env_specs_on_every_preset(host, num_envs):
+    env = make_env(num_envs, host=host)
+    check_env_specs(env, seed=0)
+    td = env.rollout(3, masked_policy(), break_when_any_done=False)  # crosses an episode end and a reset
+    assert td.shape == (num_envs, 3)
+
+
+@pytest.mark.parametrize("num_envs", [1, 4])
+def test_check_env_specs_mixed_contexts(num_envs):
+    contexts = [("mnist1d", "mlp-impaired"), ("mnist1d", "cnn-impaired"), ("mnist1d", "transformer-small")]
+    env = make_env(num_envs, contexts=contexts, task=None, host=None, seed=1)
+    check_env_specs(env, seed=0)
+
+
+def test_step_counter_and_reward_sum():
+    # ActionMask keeps the transformed env's action spec masked, so its random actions stay legal.
+    env = TransformedEnv(make_env(3, max_epochs=3), Compose(ActionMask(), StepCounter(), RewardSum()))
+    check_env_specs(env, seed=0)
+    td = env.rollout(5, masked_policy(), break_when_any_done=False)
+    assert td["next", "step_count"][:, :3].squeeze(-1).tolist() == [[1, 2, 3]] * 3
+    assert td["next", "step_count"][:, 3].squeeze(-1).tolist() == [1] * 3  # reset after the episode end
+    torch.testing.assert_close(td["next", "episode_reward"][:, 2], td["next", "reward"][:, :3].sum(1))
+
+
+def test_collector_resets_finished_rows():
+    env = make_env(2, max_epochs=2)
+    collector = Collector(env, masked_policy(), frames_per_batch=8, total_frames=16,
+                          auto_register_policy_transforms=False)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 2 and batches[0].shape == (2, 4)
+    done = torch.cat([b["next", "done"] for b in batches], 1).squeeze(-1)
+    assert done.tolist() == [[False, True] * 4] * 2
+    assert torch.isfinite(batches[1]["next", "reward"]).all()
+
+
+def spirals_env(num_envs: int = 2, max_epochs: int = 2) -> MorphogenesisEnv:
+    """A cheap env for worker processes: no MNIST-1D generation, a 2-16-2 MLP on two spirals."""
+    return MorphogenesisEnv(task="spirals", host=ef.hosts.mlp((2, 16, 2)), num_envs=num_envs, max_epochs=max_epochs,
+                            subset=SMALL, blueprints=("mlp_gelu", "lora_r4"), tempos=(1,), incubate_epochs=0)
+
+
+def test_multi_sync_collector_with_two_workers():
+    make = functools.partial(spirals_env, 2, 2)
+    collector = MultiSyncCollector([make, make], masked_policy(), frames_per_batch=8, total_frames=8,
+                                   auto_register_policy_transforms=False)
+    batches = list(collector)
+    collector.shutdown()
+    assert sum(b.numel() for b in batches) == 8
+    assert torch.isfinite(batches[0]["next", "reward"]).all()
