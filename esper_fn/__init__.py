@@ -113,4 +113,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._export import GrownNetwork, export
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
-    from ._state import State, advance, fossilize, germinate, init, legal_actions, prune, stack, tick, unstack
+    from ._state import (
+        State,
+        advance,
+        fossilize,
+        germinate,
+        init,
+        legal_actions,
+        partition,
+        prune,
+        stack,
+        structure,
+        tick,
+        unstack,
+    )

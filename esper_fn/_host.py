@@ -13,6 +13,7 @@ a private copy of the module and `torch.func.functional_call`.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ._errors import HostError
 
-__all__ = ["Host", "SlotSpec", "SlotFn", "mlp", "cnn1d", "transformer", "wrap", "hosts"]
+__all__ = ["Host", "SlotSpec", "SlotFn", "mlp", "cnn1d", "transformer", "wrap", "hosts", "preset"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -571,16 +572,131 @@ def wrap(
     return Host(name or type(module).__name__, init_fn, forward_fn, slots_fn, cfg)
 
 
-def hosts() -> dict[str, Callable[[], Host]]:
-    """The named built-in host presets (used by configs and the CLI)."""
+def hosts() -> dict[str, functools.partial]:
+    """The named built-in host presets (used by configs and the CLI).
+
+    Returns:
+        ``{name: builder}``; each builder is a `functools.partial` of `mlp_preset`,
+        `cnn1d_preset` or `transformer_preset` (read ``builder.func.__doc__`` and
+        ``builder.keywords``) that takes ``input_shape`` and ``n_classes`` (defaults: MNIST-1D,
+        ``(40,)`` and 10), so ``hosts()["mlp-impaired"]()`` is the 826-parameter MLP. Build a preset
+        for another task with `preset`.
+    """
     return dict(HOST_PRESETS)
 
 
-HOST_PRESETS: dict[str, Callable[[], Host]] = {
-    "mlp-impaired": lambda: mlp((40, 16, 10), name="mlp-impaired"),
-    "mlp-impaired-deep": lambda: mlp((40, 8, 8, 10), name="mlp-impaired-deep"),
-    "mlp-paper": lambda: mlp((40, 100, 100, 10), name="mlp-paper"),
-    "cnn-impaired": lambda: cnn1d((4, 4), (5, 3), name="cnn-impaired"),
-    "cnn-paper": lambda: cnn1d((25, 25, 25), (5, 3, 3), name="cnn-paper"),
-    "transformer-small": lambda: transformer(name="transformer-small"),
+def _sample_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or min(shape) < 1:
+        raise HostError(f"input_shape must be the shape of one sample (positive ints), got {tuple(input_shape)}.")
+    return shape
+
+
+def mlp_preset(hidden: Sequence[int], *, name: str, input_shape: Sequence[int] = (40,), n_classes: int = 10,
+               activation: str = "relu") -> Host:
+    """An MLP preset sized for a task: widths ``(features, *hidden, n_classes)``.
+
+    Args:
+        hidden: the hidden widths, e.g. (16,) for "mlp-impaired".
+        name: the preset name the host carries.
+        input_shape: the shape of one sample; an MLP reads flat vectors, so it must be ``(features,)``.
+        n_classes: output width.
+
+    Raises:
+        HostError: `input_shape` is not one-dimensional (naming both shapes).
+    """
+    shape = _sample_shape(input_shape)
+    if len(shape) != 1:
+        raise HostError(
+            f"host preset {name!r} is an MLP over flat vectors [features] (its default input is (40,)), but the "
+            f"task's samples have shape {shape}. Pick a task with 1-d samples (mnist1d, digits, spirals) or a "
+            f"sequence host (transformer-small) for this task."
+        )
+    return mlp((shape[0], *hidden, n_classes), activation=activation, name=name)
+
+
+def cnn1d_preset(channels: Sequence[int], kernels: Sequence[int], *, name: str, input_shape: Sequence[int] = (40,),
+                 n_classes: int = 10) -> Host:
+    """A 1D CNN preset sized for a task: signals of length ``input_shape[0]``, `n_classes` outputs.
+
+    Args:
+        channels, kernels: the conv layers (stride 2, padding 1), e.g. (4, 4) and (5, 3) for "cnn-impaired".
+        name: the preset name the host carries.
+        input_shape: the shape of one sample, ``(length,)``.
+        n_classes: output width.
+
+    Raises:
+        HostError: `input_shape` is not ``(length,)``, or the signal is too short for the kernels
+            (naming both shapes).
+    """
+    shape = _sample_shape(input_shape)
+    if len(shape) != 1:
+        raise HostError(
+            f"host preset {name!r} is a 1D CNN over signals [length] (its default input is (40,)), but the task's "
+            f"samples have shape {shape}. Pick a task with 1-d samples, or a sequence host (transformer-small)."
+        )
+    length = shape[0]
+    for k in kernels:
+        length = (length + 2 - k) // 2 + 1
+    if length < 1:
+        raise HostError(
+            f"host preset {name!r} (conv kernels {tuple(kernels)}, stride 2; its default input is (40,)) needs a "
+            f"longer signal than the task's samples of shape {shape}: its conv stack reduces length {shape[0]} to "
+            f"{length}. Use an MLP host (mlp-impaired) for this task."
+        )
+    return cnn1d(channels, kernels, length=shape[0], n_classes=n_classes, name=name)
+
+
+def transformer_preset(*, name: str, input_shape: Sequence[int] = (40,), n_classes: int = 10, d_model: int = 32,
+                       n_heads: int = 4, n_layers: int = 2) -> Host:
+    """A small transformer preset sized for a task: ``(seq_len,)`` or ``(seq_len, in_features)`` samples.
+
+    Raises:
+        HostError: `input_shape` has more than two dimensions (naming both shapes).
+    """
+    shape = _sample_shape(input_shape)
+    if len(shape) > 2:
+        raise HostError(
+            f"host preset {name!r} is a transformer over sequences [seq_len] or [seq_len, features] (its default "
+            f"input is (40,)), but the task's samples have shape {shape}."
+        )
+    return transformer(seq_len=shape[0], in_features=shape[1] if len(shape) == 2 else 1, n_classes=n_classes,
+                       d_model=d_model, n_heads=n_heads, n_layers=n_layers, name=name)
+
+
+HOST_PRESETS: dict[str, functools.partial] = {
+    "mlp-impaired": functools.partial(mlp_preset, (16,), name="mlp-impaired"),
+    "mlp-impaired-deep": functools.partial(mlp_preset, (8, 8), name="mlp-impaired-deep"),
+    "mlp-paper": functools.partial(mlp_preset, (100, 100), name="mlp-paper"),
+    "cnn-impaired": functools.partial(cnn1d_preset, (4, 4), (5, 3), name="cnn-impaired"),
+    "cnn-paper": functools.partial(cnn1d_preset, (25, 25, 25), (5, 3, 3), name="cnn-paper"),
+    "transformer-small": functools.partial(transformer_preset, name="transformer-small"),
 }
+"""Built-in host presets: name -> builder taking ``input_shape`` and ``n_classes`` (see `hosts`)."""
+
+
+def preset(name: str, *, input_shape: Sequence[int] | None = None, n_classes: int | None = None) -> Host:
+    """Build the host preset `name` for a task's sample shape and class count.
+
+    ``preset("mlp-impaired", input_shape=(64,), n_classes=10)`` is the impaired MLP for sklearn's
+    digits (64-16-10); without arguments a preset has MNIST-1D's shapes ((40,), 10 classes).
+
+    Args:
+        name: a key of `HOST_PRESETS` ("mlp-impaired", "cnn-impaired", ...).
+        input_shape: the shape of one sample (`esper_fn.tasks.Task.input_shape`).
+        n_classes: the number of classes (`Task.n_classes`).
+
+    Raises:
+        HostError: an unknown name (listing the presets), or a host that cannot take samples of
+            `input_shape` (naming both shapes).
+    """
+    if name not in HOST_PRESETS:
+        raise HostError(f"unknown host preset {name!r}; the presets are {sorted(HOST_PRESETS)}.")
+    kwargs: dict[str, Any] = {}
+    if input_shape is not None:
+        kwargs["input_shape"] = tuple(input_shape)
+    if n_classes is not None:
+        if not isinstance(n_classes, int) or n_classes < 1:
+            raise HostError(f"n_classes must be a positive int, got {n_classes!r}.")
+        kwargs["n_classes"] = n_classes
+    return HOST_PRESETS[name](**kwargs)

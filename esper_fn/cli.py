@@ -1,4 +1,8 @@
-"""The `esper-fn` command: grow, report, blueprints."""
+"""The `esper-fn` command: grow, report, blueprints.
+
+Importing this module imports no torch (`esper_fn/__init__` loads its names lazily), so ``--help``
+and argument errors answer at once; each subcommand imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def _grow(args) -> int:
     from .run import grow, load_config
 
     config = load_config(args.config, task=args.task, host=args.host, controller=args.controller, epochs=args.epochs,
-                         seed=args.seed, lr=args.lr, param_budget=args.param_budget)
+                         seed=args.seed, lr=args.lr, param_budget=args.param_budget,
+                         param_budget_ratio=args.param_budget_ratio)
     out = args.out or f"runs/{config.host}-{config.controller}-s{config.seed}"
     print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
           f"seed {config.seed} -> {out}")
@@ -35,6 +40,12 @@ def _grow(args) -> int:
     ]
     if s.stopped:
         rows.append(["stopped early", s.stopped])
+    if s.growth_blocked:
+        rows.append([f"growth blocked (epoch {s.growth_blocked_epoch})", s.growth_blocked])
+    if s.stuck_at_chance_epoch is not None:
+        rows.append(["STUCK AT CHANCE" if s.stuck_at_chance else "stuck at chance until later",
+                     f"no validation accuracy above chance by epoch {s.stuck_at_chance_epoch}"
+                     + ("; the run never learned" if s.stuck_at_chance else "")])
     print(_table(rows, ["summary", ""]))
     print(f"run directory: {out}  (plot it: esper-fn report {out})")
     return 0
@@ -69,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grow", help="train a host, letting a controller grow seeds")
     g.add_argument("--config", help="YAML run config (flags override it)")
-    g.add_argument("--task")
-    g.add_argument("--host")
+    g.add_argument("--task", help="mnist1d (default), mnist1d-seq, digits or spirals")
+    g.add_argument("--host", help="a host preset, built for the task's input shape and classes: mlp-impaired "
+                                  "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small")
     g.add_argument("--controller", choices=["static", "schedule", "heuristic"])
     g.add_argument("--epochs", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--param-budget", type=int)
+    g.add_argument("--param-budget", type=int, help="most parameters the grown network may have")
+    g.add_argument("--param-budget-ratio", type=float,
+                   help="without --param-budget: at most RATIO x the host's parameters (default 1.3)")
     g.add_argument("--out", help="run directory (default runs/HOST-CONTROLLER-sSEED)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

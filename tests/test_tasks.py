@@ -260,3 +260,48 @@ def test_task_validates_its_tensors() -> None:
     for change, msg in cases:
         with pytest.raises(TaskError, match=msg):
             Task(**{**good, **change})  # type: ignore[arg-type]
+
+
+# --- host presets built for a task's shapes --------------------------------------------------
+
+# (task, preset) pairs that cannot be adapted: the task's samples do not fit the host family.
+MISFITS = {
+    ("spirals", "cnn-impaired"), ("spirals", "cnn-paper"),  # 2 features: too short for the conv stack
+    ("mnist1d-seq", "mlp-impaired"), ("mnist1d-seq", "mlp-impaired-deep"), ("mnist1d-seq", "mlp-paper"),
+    ("mnist1d-seq", "cnn-impaired"), ("mnist1d-seq", "cnn-paper"),  # [40, 1] sequences on flat-vector hosts
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_preset_fits_the_task_or_says_why(name: str) -> None:
+    import esper_fn as ef
+
+    task = load(name)
+    for preset in ef.hosts.hosts():
+        if (name, preset) in MISFITS:
+            with pytest.raises(ef.HostError) as err:
+                ef.hosts.preset(preset, input_shape=task.input_shape, n_classes=task.n_classes)
+            msg = str(err.value)
+            assert preset in msg and str(task.input_shape) in msg and "(40,)" in msg
+            continue
+        host = ef.hosts.preset(preset, input_shape=task.input_shape, n_classes=task.n_classes)
+        state = ef.init(host, generator=torch.Generator().manual_seed(0))
+        x, y = task.x_train[:8], task.y_train[:8]
+        assert ef.apply(state, x).shape == (8, task.n_classes)
+        new, m = ef.train_step(state, x, y)
+        assert torch.isfinite(m["loss"])
+
+
+def test_presets_default_to_mnist1d_and_are_introspectable() -> None:
+    import esper_fn as ef
+
+    presets = ef.hosts.hosts()
+    sizes = {n: ef.init(b()).num_params() for n, b in presets.items()}
+    assert sizes["mlp-impaired"] == 826 and sizes["cnn-impaired"] == 486 and sizes["mlp-paper"] == 15210
+    assert sizes["cnn-paper"] == 5210
+    b = presets["mlp-impaired"]
+    assert b.keywords["name"] == "mlp-impaired" and "MLP" in b.func.__doc__ and b.func.__name__ == "mlp_preset"
+    assert ef.hosts.preset("mlp-impaired", input_shape=(64,), n_classes=10).config["widths"] == [64, 16, 10]
+    assert ef.hosts.preset("cnn-impaired", input_shape=(64,), n_classes=3).config["length"] == 64
+    with pytest.raises(ef.HostError, match="unknown host preset 'mlp'.*mlp-impaired"):
+        ef.hosts.preset("mlp")
