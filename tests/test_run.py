@@ -352,3 +352,40 @@ def test_a_host_that_cannot_take_the_task_fails_before_training(tmp_path, task, 
     with pytest.raises(ef.HostError, match=r"\(40,\).*task's samples of shape|task's samples have shape"):
         grow(RunConfig(task=task, host=host, epochs=1), tmp_path / "x", progress=False)
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+# --- benchmarks/growth_results.py statistics ------------------------------------------------------
+
+
+def _growth_results():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "growth_results.py"
+    spec = importlib.util.spec_from_file_location("growth_results", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_growth_results_ci_uses_student_t_for_any_n():
+    gr = _growth_results()
+    xs = [float(v) for v in range(12)]  # 11 degrees of freedom: beyond the old hand-typed table
+    m, half = gr.ci(xs)
+    sd = torch.tensor(xs, dtype=torch.float64).std().item()
+    assert m == pytest.approx(5.5) and half == pytest.approx(2.200985 * sd / 12**0.5, rel=1e-6)
+    assert gr.ci([1.0, 3.0])[1] == pytest.approx(12.7062, rel=1e-4)  # t(0.975, 1) x sd / sqrt(n) = t
+
+
+def test_growth_results_leaves_stuck_runs_out_of_paired_differences():
+    gr = _growth_results()
+
+    def run(acc, stuck=False):
+        return {"test_accuracy": acc, "stuck_at_chance": stuck}
+
+    rs = [{"seed": 0, "grown": run(0.85), "scratch": run(0.83), "static": run(0.6)},
+          {"seed": 6, "grown": run(0.89), "scratch": run(0.099, stuck=True), "static": run(0.6)}]
+    d, cells = gr.paired(rs, "grown", "scratch")
+    assert d == [pytest.approx(2.0)] and cells == ["+2.0", "stuck(scratch)"]  # not a +79.1 point "gain"
+    d, _ = gr.paired(rs, "grown", "static")
+    assert len(d) == 2
