@@ -13,14 +13,14 @@ so ``A = 1 + S*B*T + 3*S``. WAIT is index 0 and always legal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from esper_fn import EsperError
-from esper_fn._lifecycle import Op, Stage
+from esper_fn._lifecycle import Op
 
 __all__ = ["ActionSpace", "FlatAction", "IllegalActionError"]
 
@@ -136,15 +136,17 @@ class ActionSpace:
         return f"{a.op.name} {where}"
 
 
-def row_mask(space: ActionSpace, slot_names: Sequence[str], legal: Mapping[str, Mapping], *, auto: bool,
-             room: float | None, param_cost: Mapping[tuple[str, str], int]) -> Tensor:
+def row_mask(space: ActionSpace, slot_names: Sequence[str], legal: Mapping[str, Mapping], *, advance: bool,
+             prunable: Collection[str] | None, room: float | None,
+             param_cost: Mapping[tuple[str, str], int]) -> Tensor:
     """The action mask of one env row.
 
     Args:
         space: the action space.
         slot_names: the row's slots, in host order (the first ``len(slot_names)`` slot positions).
         legal: `esper_fn.legal_actions(state, gates=..., telemetry=...)` of the row.
-        auto: ``lifecycle="auto"``: ADVANCE is the env's job, and PRUNE is offered at HOLDING only.
+        advance: offer ADVANCE where it is legal (False in ``lifecycle="auto"``: the env advances).
+        prunable: the slots where PRUNE may be offered (None: wherever it is legal).
         room: parameters the row may still add (None: no budget).
         param_cost: ``{(slot, blueprint id): trainable parameters}`` for the blueprints that fit.
 
@@ -166,11 +168,10 @@ def row_mask(space: ActionSpace, slot_names: Sequence[str], legal: Mapping[str, 
                 b = space.blueprints.index(bid)
                 start = 1 + (s * B + b) * T
                 mask[start:start + T] = True
-        if Op.ADVANCE in ops and not auto:
+        if Op.ADVANCE in ops and advance:
             mask[space._op_base(Op.ADVANCE) + s] = True
         if Op.FOSSILIZE in ops:
             mask[space._op_base(Op.FOSSILIZE) + s] = True
-        if Op.PRUNE in ops and (not auto or entry["stage"] == Stage.HOLDING):
+        if Op.PRUNE in ops and (prunable is None or name in prunable):
             mask[space._op_base(Op.PRUNE) + s] = True
     return mask
-

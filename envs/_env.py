@@ -162,20 +162,21 @@ class MorphogenesisEnv(EnvBase):
         max_epochs: epochs per episode (the budget).
         reward: a `Reward` (`esper_fn.envs.rewards`) or the name of a built-in one with its
             default parameters ("delta_accuracy", "sparse_terminal", "contribution").
-        lifecycle: "auto": the env advances seeds through incubation and blending by the gates
-            (TRAINING -> BLENDING after `incubate_epochs`, BLENDING -> HOLDING at alpha 1) and the
-            policy chooses germinations (slot, blueprint, tempo) and the fossilize/prune verdict at
-            HOLDING; "full": the policy issues every op.
+        lifecycle: "auto": the env advances every seed as soon as the gates allow (GERMINATED ->
+            TRAINING at once, TRAINING -> BLENDING after ``gates.min_training_epochs``, BLENDING ->
+            HOLDING at alpha 1), and the policy chooses germinations (slot, blueprint, tempo) and the
+            verdict at HOLDING (fossilize or prune; also prune for a seed stuck in TRAINING because
+            its gradient gate refuses); "full": the policy issues every op.
         seed: the env seed (`set_seed`).
         blueprints: the blueprint ids offered (default: the whole catalogue).
         tempos: blending tempos (epochs) a germination may choose.
         curve: the alpha curve of every blend.
         lr, seed_lr: Adam learning rates of the host and the seeds (seed_lr default: lr).
         train: batch size and incubation mode.
-        gates: lifecycle gate thresholds (the mask includes them).
+        gates: lifecycle gate thresholds (the mask includes them); default
+            ``GateConfig(min_training_epochs=3)``.
         governor: rollback thresholds; more than ``governor.max_rollbacks`` rollbacks end the
             episode (terminated, with the reward's failure penalty).
-        incubate_epochs: epochs in TRAINING before the auto lifecycle starts blending.
         max_param_ratio: germinations that would take the network past this multiple of its
             parameters at reset are masked (None: no budget).
         task_kwargs: keyword arguments for `esper_fn.tasks.load` (e.g. ``{"seed": 3}``).
@@ -207,7 +208,6 @@ class MorphogenesisEnv(EnvBase):
         train: TrainConfig | None = None,
         gates: GateConfig | None = None,
         governor: GovernorConfig | None = None,
-        incubate_epochs: int = 3,
         max_param_ratio: float | None = None,
         task_kwargs: Mapping | None = None,
         subset: Mapping[str, int] | None = None,
@@ -244,9 +244,8 @@ class MorphogenesisEnv(EnvBase):
         self.lifecycle: Lifecycle = lifecycle
         self.curve = curve
         self.train_config = train or TrainConfig()
-        self.gates = gates or GateConfig()
+        self.gates = gates or GateConfig(min_training_epochs=3)
         self.governor = governor or GovernorConfig()
-        self.incubate_epochs = int(incubate_epochs)
         self.max_param_ratio = max_param_ratio
         self.terminal_at_budget = terminal_at_budget
         self.optimizer = ef.optim.adam({"host": lr, "seeds": seed_lr or lr})
@@ -483,16 +482,13 @@ class MorphogenesisEnv(EnvBase):
         return out
 
     def _auto_advance(self, state: State, m: Mapping[str, float]) -> State:
-        """The auto lifecycle: GERMINATED -> TRAINING at once, TRAINING -> BLENDING after
-        `incubate_epochs`, BLENDING -> HOLDING at alpha 1, each only where the gates allow."""
+        """The auto lifecycle: every seed advances as soon as the gates allow (GERMINATED -> TRAINING
+        at once, TRAINING -> BLENDING after ``gates.min_training_epochs``, BLENDING -> HOLDING at
+        alpha 1), as `esper_fn.controllers.manage_seeds` does for the heuristics."""
         legal = ef.legal_actions(state, gates=self.gates, telemetry=m)
-        epochs = state.slots["epochs"].tolist()
-        for i, name in enumerate(state.slot_names):
+        for name in state.slot_names:
             entry = legal[name]
-            if Op.ADVANCE not in entry["ops"]:
-                continue
-            st = entry["stage"]
-            if st == Stage.GERMINATED or st == Stage.BLENDING or (st == Stage.TRAINING and epochs[i] >= self.incubate_epochs):
+            if Op.ADVANCE in entry["ops"] and entry["stage"] in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING):
                 state = ef.advance(state, name, gates=self.gates, telemetry=m)
         return state
 
@@ -560,8 +556,16 @@ class MorphogenesisEnv(EnvBase):
     def _row_mask(self, row: _Row) -> torch.Tensor:
         state = row.state
         if row.done:
-            return row_mask(self.action_space, (), {}, auto=True, room=None, param_cost={})
+            return row_mask(self.action_space, (), {}, advance=False, prunable=None, room=None, param_cost={})
         legal = ef.legal_actions(state, gates=self.gates, telemetry=row.metrics)
+        prunable = None
+        if self.lifecycle == "auto":
+            # The verdict at HOLDING, and the way out for a seed whose gradient gate keeps it in TRAINING.
+            epochs = state.slots["epochs"].tolist()
+            prunable = {n for i, n in enumerate(state.slot_names)
+                        if legal[n]["stage"] == Stage.HOLDING
+                        or (legal[n]["stage"] == Stage.TRAINING and Op.ADVANCE not in legal[n]["ops"]
+                            and epochs[i] >= self.gates.min_training_epochs)}
         room, cost = None, {}
         if self.max_param_ratio is not None:
             room = self.max_param_ratio * row.params0 - state.num_params()
@@ -570,8 +574,8 @@ class MorphogenesisEnv(EnvBase):
                 spec = state.spec(name)
                 for bid in entry["blueprints"]:
                     cost[(name, bid)] = reg[bid].param_count(spec)
-        return row_mask(self.action_space, state.slot_names, legal, auto=self.lifecycle == "auto", room=room,
-                        param_cost=cost)
+        return row_mask(self.action_space, state.slot_names, legal, advance=self.lifecycle == "full",
+                        prunable=prunable, room=room, param_cost=cost)
 
     # -- the core's view, for controllers written against esper_fn.controllers ---------------------
     def core_observation(self, row: int, *, param_budget: int | None = None) -> Observation | None:

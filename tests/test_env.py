@@ -10,7 +10,7 @@ import torch
 from tensordict import TensorDict
 
 import esper_fn as ef
-from esper_fn._lifecycle import Op, Stage
+from esper_fn._lifecycle import GateConfig, Op, Stage
 from esper_fn.envs import (
     GLOBAL_FEATURES,
     NODE_FEATURES,
@@ -29,7 +29,8 @@ BPS = ("conv1d_k5", "mlp_gelu", "lora_r4", "ia3")
 
 
 def make(**kw) -> MorphogenesisEnv:
-    args = dict(task="mnist1d", host="mlp-impaired", num_envs=2, max_epochs=4, subset=SMALL, blueprints=BPS)
+    args = dict(task="mnist1d", host="mlp-impaired", num_envs=2, max_epochs=4, subset=SMALL, blueprints=BPS,
+                gates=GateConfig(min_training_epochs=1))
     args.update(kw)
     return MorphogenesisEnv(**args)
 
@@ -106,7 +107,7 @@ def test_illegal_action_raises_typed_error():
 
 @pytest.mark.parametrize("lifecycle", ["auto", "full"])
 def test_masked_random_policy_never_raises(lifecycle):
-    env = make(num_envs=4, max_epochs=6, lifecycle=lifecycle, tempos=(1, 2), incubate_epochs=1)
+    env = make(num_envs=4, max_epochs=6, lifecycle=lifecycle, tempos=(1, 2))
     g = torch.Generator().manual_seed(1)
     td = env.rollout(6, masked_random(g))
     assert td.shape == (4, 6)
@@ -117,7 +118,7 @@ def test_masked_random_policy_never_raises(lifecycle):
 
 
 def test_auto_lifecycle_advances_and_offers_the_verdict_at_holding():
-    env = make(num_envs=1, max_epochs=8, incubate_epochs=1, tempos=(2,))
+    env = make(num_envs=1, max_epochs=8, tempos=(2,))
     env.reset()
     space = env.action_space
     td = step(env, [space.encode(Op.GERMINATE, 0, "conv1d_k5", 2)])
@@ -185,7 +186,7 @@ def test_partial_reset_touches_only_flagged_rows():
 
 def test_same_seed_same_policy_is_bit_identical_and_seeds_differ():
     def run(seed):
-        env = make(num_envs=3, max_epochs=3, seed=seed, tempos=(1,), incubate_epochs=0)
+        env = make(num_envs=3, max_epochs=3, seed=seed, tempos=(1,))
         return env.rollout(5, masked_random(torch.Generator().manual_seed(3)), break_when_any_done=False)
 
     a, b, c = run(0), run(0), run(1)
@@ -233,7 +234,7 @@ def test_governor_rolls_back_prunes_and_terminates():
 
 
 def test_delta_accuracy_return_telescopes():
-    env = make(num_envs=2, max_epochs=4, tempos=(1,), incubate_epochs=0)
+    env = make(num_envs=2, max_epochs=4, tempos=(1,))
     td = env.rollout(4, masked_random(torch.Generator().manual_seed(5)))
     acc0 = td["metrics", "val_accuracy"][:, 0]
     acc_t = td["next", "metrics", "val_accuracy"][:, -1]
@@ -262,7 +263,7 @@ def test_the_test_split_never_enters_observations_or_rewards():
 
     def run(task):
         env = MorphogenesisEnv(contexts=[(task, "mlp-impaired")], num_envs=2, max_epochs=3, subset=SMALL,
-                               blueprints=BPS, tempos=(1,), incubate_epochs=0)
+                               blueprints=BPS, tempos=(1,), gates=GateConfig(min_training_epochs=0))
         return env.rollout(3, masked_random(torch.Generator().manual_seed(2)))
 
     a, b = run(base), run(poisoned)

@@ -13,7 +13,7 @@ from torchrl.envs import ActionMask, Compose, RewardSum, StepCounter, Transforme
 from torchrl.envs.utils import check_env_specs
 
 import esper_fn as ef
-from esper_fn import hosts
+from esper_fn import GateConfig, hosts
 from esper_fn.envs import MorphogenesisEnv
 
 with warnings.catch_warnings():
@@ -38,7 +38,7 @@ def masked_policy() -> TensorDictModule:
 
 def make_env(num_envs: int = 2, max_epochs: int = 2, **kw) -> MorphogenesisEnv:
     args = dict(task="mnist1d", host="mlp-impaired", num_envs=num_envs, max_epochs=max_epochs, subset=SMALL,
-                blueprints=BPS, tempos=(1,), incubate_epochs=0)
+                blueprints=BPS, tempos=(1,), gates=GateConfig(min_training_epochs=0))
     args.update(kw)
     return MorphogenesisEnv(**args)
 
@@ -84,7 +84,8 @@ def test_collector_resets_finished_rows():
 def spirals_env(num_envs: int = 2, max_epochs: int = 2) -> MorphogenesisEnv:
     """A cheap env for worker processes: no MNIST-1D generation, a 2-16-2 MLP on two spirals."""
     return MorphogenesisEnv(task="spirals", host=ef.hosts.mlp((2, 16, 2)), num_envs=num_envs, max_epochs=max_epochs,
-                            subset=SMALL, blueprints=("mlp_gelu", "lora_r4"), tempos=(1,), incubate_epochs=0)
+                            subset=SMALL, blueprints=("mlp_gelu", "lora_r4"), tempos=(1,),
+                            gates=GateConfig(min_training_epochs=0))
 
 
 def test_multi_sync_collector_with_two_workers():
