@@ -45,7 +45,10 @@ def ray_collector(
         **collector_kwargs: passed to `RayCollector` (e.g. ``collector_kwargs=...``, ``postproc=...``).
 
     Returns:
-        The collector; iterate it for batches and call ``shutdown()`` at the end.
+        The collector, with the workers' policies synchronised to `policy`'s weights. Iterate it
+        for batches (``for batch in collector``: ``len(collector)`` fails in torchrl 0.14.1), call
+        ``collector.update_policy_weights_(policy)`` after each optimiser step, and ``shutdown()``
+        at the end.
 
     Raises:
         MissingExtraError: ray is not installed (``pip install 'esper_fn[ray]'``).
@@ -62,7 +65,7 @@ def ray_collector(
     init = dict(ray_init_config) if ray_init_config is not None else {
         "num_cpus": max(1, int(num_workers * num_cpus_per_worker)), "include_dashboard": False,
         "log_to_driver": False}
-    return RayCollector(
+    collector = RayCollector(
         [make_env] * num_workers,
         policy,
         frames_per_batch=frames_per_batch,
@@ -72,3 +75,7 @@ def ray_collector(
         sync=sync,
         **collector_kwargs,
     )
+    # Workers start from the policy's current weights; after each optimiser step call
+    # ``collector.update_policy_weights_(policy)`` again.
+    collector.update_policy_weights_(policy)
+    return collector
