@@ -180,10 +180,10 @@ def available_capabilities() -> frozenset[str]:
     if torch.cuda.is_available():
         caps.add("cuda")
         major, _ = torch.cuda.get_device_capability()
-        if major >= 8:
-            caps.update({"flash_attention", "int8_kv_cache"})
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            caps.add("distributed")
+        if major >= 8:  # the flash kernel needs Ampere or newer
+            caps.add("flash_attention")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        caps.add("distributed")  # any backend (gloo on CPU, nccl on GPU)
     return frozenset(caps)
 
 

@@ -508,8 +508,9 @@ def legal_actions(
 
     Returns:
         ``{slot: {"stage": Stage, "ops": tuple[Op, ...], "blueprints": tuple[str, ...]}}``, where
-        "blueprints" lists the ids that fit the slot and whose capabilities are present (non-empty
-        only where GERMINATE is legal).
+        "blueprints" lists the ids that fit the slot and whose capabilities are present (a design
+        whose capability is absent is masked out even if it has a fallback: the fallback is offered
+        under its own id), non-empty only where GERMINATE is legal.
 
     Raises:
         GraftError: `state` is stacked (masks are per host: `unstack` it first).
@@ -536,7 +537,7 @@ def legal_actions(
             spec = state.spec(name)
             bps = tuple(
                 bid for bid, bp in bpm.registry().items()
-                if bp.fits(spec) and (set(bp.meta.requires_capability) <= caps or bp.meta.fallback is not None)
+                if bp.fits(spec) and set(bp.meta.requires_capability) <= caps
             )
             if not bps:
                 refused.add(Op.GERMINATE)

@@ -455,6 +455,10 @@ def test_capability_masking_and_fallbacks():
     s0, _, _ = _init("trf")
     legal = ef.legal_actions(s0, capabilities=NO_CAPS)["input"]["blueprints"]
     assert {"attention_mhsa@1.0.0", "attention_split_qkv@1.0.0", "attention_int8_kv@1.0.0"} <= set(legal)
+    # a design whose capability is absent is masked out (its fallback is offered under its own id)
+    assert "flash_attention@2.0.0" not in legal and "allreduce_shard@2.0.0" not in legal
+    with_caps = ef.legal_actions(s0, capabilities=frozenset({"cuda", "flash_attention", "distributed"}))
+    assert {"flash_attention@2.0.0", "allreduce_shard@2.0.0"} <= set(with_caps["input"]["blueprints"])
 
     get = ef.blueprints.get
     assert get("flash_attention", capabilities=NO_CAPS).id == "attention_mhsa@1.0.0"
