@@ -153,25 +153,25 @@ def row_mask(space: ActionSpace, slot_names: Sequence[str], legal: Mapping[str, 
     Returns:
         bool [A]; index 0 (WAIT) is always True.
     """
-    mask = torch.zeros(space.n, dtype=torch.bool)
-    mask[0] = True
     B, T = len(space.blueprints), len(space.tempos)
+    index = {b: j for j, b in enumerate(space.blueprints)}
+    on = [0]
     for s, name in enumerate(slot_names):
         entry = legal[name]
         ops = entry["ops"]
         if Op.GERMINATE in ops:
             for bid in entry["blueprints"]:
-                if bid not in space.blueprints:
+                b = index.get(bid)
+                if b is None or (room is not None and param_cost[(name, bid)] > room):
                     continue
-                if room is not None and param_cost[(name, bid)] > room:
-                    continue
-                b = space.blueprints.index(bid)
                 start = 1 + (s * B + b) * T
-                mask[start:start + T] = True
+                on.extend(range(start, start + T))
         if Op.ADVANCE in ops and advance:
-            mask[space._op_base(Op.ADVANCE) + s] = True
+            on.append(space._op_base(Op.ADVANCE) + s)
         if Op.FOSSILIZE in ops:
-            mask[space._op_base(Op.FOSSILIZE) + s] = True
+            on.append(space._op_base(Op.FOSSILIZE) + s)
         if Op.PRUNE in ops and (prunable is None or name in prunable):
-            mask[space._op_base(Op.PRUNE) + s] = True
+            on.append(space._op_base(Op.PRUNE) + s)
+    mask = torch.zeros(space.n, dtype=torch.bool)
+    mask[on] = True
     return mask

@@ -147,6 +147,7 @@ class _Row:
 
 
 Lifecycle = Literal["auto", "full"]
+_GATED = frozenset({int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.HOLDING)})
 
 
 class MorphogenesisEnv(EnvBase):
@@ -275,6 +276,7 @@ class MorphogenesisEnv(EnvBase):
         self.action_space = ActionSpace(self.max_slots, ids, tempos)
         self._rows: list[_Row | None] = [None] * num_envs
         self._mask = torch.zeros(num_envs, self.action_space.n, dtype=torch.bool)
+        self._mask_cache: dict = {}
         self._make_specs()
         self.set_seed(seed)
 
@@ -493,22 +495,24 @@ class MorphogenesisEnv(EnvBase):
         return state
 
     # -- observations ----------------------------------------------------------------------------
+    def _graph(self, n_nodes: int) -> tuple[list[list[int]], list[bool]]:
+        """Padded edge list ([2][E]) and edge mask ([E]) of a chain of `n_nodes` nodes."""
+        E = self.max_edges
+        edges = feats.graph_edges(n_nodes)
+        src = [a for a, _ in edges] + [0] * (E - len(edges))
+        dst = [b for _, b in edges] + [0] * (E - len(edges))
+        return [src, dst], [True] * len(edges) + [False] * (E - len(edges))
+
     def _observe(self) -> TensorDictBase:
-        N, S, L, E = self.num_envs, self.max_slots, self.max_nodes, self.max_edges
+        N, S, L = self.num_envs, self.max_slots, self.max_nodes
         space = self.action_space
         B = len(space.blueprints)
-        slot_f = torch.zeros(N, S, len(feats.SLOT_FEATURES))
-        slot_mask = torch.zeros(N, S, dtype=torch.bool)
-        slot_bp = torch.full((N, S), B, dtype=torch.int64)
-        node_f = torch.zeros(N, L, len(feats.NODE_FEATURES))
-        node_mask = torch.zeros(N, L, dtype=torch.bool)
-        node_slot = torch.full((N, L), -1, dtype=torch.int64)
-        edge_index = torch.zeros(N, 2, E, dtype=torch.int64)
-        edge_mask = torch.zeros(N, E, dtype=torch.bool)
-        glob = torch.zeros(N, len(feats.GLOBAL_FEATURES))
-        context = torch.zeros(N, dtype=torch.int64)
-        mvals = {k: torch.zeros(N) for k in ("val_accuracy", "val_loss", "train_loss", "params", "param_ratio",
-                                             "epoch", "rollbacks")}
+        zs, zn = [0.0] * len(feats.SLOT_FEATURES), [0.0] * len(feats.NODE_FEATURES)
+        cols: dict[str, list] = {k: [] for k in ("slot_f", "slot_mask", "slot_bp", "node_f", "node_mask",
+                                                 "node_slot", "edge_index", "edge_mask", "glob", "context")}
+        mvals: dict[str, list[float]] = {k: [] for k in ("val_accuracy", "val_loss", "train_loss", "params",
+                                                         "param_ratio", "epoch", "rollbacks")}
+        bp_index = {b: j for j, b in enumerate(space.blueprints)}
         for i in range(N):
             row = self._row(i)
             ctx = self.contexts[row.context]
@@ -516,40 +520,47 @@ class MorphogenesisEnv(EnvBase):
             specs = state.host.slots(state._host_shapes())
             s_rows = feats.slot_rows(state, specs, m, row.params0)
             n_s = len(s_rows)
-            slot_f[i, :n_s] = feats.as_tensor(s_rows, n_s, len(feats.SLOT_FEATURES))
-            slot_mask[i, :n_s] = True
-            for s, bid in enumerate(state.blueprints):
-                if bid is not None and bid in space.blueprints:
-                    slot_bp[i, s] = space.blueprints.index(bid)
+            cols["slot_f"].append(s_rows + [zs] * (S - n_s))
+            cols["slot_mask"].append([True] * n_s + [False] * (S - n_s))
+            cols["slot_bp"].append([bp_index.get(b, B) if b is not None else B for b in state.blueprints]
+                                   + [B] * (S - n_s))
             nodes = feats.graph_nodes(specs)
-            n_rows = feats.node_rows(state, specs, s_rows)
-            node_f[i, :len(nodes)] = feats.as_tensor(n_rows, len(nodes), len(feats.NODE_FEATURES))
-            node_mask[i, :len(nodes)] = True
-            node_slot[i, :len(nodes)] = torch.tensor([s if k == "slot" else -1 for k, s in nodes])
-            edges = feats.graph_edges(len(nodes))
-            if edges:
-                edge_index[i, :, :len(edges)] = torch.tensor(edges, dtype=torch.int64).T
-                edge_mask[i, :len(edges)] = True
+            n_n = len(nodes)
+            cols["node_f"].append(feats.node_rows(state, specs, s_rows) + [zn] * (L - n_n))
+            cols["node_mask"].append([True] * n_n + [False] * (L - n_n))
+            cols["node_slot"].append([s if k == "slot" else -1 for k, s in nodes] + [-1] * (L - n_n))
+            edge_index, edge_mask = self._graph(n_n)
+            cols["edge_index"].append(edge_index)
+            cols["edge_mask"].append(edge_mask)
             params = state.num_params()
-            glob[i] = torch.tensor(feats.global_row(
+            cols["glob"].append(feats.global_row(
                 epoch=row.epoch, max_epochs=self.max_epochs, metrics=m, history=row.evals,
                 n_classes=ctx.task.n_classes, params=params, params0=row.params0, flops=m.get("flops", 0.0),
                 flops0=row.flops0, state=state, fossilized=row.fossilized, germinated=row.germinated,
                 rollbacks=row.rollbacks, max_rollbacks=self.governor.max_rollbacks))
-            context[i] = row.context
+            cols["context"].append(row.context)
             for k, v in (("val_accuracy", m["val_accuracy"]), ("val_loss", m["val_loss"]),
                          ("train_loss", m.get("train_loss", float("nan"))), ("params", float(params)),
                          ("param_ratio", params / row.params0), ("epoch", float(row.epoch)),
                          ("rollbacks", float(row.rollbacks))):
-                mvals[k][i] = v
+                mvals[k].append(v)
             self._mask[i] = self._row_mask(row)
         mask = self._mask.clone()
         self.action_spec.update_mask(mask)
+        f32, i64, b8 = torch.float32, torch.int64, torch.bool
         return TensorDict(
-            {"slot_features": slot_f, "slot_mask": slot_mask, "slot_blueprint": slot_bp, "node_features": node_f,
-             "node_mask": node_mask, "node_slot": node_slot, "edge_index": edge_index, "edge_mask": edge_mask,
-             "global_features": glob, "action_mask": mask, "context": context,
-             "metrics": TensorDict(mvals, batch_size=[N])},
+            {"slot_features": torch.tensor(cols["slot_f"], dtype=f32),
+             "slot_mask": torch.tensor(cols["slot_mask"], dtype=b8),
+             "slot_blueprint": torch.tensor(cols["slot_bp"], dtype=i64),
+             "node_features": torch.tensor(cols["node_f"], dtype=f32),
+             "node_mask": torch.tensor(cols["node_mask"], dtype=b8),
+             "node_slot": torch.tensor(cols["node_slot"], dtype=i64),
+             "edge_index": torch.tensor(cols["edge_index"], dtype=i64),
+             "edge_mask": torch.tensor(cols["edge_mask"], dtype=b8),
+             "global_features": torch.tensor(cols["glob"], dtype=f32),
+             "action_mask": mask,
+             "context": torch.tensor(cols["context"], dtype=i64),
+             "metrics": TensorDict({k: torch.tensor(v, dtype=f32) for k, v in mvals.items()}, batch_size=[N])},
             batch_size=[N],
         )
 
@@ -557,6 +568,24 @@ class MorphogenesisEnv(EnvBase):
         state = row.state
         if row.done:
             return row_mask(self.action_space, (), {}, advance=False, prunable=None, room=None, param_cost={})
+        stages = tuple(state.slots["stage"].tolist())
+        key = None
+        if not _GATED.intersection(stages):
+            # No slot is where a gate reads epochs or telemetry: the mask is a function of the structure
+            # (host, blueprints, shapes: hence the parameter count) and the stages alone.
+            key = (ef.structure(state), stages, row.params0)
+            cached = self._mask_cache.get(key)
+            if cached is not None:
+                return cached
+        mask = self._compute_mask(row)
+        if key is not None:
+            if len(self._mask_cache) > 4096:
+                self._mask_cache.clear()
+            self._mask_cache[key] = mask
+        return mask
+
+    def _compute_mask(self, row: _Row) -> torch.Tensor:
+        state = row.state
         legal = ef.legal_actions(state, gates=self.gates, telemetry=row.metrics)
         prunable = None
         if self.lifecycle == "auto":

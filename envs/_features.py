@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
-from torch import Tensor
-
 from esper_fn import _blueprint as bpm
 from esper_fn._host import SlotSpec
 from esper_fn._lifecycle import LIVE_STAGES, Stage
@@ -148,8 +145,8 @@ def _layer_row(state: State, spec: SlotSpec) -> list[float]:
     scales = []
     for k, v in state.params_flat.items():
         if k[0] == "host" and k[1:1 + n] == prefix and k[-1] == "weight" and v.dim() >= 2:
-            fan_in = v[0].numel()
-            scales.append(float(v.detach().pow(2).mean().sqrt()) * math.sqrt(fan_in))
+            # rms(W) * sqrt(fan_in) = ||W|| * sqrt(fan_in / numel) = ||W|| / sqrt(out)
+            scales.append(float(v.detach().norm()) / math.sqrt(v.shape[0]))
     scale = sum(scales) / len(scales) if scales else 0.0
     ltype = [0.0] * len(LAYER_TYPES)
     t = spec.layer_type if spec.layer_type in LAYER_TYPES else "other"
@@ -237,9 +234,3 @@ def global_row(*, epoch: int, max_epochs: int, metrics: Mapping[str, float], his
     ]
 
 
-def as_tensor(rows: list[list[float]], n: int, f: int) -> Tensor:
-    """Rows padded with zeros to [n, f] float32."""
-    out = torch.zeros(n, f, dtype=torch.float32)
-    if rows:
-        out[: len(rows)] = torch.tensor(rows, dtype=torch.float32)
-    return out
