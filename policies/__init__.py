@@ -1,5 +1,58 @@
-"""Controllers (installed as ``esper_fn.policies``): the GNN actor-critic and its PPO wiring land here.
+"""Controllers (installed as ``esper_fn.policies``): Tamiyo, baselines, PPO, evaluation.
 
-The non-RL baselines (static, fixed schedule, plateau heuristic) live in `esper_fn.controllers`,
-because the core grow loop uses them.
+* Tamiyo (`make_tamiyo`, `save_tamiyo`, `load_tamiyo`): a torch_geometric GATv2 actor-critic over
+  the env's layer/slot graph with a masked categorical over the flat action space, a value
+  ensemble (uncertainty) and a safety head. docs/tamiyo.md.
+* Baselines as TorchRL policies (`make_baseline`: static, random, schedule, heuristic).
+* PPO (`PPOConfig`, `train_ppo`), evaluation (`evaluate_controllers`), offline rollouts
+  (`save_rollouts`, `load_rollouts`).
+
+This package never imports `esper_fn.envs`: everything env-specific (specs, action layout, feature
+names, env factories) comes in as arguments. Public names load on first use (PEP 562), so
+``import esper_fn.policies.cli`` stays cheap for the ``esper-fn`` command.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "OBS_KEYS": "._tamiyo",
+    "TamiyoConfig": "._tamiyo",
+    "TamiyoError": "._tamiyo",
+    "make_tamiyo": "._tamiyo",
+    "save_tamiyo": "._tamiyo",
+    "load_tamiyo": "._tamiyo",
+    "TamiyoTrunk": "._net",
+    "TamiyoHead": "._net",
+    "dense_to_pyg": "._net",
+    "Layout": "._baselines",
+    "StaticPolicy": "._baselines",
+    "RandomPolicy": "._baselines",
+    "SchedulePolicy": "._baselines",
+    "HeuristicPolicy": "._baselines",
+    "make_baseline": "._baselines",
+    "PPOConfig": "._ppo",
+    "train_ppo": "._ppo",
+    "harm_labels": "._ppo",
+    "evaluate_controllers": "._eval",
+    "run_episodes": "._eval",
+    "summarize": "._eval",
+    "save_rollouts": "._offline",
+    "load_rollouts": "._offline",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,388 @@
+"""PPO for Tamiyo: TorchRL `Collector` over the batched env, GAE on [N, T] recomputed every epoch,
+`ClipPPOLoss` with the action mask in the batch, minibatched epochs, gradient clipping, a linear LR
+schedule, and two auxiliary losses (the value ensemble and the safety head).
+
+`train_ppo` is the library form of ``examples/train_tamiyo_ppo.py`` (which spells the same loop
+out top to bottom). It never imports the env: it receives a factory.
+
+Reproducibility: every batch is whole episodes (``frames_per_batch = N * max_epochs``), so after
+iteration j each row has played j episodes and the env seeded ``seed + j * N`` continues the same
+run-seed enumeration (docs/env.md). A checkpoint holds the weights, the optimizer state, the
+global torch RNG (action sampling) and the minibatch generator; resuming from iteration j
+reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDictBase
+
+with warnings.catch_warnings():
+    # torchrl 0.14.1 warns about its own VanillaWeightUpdater while importing torchrl.collectors.
+    warnings.filterwarnings("ignore", message=r".*WeightUpdaterBase is deprecated.*", category=DeprecationWarning)
+    from torchrl.collectors import Collector
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+from torchrl.record import CSVLogger
+
+from esper_fn._errors import ConfigError
+from esper_fn.checkpoint import CheckpointManager
+
+from ._baselines import Layout
+from ._tamiyo import build_tamiyo, config_from_specs, load_into, parameters, save_tamiyo, tamiyo_tensors
+
+__all__ = ["PPOConfig", "action_stats", "harm_labels", "train_ppo"]
+
+
+class PPOConfig(BaseModel):
+    """Hyperparameters of `train_ppo` (defaults: CleanRL's PPO, adapted to short episodes).
+
+    Attributes:
+        seed: seeds the env enumeration, the network init and action sampling.
+        iterations: collector batches; each batch is ``N * max_epochs`` frames (whole episodes).
+        ppo_epochs: passes over each batch.
+        minibatch_size: frames per gradient step.
+        lr: Adam learning rate (annealed linearly to 0 when `anneal_lr`).
+        anneal_lr: linear LR decay over the iterations.
+        gamma, lmbda: GAE discount and lambda.
+        clip_epsilon: PPO ratio clip.
+        entropy_coeff: entropy bonus weight.
+        critic_coeff: weight of the critic loss (on the ensemble mean).
+        ensemble_coeff: weight of the per-head value loss (each head regresses the target on a
+            bootstrap half of the batch, so the heads disagree where data are thin).
+        safety_coeff: weight of the safety head's binary cross-entropy.
+        max_grad_norm: gradient clipping.
+        reward_scale: rewards are multiplied by this before GAE.
+        harm_drop: a non-WAIT action after which validation accuracy drops by more than this is
+            labelled harmful (as are rollbacks and fossilizing a seed of negative contribution).
+        checkpoint_every: iterations between checkpoints (the last iteration is always saved).
+        tamiyo: `TamiyoConfig` architecture fields (hidden, heads, layers, value_heads, dropout).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    iterations: int = Field(default=50, ge=1)
+    ppo_epochs: int = Field(default=4, ge=1)
+    minibatch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    anneal_lr: bool = True
+    gamma: float = Field(default=0.99, gt=0, le=1)
+    lmbda: float = Field(default=0.95, ge=0, le=1)
+    clip_epsilon: float = Field(default=0.2, gt=0)
+    entropy_coeff: float = Field(default=0.01, ge=0)
+    critic_coeff: float = Field(default=0.5, ge=0)
+    ensemble_coeff: float = Field(default=0.5, ge=0)
+    safety_coeff: float = Field(default=0.1, ge=0)
+    max_grad_norm: float = Field(default=0.5, gt=0)
+    reward_scale: float = Field(default=1.0, gt=0)
+    harm_drop: float = Field(default=0.05, ge=0)
+    checkpoint_every: int = Field(default=5, ge=1)
+    tamiyo: dict[str, Any] = Field(default_factory=dict)
+
+
+def harm_labels(batch: TensorDictBase, layout: Layout, *, drop: float = 0.05) -> torch.Tensor:
+    """Safety-head targets: 1.0 where the step's action was harmful, else 0.0.
+
+    Harmful: the governor rolled the step back (``metrics/rollbacks`` rose), or the action fossilized
+    a seed whose measured contribution was negative, or a non-WAIT action was followed by a
+    validation-accuracy drop of more than `drop`.
+
+    Args:
+        batch: transitions with ``"action"`` [*B], ``"slot_features"`` [*B, S, F], ``"metrics"`` and
+            ``("next", "metrics")``.
+        layout: the env's layout (feature names and action layout).
+        drop: the accuracy drop counted as harm.
+
+    Returns:
+        float32 [*B].
+    """
+    action = batch["action"]
+    S = batch["slot_mask"].shape[-1]
+    rolled = batch["next", "metrics", "rollbacks"] > batch["metrics", "rollbacks"]
+    fossil0 = layout.op(S, "fossilize", 0)
+    is_fossil = (action >= fossil0) & (action < fossil0 + S)
+    slot = (action - fossil0).clamp(0, S - 1)
+    contrib = batch["slot_features"][..., layout.sf("contribution")].gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+    fell = (batch["next", "metrics", "val_accuracy"] - batch["metrics", "val_accuracy"]) < -drop
+    return (rolled | (is_fossil & (contrib < 0)) | ((action != 0) & fell)).float()
+
+
+def action_stats(batch: TensorDictBase, layout: Layout, slot_names: list[str] | None = None) -> dict[str, float]:
+    """Action frequencies of a batch: per op, per slot and per blueprint (germinations), and the
+    fossilize / prune rates (per germination, overall and per blueprint).
+
+    Returns:
+        ``{"ops/<op>": fraction of frames, "slot/<s>": germinations at slot s / germinations,
+        "blueprint/<name>": germinations of it / germinations, "fossilize_rate", "prune_rate",
+        "fossilize_rate/<name>", "prune_rate/<name>"}`` (a rate is verdicts / germinations).
+    """
+    a = batch["action"].reshape(-1).tolist()
+    S = batch["slot_mask"].shape[-1]
+    seed_bp = batch["slot_blueprint"].reshape(len(a), S).tolist()
+    B, T = len(layout.blueprints), len(layout.tempos)
+    names = [b.split("@")[0] for b in layout.blueprints]
+    ops, slots, bps, verdict = Counter(), Counter(), Counter(), Counter()
+    for i, x in enumerate(a):
+        if x == 0:
+            ops["wait"] += 1
+        elif x <= S * B * T:
+            ops["germinate"] += 1
+            s, b = divmod((x - 1) // T, B)
+            slots[s] += 1
+            bps[names[b]] += 1
+        else:
+            which, s = divmod(x - 1 - S * B * T, S)
+            op = ("advance", "fossilize", "prune")[which]
+            ops[op] += 1
+            b = seed_bp[i][s]
+            if op != "advance" and b < B:
+                verdict[(op, names[b])] += 1
+    n, g = max(len(a), 1), max(ops["germinate"], 1)
+    out = {f"ops/{k}": ops[k] / n for k in ("wait", "germinate", "advance", "fossilize", "prune")}
+    for s in range(S):
+        out[f"slot/{slot_names[s] if slot_names and s < len(slot_names) else s}"] = slots[s] / g
+    for name, c in bps.items():
+        out[f"blueprint/{name}"] = c / g
+        out[f"fossilize_rate/{name}"] = verdict[("fossilize", name)] / c
+        out[f"prune_rate/{name}"] = verdict[("prune", name)] / c
+    out["fossilize_rate"] = ops["fossilize"] / g
+    out["prune_rate"] = ops["prune"] / g
+    return out
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim/{i}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim/"):
+            _, i, k = key.split("/", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _explained_variance(value: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float(1 - (target - value).var() / var) if var > 0 else float("nan")
+
+
+class _Loggers:
+    """torchrl's CSVLogger, plus TensorboardLogger when tensorboard is installed."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.loggers = [CSVLogger("ppo", log_dir=str(out / "logs"))]
+        if tensorboard:
+            try:
+                from torchrl.record.loggers.tensorboard import TensorboardLogger, _has_tb
+            except ImportError:  # torchrl without the tensorboard module: CSV only
+                _has_tb = False
+            if _has_tb:
+                self.loggers.append(TensorboardLogger("ppo", log_dir=str(out / "tb")))
+
+    def log(self, scalars: Mapping[str, float], step: int) -> None:
+        for lg in self.loggers:
+            for k, v in scalars.items():
+                lg.log_scalar(k, float(v), step=step)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            files = getattr(lg.experiment, "files", None)
+            if files:
+                for f in files.values():
+                    f.close()
+                files.clear()
+            if hasattr(lg.experiment, "close"):
+                lg.experiment.close()
+
+
+def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, layout: Layout, *,
+              resume: bool = False, progress: bool = True, tensorboard: bool = True,
+              metadata: Mapping[str, Any] | None = None,
+              on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train Tamiyo with PPO.
+
+    Args:
+        make_env: builds the batched env (``MorphogenesisEnv(...)``); its ``batch_size`` [N] and
+            ``max_epochs`` fix the batch: ``N * max_epochs`` frames of whole episodes.
+        config: hyperparameters.
+        out: run directory: ``logs/ppo/scalars/*.csv`` (and ``tb/`` with tensorboard),
+            ``checkpoints/step_*`` (`esper_fn.checkpoint.CheckpointManager`: weights, optimizer,
+            RNG states), ``tamiyo.safetensors`` (the final policy, `load_tamiyo`), ``history.jsonl``.
+        layout: the env's `Layout` (feature names for the safety labels, action layout for the
+            action statistics).
+        resume: continue from the latest checkpoint in ``out/checkpoints`` (bit-identical).
+        progress: show a tqdm bar.
+        tensorboard: also log to TensorBoard when it is installed.
+        metadata: JSON extras stored with the final weights (e.g. the command line).
+        on_iteration: called with (iteration, scalars) after every iteration.
+
+    Returns:
+        A summary: iterations run, frames, wall seconds, the last iteration's scalars, the weights
+        path.
+
+    Raises:
+        ConfigError: the env is not batched with a ``max_epochs`` budget.
+        CheckpointError: ``resume`` with a corrupt checkpoint.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = CheckpointManager(out / "checkpoints", max_to_keep=2)
+    start = 0
+    saved = None
+    if resume and ckpts.latest_step() is not None:
+        saved = ckpts.restore()
+        start = int(saved[1]["iteration"])
+        if saved[1]["config"] != json.loads(config.model_dump_json()):
+            raise ConfigError(f"--resume with a different PPO config than the checkpoint in {out} "
+                              f"(saved: {saved[1]['config']}).")
+    with torch.random.fork_rng():  # action sampling uses the global RNG; keep the caller's untouched
+        torch.manual_seed(config.seed)
+        env = make_env()
+        if len(env.batch_size) != 1 or not hasattr(env, "max_epochs"):
+            raise ConfigError("train_ppo needs a batched env with batch_size [N] and a max_epochs budget.")
+        N, T = int(env.batch_size[0]), int(env.max_epochs)
+        tconf = config_from_specs(env.observation_spec, env.action_spec, blueprints=layout.blueprints,
+                                  tempos=layout.tempos, **config.tamiyo)
+        actor, critic, _ = build_tamiyo(tconf, env.action_spec)
+        actor.tamiyo_config = tconf
+        params = parameters(actor, critic)
+        opt = torch.optim.Adam(params, lr=config.lr, eps=1e-5)
+        shuffle = torch.Generator().manual_seed(config.seed + 1)
+        if saved is not None:
+            load_into(actor, critic, {k[len("model/"):]: v for k, v in saved[0].items() if k.startswith("model/")},
+                      where=str(ckpts.directory))
+            _load_optimizer(opt, saved[0], saved[1]["optimizer"])
+        env.set_seed(config.seed + start * N)  # whole episodes per batch: the enumeration continues
+        collector = Collector(env, actor, frames_per_batch=N * T, total_frames=N * T * (config.iterations - start),
+                              auto_register_policy_transforms=False, trust_policy=True)
+        if saved is not None:  # after the collector's first reset, as in the uninterrupted run
+            torch.set_rng_state(saved[0]["rng/torch"])
+            shuffle.set_state(saved[0]["rng/shuffle"])
+        return _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress,
+                     tensorboard, metadata, on_iteration)
+
+
+def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress, tensorboard,
+          metadata, on_iteration):
+    iterations = config.iterations
+    gae = GAE(gamma=config.gamma, lmbda=config.lmbda, value_network=critic, deactivate_vmap=True)
+    loss_module = ClipPPOLoss(actor, critic, clip_epsilon=config.clip_epsilon, entropy_coeff=config.entropy_coeff,
+                              critic_coeff=config.critic_coeff, loss_critic_type="l2", normalize_advantage=True)
+    params = parameters(actor, critic)
+    common, head = actor.module[0], actor.module[1]  # GATv2 trunk, logits/harm head (TensorDictModules)
+    loggers = _Loggers(out, tensorboard)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=start, desc="train-tamiyo", unit="it")
+    t0 = t_prev = time.perf_counter()
+    last: dict[str, float] = {}
+    history = (out / "history.jsonl").open("a")
+    try:
+        for it, data in enumerate(collector, start=start):
+            seconds_collect = time.perf_counter() - t_prev
+            if config.anneal_lr:
+                for g in opt.param_groups:
+                    g["lr"] = config.lr * (1 - it / iterations)
+            data.set(("next", "reward"), data["next", "reward"] * config.reward_scale)
+            harm = harm_labels(data, layout, drop=config.harm_drop)
+            boot = torch.rand(data.shape + (actor.tamiyo_config.value_heads,), generator=shuffle) < 0.5
+            stats: dict[str, list[float]] = {}
+            for _ in range(config.ppo_epochs):
+                with torch.no_grad():
+                    gae(data)  # on the [N, T] batch, with the current critic
+                flat, fharm, fboot = data.reshape(-1), harm.reshape(-1), boot.reshape(-1, boot.shape[-1])
+                perm = torch.randperm(flat.shape[0], generator=shuffle)
+                for idx in perm.split(config.minibatch_size):
+                    mb = flat[idx]
+                    lt = loss_module(mb)
+                    again = head(common(mb.select(*common.in_keys).clone()))  # for the auxiliary losses
+                    heads = again["value_ensemble"]
+                    target = mb["value_target"].expand_as(heads)
+                    w = fboot[idx].float()
+                    ens = ((heads - target).pow(2) * w).sum() / w.sum().clamp_min(1)
+                    harm_logit = again["harm_logits"].gather(-1, mb["action"].unsqueeze(-1)).squeeze(-1)
+                    safety = torch.nn.functional.binary_cross_entropy_with_logits(harm_logit, fharm[idx])
+                    loss = (lt["loss_objective"] + lt["loss_critic"] + lt["loss_entropy"]
+                            + config.ensemble_coeff * ens + config.safety_coeff * safety)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    gn = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    opt.step()
+                    for k, v in (("loss/objective", lt["loss_objective"]), ("loss/critic", lt["loss_critic"]),
+                                 ("loss/entropy", lt["loss_entropy"]), ("loss/ensemble", ens),
+                                 ("loss/safety", safety), ("entropy", lt["entropy"]), ("approx_kl", lt["kl_approx"]),
+                                 ("clip_fraction", lt["clip_fraction"]), ("grad_norm", gn)):
+                        stats.setdefault(k, []).append(float(v.detach().mean()))
+            with torch.no_grad():
+                gae(data)
+            done = data["next", "done"].squeeze(-1)
+            scalars = {k: sum(v) / len(v) for k, v in stats.items()}
+            scalars.update({
+                "explained_variance": _explained_variance(data["state_value"].flatten(), data["value_target"].flatten()),
+                "episode_return": float(data["next", "reward"].sum() / max(int(done.sum()), 1)) / config.reward_scale,
+                "final_val_accuracy": float(data["next", "metrics", "val_accuracy"][done].mean()),
+                "final_param_ratio": float(data["next", "metrics", "param_ratio"][done].mean()),
+                "value_uncertainty": float(data["value_uncertainty"].mean()),
+                "harm_rate": float(harm.mean()),
+                "lr": opt.param_groups[0]["lr"],
+                "frames": float((it + 1) * N * T),
+                "seconds_collect": seconds_collect,
+                "seconds_iteration": time.perf_counter() - t_prev,
+                "seconds_total": time.perf_counter() - t0,
+            })
+            scalars.update(action_stats(data, layout))
+            loggers.log(scalars, it + 1)
+            history.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
+            history.flush()
+            last = scalars
+            if on_iteration is not None:
+                on_iteration(it + 1, scalars)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(ret=f"{scalars['episode_return']:.3f}", acc=f"{scalars['final_val_accuracy']:.3f}",
+                                ev=f"{scalars['explained_variance']:.2f}", ent=f"{scalars['entropy']:.2f}")
+            if (it + 1) % config.checkpoint_every == 0 or it + 1 == iterations:
+                _checkpoint(ckpts, it + 1, actor, critic, opt, shuffle, config)
+            t_prev = time.perf_counter()
+    finally:
+        collector.shutdown()
+        loggers.close()
+        history.close()
+        if bar is not None:
+            bar.close()
+    weights = save_tamiyo(out / "tamiyo.safetensors", actor, critic,
+                          metadata={**dict(metadata or {}), "ppo": json.loads(config.model_dump_json()),
+                                    "iterations": iterations})
+    return {"iterations": iterations, "frames": iterations * N * T, "last": last, "weights": str(weights)}
+
+
+def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config) -> None:
+    tensors = {f"model/{k}": v for k, v in tamiyo_tensors(actor, critic).items()}
+    opt_t, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_t)
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/shuffle"] = shuffle.get_state()
+    ckpts.save(it, tensors, {"iteration": it, "config": json.loads(config.model_dump_json()),
+                             "optimizer": json.loads(json.dumps(opt_meta)),
+                             "tamiyo": json.loads(actor.tamiyo_config.model_dump_json())}, overwrite=True)
+
