@@ -27,7 +27,7 @@ from esper_fn._host import Host
 from esper_fn._lifecycle import CURVES, LIVE_STAGES, GateConfig, Op, Stage
 from esper_fn._state import State
 from esper_fn.controllers import Observation
-from esper_fn.run import GovernorConfig, governor_verdict
+from esper_fn.run import GovernorConfig, governor_verdict, rng_streams
 from esper_fn.tasks import Task, load
 from esper_fn.training import TrainConfig, telemetry, train_epochs
 
@@ -61,13 +61,7 @@ def run_streams(run_seed: int) -> RunStreams:
     """The generators `esper_fn.run.grow` uses for run seed `run_seed` (`esper_fn.run.rng_streams`),
     so that an env row and ``esper-fn grow --seed run_seed`` draw the same host init, data order and
     seed init."""
-    from esper_fn import run
-
-    streams = getattr(run, "rng_streams", None)
-    if streams is None:  # a core whose grow drives everything from one generator
-        g = torch.Generator().manual_seed(run_seed)
-        return RunStreams(g, g, g)
-    s = streams(run_seed)
+    s = rng_streams(run_seed)
     return RunStreams(s["host"], s["data"], s["seeds"])
 
 
@@ -105,12 +99,7 @@ def _subset(task: Task, subset: Mapping[str, int] | None) -> Task:
 def _build_host(name: str | Host, task: Task) -> Host:
     if isinstance(name, Host):
         return name
-    preset = getattr(_host, "preset", None)
-    if preset is not None:
-        return preset(name, input_shape=task.input_shape, n_classes=task.n_classes)
-    if name not in _host.HOST_PRESETS:
-        raise ConfigError(f"unknown host {name!r}; presets are {sorted(_host.HOST_PRESETS)}.")
-    return _host.HOST_PRESETS[name]()
+    return _host.preset(name, input_shape=task.input_shape, n_classes=task.n_classes)
 
 
 def _blueprint_id(name: str) -> str:

@@ -13,7 +13,7 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from esper_fn import GateConfig, hosts
+from esper_fn import GateConfig
 from esper_fn.envs import MorphogenesisEnv, ray_collector
 
 # Ray workers cannot import this test module: ship its functions and classes by value.
@@ -26,7 +26,7 @@ class MaskedUniform(nn.Module):
 
 
 def spirals_env(num_envs: int, max_epochs: int) -> MorphogenesisEnv:
-    return MorphogenesisEnv(task="spirals", host=hosts.mlp((2, 16, 2)), num_envs=num_envs, max_epochs=max_epochs,
+    return MorphogenesisEnv(task="spirals", host="mlp-impaired", num_envs=num_envs, max_epochs=max_epochs,
                             subset={"train": 100, "val": 100}, blueprints=("mlp_gelu", "lora_r4"), tempos=(1,),
                             gates=GateConfig(min_training_epochs=0))
 

@@ -12,7 +12,6 @@ from torch import nn
 from torchrl.envs import ActionMask, Compose, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs
 
-import esper_fn as ef
 from esper_fn import GateConfig, hosts
 from esper_fn.envs import MorphogenesisEnv
 
@@ -54,9 +53,12 @@ def test_check_env_specs_on_every_preset(host, num_envs):
 
 @pytest.mark.parametrize("num_envs", [1, 4])
 def test_check_env_specs_mixed_contexts(num_envs):
-    contexts = [("mnist1d", "mlp-impaired"), ("mnist1d", "cnn-impaired"), ("mnist1d", "transformer-small")]
+    contexts = [("mnist1d", "mlp-impaired"), ("mnist1d", "cnn-impaired"), ("mnist1d", "transformer-small"),
+                ("digits", "mlp-impaired"), ("spirals", "mlp-impaired-deep")]
     env = make_env(num_envs, contexts=contexts, task=None, host=None, seed=1)
     check_env_specs(env, seed=0)
+    td = env.rollout(2, masked_policy())
+    assert td["global_features"].isfinite().all() and td["next", "reward"].isfinite().all()
 
 
 def test_step_counter_and_reward_sum():
@@ -82,8 +84,8 @@ def test_collector_resets_finished_rows():
 
 
 def spirals_env(num_envs: int = 2, max_epochs: int = 2) -> MorphogenesisEnv:
-    """A cheap env for worker processes: no MNIST-1D generation, a 2-16-2 MLP on two spirals."""
-    return MorphogenesisEnv(task="spirals", host=ef.hosts.mlp((2, 16, 2)), num_envs=num_envs, max_epochs=max_epochs,
+    """A cheap env for worker processes: no MNIST-1D generation, the impaired MLP (2-16-2) on two spirals."""
+    return MorphogenesisEnv(task="spirals", host="mlp-impaired", num_envs=num_envs, max_epochs=max_epochs,
                             subset=SMALL, blueprints=("mlp_gelu", "lora_r4"), tempos=(1,),
                             gates=GateConfig(min_training_epochs=0))
 
