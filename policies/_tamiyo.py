@@ -53,6 +53,8 @@ class TamiyoConfig(BaseModel):
         dropout: MLP dropout.
         safety_bias: decision-time penalty ``safety_bias * P(harm)`` on non-WAIT logits (0: off).
         uncertainty_bias: decision-time bonus ``uncertainty_bias * value_std`` on WAIT (0: off).
+        wait_bias: initial bias of the WAIT logit (init only; ln(k) makes WAIT as likely as k
+            other actions together at the start of training).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,6 +70,7 @@ class TamiyoConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     safety_bias: float = Field(default=0.0, ge=0)
     uncertainty_bias: float = Field(default=0.0, ge=0)
+    wait_bias: float = 0.0
 
 
 def config_from_specs(observation_spec, action_spec, *, blueprints, tempos, **kwargs) -> TamiyoConfig:
@@ -109,6 +112,8 @@ def build_tamiyo(config: TamiyoConfig, action_spec=None) -> tuple[ProbabilisticA
     trunk = TamiyoTrunk(config.node_dim, config.global_dim, B, hidden=config.hidden, heads=config.heads,
                         layers=config.layers, value_heads=config.value_heads, dropout=config.dropout)
     head = TamiyoHead(config.hidden, B, T, safety_bias=config.safety_bias, uncertainty_bias=config.uncertainty_bias)
+    with torch.no_grad():
+        head.wait[-1].bias[0] += config.wait_bias
     hidden_keys = [("tamiyo", "graph"), ("tamiyo", "slots"), "value_ensemble"]
     common = TensorDictModule(trunk, in_keys=list(OBS_KEYS), out_keys=hidden_keys)
     policy_head = TensorDictModule(head, in_keys=hidden_keys, out_keys=["logits", "harm_logits", "value_uncertainty"])
