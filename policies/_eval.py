@@ -135,13 +135,13 @@ def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *
                 if op != "ADVANCE":
                     counts[i]["fossilized" if op == "FOSSILIZE" else "pruned"] += 1
                 decisions[i].append(f"{epoch}:{op}:{slot_names[i][s]}:{names[b] if b < B else '-'}")
-        for i in range(N):
-            if i not in finished:
-                compute[i] += 3.0 * flops_per_sample(env.state(i), example[i]) * n_train[i] / 1e9
         td = env.step(td)
         epoch += 1
         nxt = td["next"]
         done = nxt["done"].reshape(N).tolist()
+        for i in range(N):
+            if i not in finished:  # the network as it trained this epoch (after the action, before a reset)
+                compute[i] += 3.0 * flops_per_sample(env.state(i), example[i]) * n_train[i] / 1e9
         for i in range(N):
             if done[i] and i not in finished:
                 state = env.state(i)
