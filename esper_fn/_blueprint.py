@@ -159,6 +159,7 @@ _REGISTRY: dict[str, Blueprint] = {}
 
 def register(bp: Blueprint) -> Blueprint:
     """Add a blueprint to the catalogue; raises `BlueprintError` on a malformed or duplicate id."""
+    _catalogue()  # built-in ids first, so a clash with one is reported here
     if not isinstance(bp, Blueprint):
         raise BlueprintError(f"register: expected a Blueprint, got {type(bp).__name__}.")
     if bp.meta.mergeable and bp.merge is None:
@@ -169,8 +170,17 @@ def register(bp: Blueprint) -> Blueprint:
     return bp
 
 
+def _catalogue() -> None:
+    """Register the built-in catalogue on first use, whichever module asked first (importing
+    `esper_fn.blueprints` registers it; a user may import only `esper_fn._state`, say)."""
+    import importlib
+
+    importlib.import_module("esper_fn.blueprints")
+
+
 def registry() -> dict[str, Blueprint]:
     """All registered blueprints by id ("name@x.y.z"), in registration order."""
+    _catalogue()
     return dict(_REGISTRY)
 
 
@@ -197,6 +207,7 @@ def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = Non
         BlueprintError: unknown name or malformed id (listing close matches).
         CapabilityError: a required capability is absent and there is no fallback.
     """
+    _catalogue()
     if isinstance(blueprint, Blueprint):
         bp = blueprint
     else:

@@ -505,3 +505,17 @@ def test_wrap_orders_slots_as_the_forward_reaches_them_and_rejects_clashing_name
 
     with pytest.raises(ef.HostError, match="never ran"):
         ef.wrap(Unused(), x, slots=[nn.Linear])
+
+
+def test_private_imports_find_the_catalogue():
+    """Importing only a private core module (no `esper_fn.blueprints`) still resolves blueprint ids."""
+    import subprocess
+    import sys
+
+    code = ("from esper_fn._state import init, germinate; from esper_fn._host import mlp; "
+            "from esper_fn._apply import train_step; import torch; "
+            "s = germinate(init(mlp((40, 16, 10))), 'input', 'conv1d_k5'); "
+            "s, m = train_step(s, torch.randn(8, 40), torch.randint(0, 10, (8,))); print(s.blueprints[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "conv1d_k5@1.0.0"
