@@ -159,6 +159,10 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
           f"({seeds[0]}..{seeds[-1]}), {args.epochs} epochs")
     records = evaluate_controllers(make_env, controllers, seeds, layout, max_rows=args.num_envs,
                                    progress=not args.no_progress)
+    for path in args.merge or ():  # earlier runs of other controllers on the same seeds and env
+        from ._eval import read_csv
+
+        records = [r for r in read_csv(path) if r.seed in set(seeds) and r.controller not in controllers] + records
     report = summarize(records)
     print(report)
     (out / "summary.txt").write_text(report + "\n")
@@ -202,6 +206,7 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     e.add_argument("--seeds", default="1000000-1000009", help="held-out run seeds, e.g. 1000000-1000009")
     e.add_argument("--tune-seeds", help="training seeds to tune the baselines on first (validation accuracy)")
     e.add_argument("--params", help="JSON {baseline: {param: value}} (e.g. a previous baseline_params.json)")
+    e.add_argument("--merge", action="append", help="runs.csv of an earlier eval (same env and seeds) to include")
     e.add_argument("--safety-bias", type=float, default=0.0, help="Tamiyo: penalise risky actions (0: off)")
     e.add_argument("--uncertainty-bias", type=float, default=0.0, help="Tamiyo: favour WAIT when unsure (0: off)")
     e.add_argument("--threads", type=int, default=1)
