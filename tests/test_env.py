@@ -154,6 +154,17 @@ def test_full_lifecycle_waits_for_the_policy():
     assert env.state(0).stage("fc1") == Stage.TRAINING
 
 
+def test_rows_train_under_no_grad():
+    """Collectors step envs under torch.no_grad(); the env must still train its hosts."""
+    env = make(num_envs=1)
+    env.reset()
+    before = env.state(0).params_flat[("host", "fc1", "weight")].clone()
+    with torch.no_grad():
+        td = step(env, [0])
+    assert not torch.equal(env.state(0).params_flat[("host", "fc1", "weight")], before)
+    assert td["metrics", "train_loss"].isfinite().all()
+
+
 def test_episode_end_flags_and_stepping_a_done_row():
     env = make(max_epochs=2)
     env.reset()
