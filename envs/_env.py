@@ -366,7 +366,7 @@ class MorphogenesisEnv(EnvBase):
 
     def _apply(self, i: int, row: _Row, index: int) -> tuple[State, float]:
         """Apply row i's action; returns the new state and the contribution it fossilized."""
-        if not self._mask[i, index]:
+        if not 0 <= index < self.action_space.n or not self._mask[i, index]:
             a = self.action_space
             legal = self._mask[i].nonzero().flatten().tolist()
             raise IllegalActionError(
@@ -529,7 +529,7 @@ class MorphogenesisEnv(EnvBase):
                 rollbacks=row.rollbacks, max_rollbacks=self.governor.max_rollbacks))
             cols["context"].append(row.context)
             for k, v in (("val_accuracy", m["val_accuracy"]), ("val_loss", m["val_loss"]),
-                         ("train_loss", m.get("train_loss", float("nan"))), ("params", float(params)),
+                         ("train_loss", m.get("train_loss", m["val_loss"])), ("params", float(params)),
                          ("param_ratio", params / row.params0), ("epoch", float(row.epoch)),
                          ("rollbacks", float(row.rollbacks))):
                 mvals[k].append(v)
