@@ -364,17 +364,21 @@ class MorphogenesisEnv(EnvBase):
         with torch.enable_grad():
             return self._advance(actions)
 
-    def _apply(self, i: int, row: _Row, index: int) -> tuple[State, float]:
-        """Apply row i's action; returns the new state and the contribution it fossilized."""
-        if not 0 <= index < self.action_space.n or not self._mask[i, index]:
-            a = self.action_space
-            legal = self._mask[i].nonzero().flatten().tolist()
-            raise IllegalActionError(
-                f"row {i}: action {index} ({a.describe(index, row.state.slot_names) if 0 <= index < a.n else '?'}) "
-                f"is masked out (stage of the slots: "
-                f"{ {n: s.name for n, s in row.state.stages().items()} }, lifecycle={self.lifecycle!r}); "
-                f"{len(legal)} actions are legal now, e.g. {[a.describe(j, row.state.slot_names) for j in legal[:4]]}. "
-                "Sample from observation['action_mask'] (torchrl.modules.MaskedCategorical).")
+    def _check(self, i: int, row: _Row, index: int) -> None:
+        """Raise `IllegalActionError` unless `index` is in row i's current mask."""
+        if 0 <= index < self.action_space.n and self._mask[i, index]:
+            return
+        a = self.action_space
+        legal = self._mask[i].nonzero().flatten().tolist()
+        what = a.describe(index, row.state.slot_names) if 0 <= index < a.n else f"outside [0, {a.n})"
+        raise IllegalActionError(
+            f"row {i}: action {index} ({what}) is masked out (stage of the slots: "
+            f"{ {n: s.name for n, s in row.state.stages().items()} }, lifecycle={self.lifecycle!r}); "
+            f"{len(legal)} actions are legal now, e.g. {[a.describe(j, row.state.slot_names) for j in legal[:4]]}. "
+            "Sample from observation['action_mask'] (torchrl.modules.MaskedCategorical).")
+
+    def _apply(self, row: _Row, index: int) -> tuple[State, float]:
+        """Apply a checked action to a row; returns the new state and the contribution it fossilized."""
         act = self.action_space.decode(index)
         state, m = row.state, row.metrics
         if act.op == Op.WAIT:
@@ -395,15 +399,16 @@ class MorphogenesisEnv(EnvBase):
     def _advance(self, actions: list[int]) -> TensorDictBase:
         N = self.num_envs
         rows = [self._row(i) for i in range(N)]
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows):  # every check before any change: a refused step changes nothing
             if row.done:
                 raise EsperError(f"row {i} finished its episode; reset it before stepping (TorchRL does so "
                                  "through the '_reset' mask: use env.step_and_maybe_reset or a collector).")
+            self._check(i, row, actions[i])
         prev_acc = [r.metrics["val_accuracy"] for r in rows]
         prev_ratio = [r.state.num_params() / r.params0 for r in rows]
         before, fossil = [], []
         for i, row in enumerate(rows):
-            state, c = self._apply(i, row, actions[i])
+            state, c = self._apply(row, actions[i])
             fossil.append(c)
             before.append(ef.tick(state, gates=self.gates))
         results = train_epochs(before, [self.contexts[r.context].task for r in rows], self.train_config,

@@ -103,6 +103,12 @@ def test_illegal_action_raises_typed_error():
     with pytest.raises(IllegalActionError, match="masked out") as info:
         step(env, [0, fossilize])
     assert isinstance(info.value, ef.EsperError) and isinstance(info.value, ValueError)
+    germinate = env.action_space.encode(Op.GERMINATE, 0, "conv1d_k5", 5)
+    for bad in (-1, env.action_space.n, fossilize):
+        with pytest.raises(IllegalActionError):
+            step(env, [germinate, bad])
+    # A refused step changes nothing, not even the rows whose actions were legal.
+    assert env.state(0).stage("input") == Stage.DORMANT and env._rows[0].germinated == 0
 
 
 @pytest.mark.parametrize("lifecycle", ["auto", "full"])
