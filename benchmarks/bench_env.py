@@ -127,7 +127,7 @@ def main() -> None:
     for th in args.threads:
         torch.set_num_threads(th)
         peaks[th] = matmul_peak()
-    print(f"matmul peak (1024^3 float32): " + ", ".join(f"{th} thread(s) {v / 1e9:.1f} GFLOP/s"
+    print("matmul peak (1024^3 float32): " + ", ".join(f"{th} thread(s) {v / 1e9:.1f} GFLOP/s"
                                                          for th, v in peaks.items()))
     print(f"{'threads':>7} {'population':>10} {'N':>3} | {'batched ep/s':>12} {'SerialEnv ep/s':>14} "
           f"{'ratio':>6} | {'step s':>7} {'GFLOP/s':>8} {'% 1-core peak':>13}")
