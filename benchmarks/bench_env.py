@@ -26,7 +26,7 @@ from tensordict import TensorDict
 from torchrl.envs import SerialEnv
 
 from esper_fn import GateConfig
-from esper_fn._lifecycle import Op
+from esper_fn import Op
 from esper_fn.envs import MorphogenesisEnv
 from esper_fn.training import flops_per_sample
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from esper_fn import EsperError
-from esper_fn._lifecycle import Op
+from esper_fn import EsperError, Op
 
 __all__ = ["ActionSpace", "FlatAction", "IllegalActionError"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDictBase
 
-from esper_fn._lifecycle import Op
+from esper_fn import Op
 from esper_fn.controllers import Controller
 
 from ._actions import IllegalActionError

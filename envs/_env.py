@@ -20,12 +20,9 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 import esper_fn as ef
-from esper_fn import _blueprint as bpm
-from esper_fn import _host
-from esper_fn._errors import ConfigError, EsperError
-from esper_fn._host import Host
-from esper_fn._lifecycle import CURVES, LIVE_STAGES, GateConfig, Op, Stage
-from esper_fn._state import State
+from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host, Op, Stage, State
+from esper_fn import blueprints as bpm
+from esper_fn._lifecycle import LIVE_STAGES
 from esper_fn.controllers import Observation
 from esper_fn.run import GovernorConfig, governor_verdict, rng_streams
 from esper_fn.tasks import Task, load
@@ -99,7 +96,7 @@ def _subset(task: Task, subset: Mapping[str, int] | None) -> Task:
 def _build_host(name: str | Host, task: Task) -> Host:
     if isinstance(name, Host):
         return name
-    return _host.preset(name, input_shape=task.input_shape, n_classes=task.n_classes)
+    return ef.hosts.preset(name, input_shape=task.input_shape, n_classes=task.n_classes)
 
 
 def _blueprint_id(name: str) -> str:
@@ -258,7 +255,7 @@ class MorphogenesisEnv(EnvBase):
             raise ConfigError(f"blueprints must be distinct, got {list(ids)}.")
         probes = [ef.init(c.host, optimizer=self.optimizer, generator=torch.Generator().manual_seed(0))
                   for c in self.contexts]
-        self._specs0 = [p.host.slots(p._host_shapes()) for p in probes]
+        self._specs0 = [[p.spec(n) for n in p.slot_names] for p in probes]
         self.max_slots = max(len(s) for s in self._specs0)
         self.max_nodes = max(len(feats.graph_nodes(s)) for s in self._specs0)
         self.max_edges = max(2 * (self.max_nodes - 1), 1)
@@ -511,7 +508,7 @@ class MorphogenesisEnv(EnvBase):
             row = self._row(i)
             ctx = self.contexts[row.context]
             state, m = row.state, row.metrics
-            specs = state.host.slots(state._host_shapes())
+            specs = [state.spec(n) for n in state.slot_names]
             s_rows = feats.slot_rows(state, specs, m, row.params0)
             n_s = len(s_rows)
             cols["slot_f"].append(s_rows + [zs] * (S - n_s))

@@ -10,7 +10,7 @@ import torch
 from tensordict import TensorDict
 
 import esper_fn as ef
-from esper_fn._lifecycle import GateConfig, Op, Stage
+from esper_fn import GateConfig, Op, Stage
 from esper_fn.envs import (
     GLOBAL_FEATURES,
     NODE_FEATURES,
