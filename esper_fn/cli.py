@@ -14,10 +14,18 @@ from ._errors import EsperError
 __all__ = ["main"]
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+def _table(rows: list[list[str]], header: list[str], wrap: int = 72) -> str:
+    """A plain-text table; the last column wraps at `wrap` characters (continuation lines indented)."""
+    import textwrap
+
+    wrapped = []
+    for r in rows:
+        parts = textwrap.wrap(str(r[-1]), wrap) or [""]
+        wrapped.append(list(r[:-1]) + [parts[0]])
+        wrapped.extend([[""] * (len(r) - 1) + ["  " + p] for p in parts[1:]])
+    widths = [max(len(str(r[i])) for r in wrapped + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in wrapped])
 
 
 def _grow(args) -> int:
