@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, tuple[str, str | None]] = {
     "CURVES": ("._lifecycle", "CURVES"),
     "INCUBATION": ("._apply", "INCUBATION"),
+    "LIVE_STAGES": ("._lifecycle", "LIVE_STAGES"),
     "TRANSITIONS": ("._lifecycle", "TRANSITIONS"),
     "BlueprintError": ("._errors", "BlueprintError"),
     "CapabilityError": ("._errors", "CapabilityError"),

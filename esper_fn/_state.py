@@ -186,6 +186,10 @@ class State:
         """The slot's spec for the current host parameter shapes."""
         return self.host.slot(slot, self._host_shapes())
 
+    def slot_specs(self) -> tuple[SlotSpec, ...]:
+        """The spec of every slot, in `slot_names` order, for the current host parameter shapes."""
+        return self.host.slots(self._host_shapes())
+
     def _host_shapes(self) -> dict[str, tuple[int, ...]]:
         nb = len(self.batch)
         return {".".join(k[1:]): tuple(v.shape[nb:]) for k, v in self.params_flat.items() if k[0] == "host"}

@@ -254,3 +254,13 @@ def test_fossilize_on_stacked_hosts_matches_single_hosts():
         torch.testing.assert_close(ef.apply(a, x), ef.apply(b, x), rtol=1e-5, atol=1e-5)
     conv = ef.fossilize(ef.stack(_mixed_population()[4:] * 2), "input", force=True)  # not mergeable
     assert conv.host_stages("input") == (Stage.FOSSILIZED, Stage.FOSSILIZED)
+
+
+def test_slot_specs_follow_width_growth_and_live_stages_are_public():
+    s = ef.init(MLP)
+    assert [sp.name for sp in s.slot_specs()] == list(s.slot_names)
+    assert s.slot_specs()[1].shape == (16,)
+    grown = ef.germinate(s, "fc1", "width_k4", generator=torch.Generator().manual_seed(0))
+    grown = ef.fossilize(ef.advance(ef.advance(ef.advance(grown, "fc1"), "fc1"), "fc1", force=True), "fc1", force=True)
+    assert grown.slot_specs()[1].shape == (20,) and grown.slot_specs()[1] == grown.spec("fc1")
+    assert ef.LIVE_STAGES == frozenset({Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING})
