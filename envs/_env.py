@@ -20,9 +20,8 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 import esper_fn as ef
-from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host, Op, Stage, State
+from esper_fn import CURVES, LIVE_STAGES, ConfigError, EsperError, GateConfig, Host, Op, Stage, State
 from esper_fn import blueprints as bpm
-from esper_fn._lifecycle import LIVE_STAGES
 from esper_fn.controllers import Observation
 from esper_fn.run import GovernorConfig, governor_verdict, rng_streams
 from esper_fn.tasks import Task, load
@@ -255,7 +254,7 @@ class MorphogenesisEnv(EnvBase):
             raise ConfigError(f"blueprints must be distinct, got {list(ids)}.")
         probes = [ef.init(c.host, optimizer=self.optimizer, generator=torch.Generator().manual_seed(0))
                   for c in self.contexts]
-        self._specs0 = [[p.spec(n) for n in p.slot_names] for p in probes]
+        self._specs0 = [list(p.slot_specs()) for p in probes]
         self.max_slots = max(len(s) for s in self._specs0)
         self.max_nodes = max(len(feats.graph_nodes(s)) for s in self._specs0)
         self.max_edges = max(2 * (self.max_nodes - 1), 1)
@@ -502,7 +501,7 @@ class MorphogenesisEnv(EnvBase):
             row = self._row(i)
             ctx = self.contexts[row.context]
             state, m = row.state, row.metrics
-            specs = [state.spec(n) for n in state.slot_names]
+            specs = list(state.slot_specs())
             s_rows = feats.slot_rows(state, specs, m, row.params0)
             n_s = len(s_rows)
             cols["slot_f"].append(s_rows + [zs] * (S - n_s))

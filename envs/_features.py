@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from esper_fn import SlotSpec, Stage, State
+from esper_fn import LIVE_STAGES, SlotSpec, Stage, State
 from esper_fn import blueprints as bpm
-from esper_fn._lifecycle import LIVE_STAGES
 
 __all__ = ["GLOBAL_FEATURES", "LAYER_FEATURES", "NODE_FEATURES", "SLOT_FEATURES", "graph_edges"]
 
