@@ -69,3 +69,24 @@ __all__ = [
     "RunDirError",
     "TaskError",
 ]
+
+
+class LibraryError(EsperError, OSError):
+    """A seed library (`esper_fn.urza`) is missing, unreadable or corrupt: its index, or an artifact
+    whose size, SHA-256 or tensors differ from what the index recorded."""
+
+
+class SeedNotFoundError(LibraryError, LookupError):
+    """A seed library holds no entry with the requested id (or an id prefix matches several)."""
+
+
+class WarmStartError(GraftError):
+    """A stored seed cannot warm-start a slot: its blueprint differs or its tensors do not fit."""
+
+
+class CompileError(EsperError, RuntimeError):
+    """A train step could not be compiled (`esper_fn.tezzeret`), or a kernel was asked for outside
+    what it was compiled for."""
+
+
+__all__ += ["CompileError", "LibraryError", "SeedNotFoundError", "WarmStartError"]

@@ -256,11 +256,13 @@ def _set_slot(slots: TensorDict, i: int, **values) -> TensorDict:
 def germinate(
     state: State,
     slot: str,
-    blueprint: str | bpm.Blueprint,
+    blueprint: str | bpm.Blueprint | None = None,
     *,
     generator: torch.Generator | None = None,
     tempo: int = 5,
     curve: str = "linear",
+    from_library=None,
+    library=None,
 ) -> State:
     """Graft a new seed into a DORMANT slot. The network's function is unchanged (the delta is 0).
 
@@ -269,10 +271,16 @@ def germinate(
     Args:
         state: current state.
         slot: slot name.
-        blueprint: blueprint id ("lora@1.0.0"), bare name ("lora") or `Blueprint`.
-        generator: randomness for the seed's initial weights.
+        blueprint: blueprint id ("lora@1.0.0"), bare name ("lora") or `Blueprint`; may be omitted
+            with `from_library` (the stored seed's blueprint is used).
+        generator: randomness for the seed's initial weights (unused by a warm start).
         tempo: epochs the BLENDING alpha ramp will take (>= 1).
         curve: "linear", "cosine" or "sigmoid".
+        from_library: warm start: the id of a seed stored in `library` (or an
+            `esper_fn.urza.SeedArtifact`), whose trained weights replace the fresh draw. The seed still
+            enters the network at alpha 0 (GERMINATED and TRAINING leave the live output alone), so the
+            function is unchanged now; its weights matter once it blends in.
+        library: the `esper_fn.urza.Library` (or its directory) that holds `from_library`.
 
     On a stacked state every host gets the same initial seed weights (one draw, broadcast);
     germinate the hosts one by one before `stack` for independent draws.
@@ -281,6 +289,8 @@ def germinate(
         IllegalTransitionError: the slot is not DORMANT.
         BlueprintError: unknown blueprint, or it does not fit the slot.
         CapabilityError: the blueprint needs a capability this machine lacks (and has no fallback).
+        WarmStartError: the stored seed is another blueprint or its tensors do not fit the slot.
+        LibraryError: the stored seed's artifact is missing or corrupt (SeedNotFoundError: no such id).
 
     A blueprint whose capability is absent resolves to its fallback, and the state records the
     design that actually runs (``state.blueprints``). A `Blueprint` object that is not in the
@@ -288,6 +298,16 @@ def germinate(
     """
     i = state.index(slot)
     check_transition(slot, state.stage(slot), Op.GERMINATE)
+    artifact = None
+    if from_library is not None:
+        from . import urza
+
+        artifact = urza.resolve(from_library, library)
+        if blueprint is None:
+            blueprint = artifact.record.blueprint
+    elif blueprint is None:
+        raise bpm.BlueprintError(f"germinate: name a blueprint for slot {slot!r} (e.g. 'conv1d_k5'), or warm-start "
+                                 "from a stored seed with from_library=ID, library=PATH.")
     if isinstance(blueprint, bpm.Blueprint):
         bpm.register(blueprint)  # the state names its seeds by id; the id must resolve to this design
     bp = bpm.get(blueprint)
@@ -304,7 +324,10 @@ def germinate(
         raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
     if int(tempo) < 1:
         raise GraftError(f"tempo must be >= 1 epoch, got {tempo}.")
-    p, b = bp.init(spec, generator)
+    if artifact is not None:
+        p, b = urza.fit(artifact, bp, spec)
+    else:
+        p, b = bp.init(spec, generator)
     if state.batch:
         p = {k: v.expand(*state.batch, *v.shape).clone() for k, v in p.items()}
         b = {k: v.expand(*state.batch, *v.shape).clone() for k, v in b.items()}

@@ -1,4 +1,4 @@
-"""The `esper-fn` command: grow, report, blueprints.
+"""The `esper-fn` command: grow, report, blueprints, library.
 
 Importing this module imports no torch (`esper_fn/__init__` loads its names lazily), so ``--help``
 and argument errors answer at once; each subcommand imports what it needs when it runs.
@@ -33,7 +33,7 @@ def _grow(args) -> int:
 
     config = load_config(args.config, task=args.task, host=args.host, controller=args.controller, epochs=args.epochs,
                          seed=args.seed, lr=args.lr, param_budget=args.param_budget,
-                         param_budget_ratio=args.param_budget_ratio)
+                         param_budget_ratio=args.param_budget_ratio, library=args.library)
     out = args.out or f"runs/{config.host}-{config.controller}-s{config.seed}"
     print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
           f"seed {config.seed} -> {out}")
@@ -54,6 +54,12 @@ def _grow(args) -> int:
         rows.append(["STUCK AT CHANCE" if s.stuck_at_chance else "stuck at chance until later",
                      f"no validation accuracy above chance by epoch {s.stuck_at_chance_epoch}"
                      + ("; the run never learned" if s.stuck_at_chance else "")])
+    if config.library is not None:
+        from .urza import Library
+
+        stored = Library(config.library).records(run_id=s.run_id)
+        rows.append(["seeds stored in the library", f"{len(stored)} in {config.library}"
+                     + (f" ({', '.join(r.id for r in stored)})" if stored else "")])
     print(_table(rows, ["summary", ""]))
     print(f"run directory: {out}  (plot it: esper-fn report {out})")
     return 0
@@ -68,6 +74,8 @@ def _report(args) -> int:
 
 
 def _blueprints(args) -> int:
+    if args.measure:
+        return _blueprints_measure(args)
     from . import blueprints
 
     caps = blueprints.available_capabilities()
@@ -80,6 +88,68 @@ def _blueprints(args) -> int:
         rows.append([bid, ",".join(m.slot_kinds), "yes" if m.mergeable else "no", f"{m.risk_score:.2f}", need,
                      m.description])
     print(_table(rows, ["blueprint", "slots", "mergeable", "risk", "requires", "description"]))
+    return 0
+
+
+def _blueprints_measure(args) -> int:
+    from . import tezzeret
+
+    hosts = args.host or list(tezzeret.DEFAULT_HOSTS)
+    print(f"measuring every blueprint at every slot of {', '.join(hosts)} (batch {args.batch_size}, median of "
+          f"{args.repeats}; cached in {tezzeret.cache_path(args.cache_dir)})", file=sys.stderr)
+    table = tezzeret.characterise_catalogue(hosts, batch_size=args.batch_size, repeats=args.repeats,
+                                            refresh=args.refresh, cache_dir=args.cache_dir)
+    rows = [[c.blueprint, f"{c.host}:{c.slot} {list(c.slot_shape)}", str(c.param_delta), str(c.flop_delta),
+             str(c.flops_counted), f"{c.forward_ms:.3f}", f"{c.expected_latency_ms:.3f}", "yes" if c.cached else "no"]
+            for c in table]
+    print(_table(rows, ["blueprint", "slot", "param_delta", "flop_delta", "counted_flops", "forward_ms",
+                        "expected_latency_ms", "cached"]))
+    print("param_delta: trainable parameters the seed adds; flop_delta: the design's multiply-adds per sample "
+          "(declared); counted_flops: torch's FLOP counter on one sample's forward (matmuls and convolutions); "
+          "forward_ms / expected_latency_ms: median forward and train step (forward, backward, Adam) of the seed "
+          f"alone on a batch of {args.batch_size} at the slot, this machine, one thread.")
+    return 0
+
+
+def _library(args) -> int:
+    import json
+
+    from .urza import Library
+
+    lib = Library(args.path, create=False)
+    if args.library_cmd == "list":
+        recs = lib.records(blueprint=args.blueprint, task=args.task, host=args.host_name, run_id=args.run_id)
+        if args.json:
+            print(json.dumps([r.model_dump() for r in recs], indent=2))
+            return 0
+        rows = [[r.id, r.blueprint, f"{r.host}:{r.slot} {r.slot_shape}", r.task or "-", r.fate,
+                 "-" if r.contribution is None else f"{r.contribution:+.4f}", "-" if r.epochs is None else str(r.epochs),
+                 str(r.n_params), r.run_id or "-"] for r in recs]
+        print(_table(rows, ["id", "blueprint", "slot", "task", "fate", "contribution", "epochs", "params", "run"]))
+        print(f"{len(recs)} seed(s) in {lib.path}")
+        return 0
+    if args.library_cmd == "show":
+        rec = lib.get(args.id)
+        if args.verify:
+            lib.load(rec.id)  # raises LibraryError naming what is wrong
+        print(json.dumps(rec.model_dump(), indent=2))
+        if args.verify:
+            print(f"artifact verified: {lib.artifact_path(rec.sha256)}")
+        return 0
+    if args.library_cmd == "verify":
+        problems = lib.verify()
+        n = len(lib)
+        for pr in problems:
+            print(f"BAD {pr.id or '(no entry)'}: {pr.reason}")
+        bad = sum(pr.id is not None for pr in problems)
+        print(f"{n} entr{'y' if n == 1 else 'ies'} checked in {lib.path}: {n - bad} ok, {bad} bad, "
+              f"{len(problems) - bad} stray file(s)")
+        return 1 if problems else 0
+    report = lib.gc(drop_bad=args.drop_bad, dry_run=args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {len(report.orphans)} unreferenced artifact(s), {len(report.leftovers)} leftover temporary "
+          f"file(s), {len(report.dropped)} bad entr{'y' if len(report.dropped) == 1 else 'ies'}"
+          f"{' (' + ', '.join(report.dropped) + ')' if report.dropped else ''}; {report.freed_bytes} bytes")
     return 0
 
 
@@ -100,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="without --param-budget: at most RATIO x the host's parameters (default 1.3)")
     g.add_argument("--out", help="run directory (default runs/HOST-CONTROLLER-sSEED)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
+                                                     "(created if missing; see `esper-fn library`)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_grow)
     r = sub.add_parser("report", help="plot a run directory to a PNG")
@@ -107,7 +179,36 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
     r.set_defaults(fn=_report)
     b = sub.add_parser("blueprints", help="list the blueprint catalogue")
+    b.add_argument("--measure", action="store_true",
+                   help="measure every blueprint at every slot of the hosts: parameters, FLOPs, forward and train "
+                        "step latency (cached per machine and torch version)")
+    b.add_argument("--host", action="append", help="a host preset to measure at (repeatable; default mlp-impaired "
+                                                   "and cnn-impaired)")
+    b.add_argument("--batch-size", type=int, default=100, help="batch for the latency measurements (default 100)")
+    b.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (default 30)")
+    b.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+    b.add_argument("--cache-dir", help="where to cache measurements (default $ESPER_FN_CACHE or ~/.cache/esper_fn)")
     b.set_defaults(fn=_blueprints)
+    lib = sub.add_parser("library", help="inspect and maintain a library of trained seeds (Urza)")
+    lsub = lib.add_subparsers(dest="library_cmd", required=True)
+    ll = lsub.add_parser("list", help="the stored seeds, oldest first")
+    ll.add_argument("path", help="the library directory")
+    ll.add_argument("--blueprint", help="only this blueprint (a bare name matches every version)")
+    ll.add_argument("--task")
+    ll.add_argument("--host", dest="host_name")
+    ll.add_argument("--run-id")
+    ll.add_argument("--json", action="store_true", help="print the records as JSON")
+    ls = lsub.add_parser("show", help="one stored seed's record")
+    ls.add_argument("path", help="the library directory")
+    ls.add_argument("id", help="the seed's id (a unique prefix is enough)")
+    ls.add_argument("--verify", action="store_true", help="also load and verify its artifact")
+    lv = lsub.add_parser("verify", help="check every artifact (SHA-256, size, tensors); exit 1 if any is bad")
+    lv.add_argument("path", help="the library directory")
+    lg = lsub.add_parser("gc", help="remove unreferenced artifacts and leftovers of unfinished writes")
+    lg.add_argument("path", help="the library directory")
+    lg.add_argument("--drop-bad", action="store_true", help="also drop entries whose artifact is missing or corrupt")
+    lg.add_argument("--dry-run", action="store_true", help="report only")
+    lib.set_defaults(fn=_library)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

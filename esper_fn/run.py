@@ -139,6 +139,10 @@ class RunConfig(BaseModel):
             initialisation a user would give those layers (`standard_init`), not the zero-output
             birth initialisation of a seed.
         checkpoint_every: epochs between checkpoints (the last epoch is always saved).
+        library: a seed library directory (`esper_fn.urza`, created if missing): every seed the run
+            fossilizes is stored there just before it is fossilized (a mergeable seed is folded into
+            the host then), with its blueprint, slot, host, task, measured contribution, epochs since
+            germination and the run id. None: nothing is stored.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -159,6 +163,7 @@ class RunConfig(BaseModel):
     preinstall: list[tuple[str, str]] = Field(default_factory=list)
     checkpoint_every: int = Field(default=25, ge=1)
     max_to_keep: int = Field(default=3, ge=1)
+    library: str | None = None
 
 
 class RunSummary(BaseModel):
@@ -403,6 +408,12 @@ def grow(
     timing = {"train": 0.0, "telemetry": 0.0}
     flags: dict = {"growth_blocked": None, "growth_blocked_epoch": None, "stuck_at_chance_epoch": None}
     start_epoch = 0
+    library = None
+    born: dict[str, int] = {}  # slot -> epoch its seed was germinated (for the library's record)
+    if config.library is not None:
+        from .urza import Library
+
+        library = Library(config.library)
     if resume and ckpts.latest_step() is not None:
         tensors, meta = ckpts.restore()
         saved = RunConfig.model_validate(meta["run"]["config"])
@@ -428,6 +439,7 @@ def grow(
         # Drop what the interrupted run logged after its last checkpoint: the resumed run redoes it.
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         kept = [e for e in read_events(out / "events.jsonl", skip_truncated_tail=True) if e.epoch <= start_epoch]
+        born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
         (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
     else:
         if resume:
@@ -510,8 +522,14 @@ def grow(
                                          params=state.num_params()))
             for a in actions:
                 before = state.stage(a.slot) if a.slot else None
+                pre = state
                 state = _apply_action(state, a, rng["seeds"], gates, m)
+                if library is not None and a.op == Op.FOSSILIZE:  # stored once the fossilize succeeded
+                    library.store_seed(pre, a.slot, fate="FOSSILIZED", host=config.host, task=config.task,
+                                       contribution=m.get(f"{a.slot}/contribution"), run_id=run_id,
+                                       epochs=epoch + 1 - born[a.slot] if a.slot in born else None)
                 if a.op == Op.GERMINATE:
+                    born[a.slot] = epoch + 1
                     counts["germinated"] += 1
                     log.append(Germinated(run_id=run_id, epoch=epoch + 1, slot=a.slot, blueprint=a.blueprint,
                                           seed_id=state.n_seeds - 1))
