@@ -373,7 +373,9 @@ class Library:
                 flat[f"{prefix}/{name}"] = t.detach().to("cpu").contiguous().clone()
         if not flat:
             raise GraftError("put: the seed has no tensors to store.")
-        data = safetensors.torch.save(flat, metadata={"format": ARTIFACT_FORMAT, "blueprint": blueprint})
+        # One metadata key: safetensors writes a metadata map in hash order, and equal seeds must give
+        # equal bytes (the file is named by its SHA-256).
+        data = safetensors.torch.save(flat, metadata={"format": ARTIFACT_FORMAT})
         header = _parse_header(data, "the artifact being written")
         sha = hashlib.sha256(data).hexdigest()
         name, version = blueprint.split("@", 1) if "@" in blueprint else (blueprint, "")
@@ -385,7 +387,7 @@ class Library:
             epochs=None if epochs is None else int(epochs), run_id=run_id,
             seed_index=None if seed_index is None else int(seed_index),
             n_params=sum(int(t.numel()) for t in (params or {}).values()),
-            tensors={k: TensorInfo(dtype=v[0], shape=v[1]) for k, v in header.items()}, sha256=sha, size=len(data),
+            tensors={k: TensorInfo(dtype=header[k][0], shape=header[k][1]) for k in flat}, sha256=sha, size=len(data),
             created=time.time(), torch_version=torch.__version__, esper_version=__version__,
         )
         with self._write() as con:
@@ -540,8 +542,9 @@ class Library:
         except safetensors.SafetensorError as e:  # only reachable if the bytes and the record were both forged
             raise LibraryError(f"seed {rec.id}: {self.artifact_path(rec.sha256)} is not a valid safetensors file "
                                f"({e}).") from None
-        params = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("params/")}
-        buffers = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("buffers/")}
+        # In the order they were stored (the blueprint's); safetensors sorts its keys.
+        params = {k.split("/", 1)[1]: flat[k] for k in rec.tensors if k.startswith("params/")}
+        buffers = {k.split("/", 1)[1]: flat[k] for k in rec.tensors if k.startswith("buffers/")}
         return SeedArtifact(rec, params, buffers)
 
     def _verified_bytes(self, rec: SeedRecord) -> bytes:
