@@ -7,6 +7,7 @@ and argument errors answer at once; each subcommand imports what it needs when i
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ._errors import EsperError
@@ -100,14 +101,15 @@ def _blueprints_measure(args) -> int:
     table = tezzeret.characterise_catalogue(hosts, batch_size=args.batch_size, repeats=args.repeats,
                                             refresh=args.refresh, cache_dir=args.cache_dir)
     rows = [[c.blueprint, f"{c.host}:{c.slot} {list(c.slot_shape)}", str(c.param_delta), str(c.flop_delta),
-             str(c.flops_counted), f"{c.forward_ms:.3f}", f"{c.expected_latency_ms:.3f}", "yes" if c.cached else "no"]
+             str(c.flops_declared), f"{c.forward_ms:.3f}", f"{c.expected_latency_ms:.3f}", "yes" if c.cached else "no"]
             for c in table]
-    print(_table(rows, ["blueprint", "slot", "param_delta", "flop_delta", "counted_flops", "forward_ms",
+    print(_table(rows, ["blueprint", "slot", "param_delta", "flop_delta", "declared_macs", "forward_ms",
                         "expected_latency_ms", "cached"]))
-    print("param_delta: trainable parameters the seed adds; flop_delta: the design's multiply-adds per sample "
-          "(declared); counted_flops: torch's FLOP counter on one sample's forward (matmuls and convolutions); "
-          "forward_ms / expected_latency_ms: median forward and train step (forward, backward, Adam) of the seed "
-          f"alone on a batch of {args.batch_size} at the slot, this machine, one thread.")
+    print(f"param_delta: trainable parameters the seed adds; flop_delta: FLOPs per sample of its forward, counted by "
+          f"torch.utils.flop_counter (matmuls and convolutions; elementwise work is not counted); declared_macs: the "
+          f"design's own multiply-add estimate; forward_ms / expected_latency_ms: medians of its forward and its "
+          f"train step (forward, backward, Adam) alone on a batch of {args.batch_size} at the slot, on this machine "
+          f"with {table[0].threads if table else '?'} thread(s).")
     return 0
 
 
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--drop-bad", action="store_true", help="also drop entries whose artifact is missing or corrupt")
     lg.add_argument("--dry-run", action="store_true", help="report only")
     lib.set_defaults(fn=_library)
+    from .policies.cli import add_parsers  # train-tamiyo, eval (docs/tamiyo.md); no torch until one runs
+
+    add_parsers(sub, lambda: importlib.import_module("esper_fn.envs"))
     args = p.parse_args(argv)
     try:
         return args.fn(args)
