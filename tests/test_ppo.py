@@ -67,3 +67,18 @@ def test_resume_is_bit_identical(tmp_path):
     hb = (tmp_path / "b" / "history.jsonl").read_text().splitlines()[-1]
     strip = lambda h: {k: v for k, v in json.loads(h).items() if not k.startswith("seconds")}  # noqa: E731
     assert strip(ha) == strip(hb)
+
+
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_tamiyo_ppo.py"
+    res = subprocess.run([sys.executable, str(script), "--iterations", "1", "--num-envs", "2", "--epochs", "2",
+                          "--subset-train", "100", "--blueprints", "conv1d_k5,mlp_gelu", "--minibatch-size", "2",
+                          "--ppo-epochs", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "it   1" in res.stdout and (tmp_path / "tamiyo.safetensors").is_file()
+    assert "row 1: val acc" in res.stdout
