@@ -109,11 +109,17 @@ def _plan(state: State) -> _Plan:
     return plan
 
 
-def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers):
-    """The slot function for one forward: dormant slots are a dict miss, live ones add alpha * delta."""
+def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on=None):
+    """The slot function for one forward: dormant slots are a dict miss, live ones add alpha * delta.
+
+    `on` maps a slot to a per-host 0-d bool (stacked states whose hosts disagree about the slot):
+    where it is False the slot acts exactly as absent for that host (output, auxiliary loss and
+    buffer updates discarded; nothing of the seed, not even a NaN, reaches the host's loss).
+    """
     if not entries:
         return identity_slot
     pending: dict[str, Tensor] = {}
+    on = on or {}
 
     def slot(name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor:
         if pending:
@@ -124,14 +130,22 @@ def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers):
         if e is None:
             return h
         bp, spec, _ = e
-        out = bp.apply(seeds[name], h, x_in, spec, train)
+        m = on.get(name)
+        h_seed, x_seed = h, x_in
+        if m is not None:  # an off host's seed sees detached inputs: no gradient flows back through it
+            h_seed = torch.where(m, h, h.detach())
+            x_seed = None if x_in is None else torch.where(m, x_in, x_in.detach())
+        out = bp.apply(seeds[name], h_seed, x_seed, spec, train)
         if isinstance(out, bpm.SeedOut):
             if out.aux_loss is not None:
-                aux.append(out.aux_loss)
+                aux.append(out.aux_loss if m is None else torch.where(m, out.aux_loss, torch.zeros_like(out.aux_loss)))
             if out.buffers is not None:
-                seed_buffers[name] = out.buffers
+                seed_buffers[name] = (out.buffers if m is None else
+                                      {k: torch.where(m, v, seeds[name][k]) for k, v in out.buffers.items()})
             out = out.delta
         d = alphas[name] * out
+        if m is not None:
+            d = torch.where(m, d, torch.zeros_like(d))
         if bp.meta.target == "consumer":
             pending[spec.consumer] = d
             return h
@@ -140,13 +154,34 @@ def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers):
     return slot
 
 
-def _forward(state: State, plan: _Plan, entries, host_flat, seeds, alphas, x, train):
+def _forward(state: State, plan: _Plan, entries, host_flat, seeds, alphas, x, train, on=None):
     """Run one (unbatched) forward. Returns (y, aux_loss_sum | None, host_buffers, seed_buffers)."""
     aux: list[Tensor] = []
     seed_buffers: dict[str, dict[str, Tensor]] = {}
-    slot_fn = _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers)
+    slot_fn = _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on)
     y, host_buffers = state.host.forward_fn(host_flat, x, slot_fn, train)
     return y, (sum(aux) if aux else None), host_buffers, seed_buffers
+
+
+def _on_masks(state: State, plan: _Plan, entries, shadow: bool = False) -> dict[str, Tensor]:
+    """Per-host on/off flags ([N] bool) for the slots of `entries` that some stacked hosts must not
+    run: in the live forward a slot is on where its role is LIVE; in the shadow forward where it is
+    LIVE or INCUBATING. Empty for single states and for slots every host runs."""
+    if not state.batch:
+        return {}
+    wanted = {LIVE, INCUBATING} if shadow else {LIVE}
+    r = None
+    out = {}
+    for n, (_, _, i) in entries.items():
+        if plan.slot_roles[i] <= wanted:
+            continue
+        if r is None:
+            r = roles(state)
+        m = r[..., i] == LIVE
+        if shadow:
+            m = m | (r[..., i] == INCUBATING)
+        out[n] = m
+    return out
 
 
 def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries, alpha: Tensor | None = None):
@@ -167,19 +202,25 @@ def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries, al
     return host_flat, seeds, alphas
 
 
-def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None):
-    """Forward of a single or stacked state (`alpha`: [*batch, S] overriding the slots' alphas)."""
+def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None, shadow: bool = False):
+    """Forward of a single or stacked state (`alpha`: [*batch, S] overriding the slots' alphas;
+    `shadow`: incubating seeds count as on, as in the shadow forward)."""
     host_flat, seeds, alphas = _inputs(state, plan, params, entries, alpha)
     if not state.batch:
         return _forward(state, plan, entries, host_flat, seeds, alphas, x, train)
     if len(state.batch) != 1:
         raise GraftError(f"apply supports one stacking dimension, got batch {state.batch}; stack one level only.")
+    n = state.batch[0]
+    if x.dim() < 2 or x.shape[0] != n:
+        raise GraftError(f"a state stacked over {n} hosts needs one batch per host, x of shape [{n}, B, ...]; got "
+                         f"{tuple(x.shape)}. Expand a shared batch with `x.expand({n}, *x.shape)`.")
+    on = _on_masks(state, plan, entries, shadow)
 
-    def one(h, s, a, xi):
-        y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train)
+    def one(h, s, a, o, xi):
+        y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train, o)
         return y, (aux if aux is not None else torch.zeros(())), hb, sb
 
-    y, aux, hb, sb = torch.vmap(one, randomness="different")(host_flat, seeds, alphas, x)
+    y, aux, hb, sb = torch.vmap(one, randomness="different")(host_flat, seeds, alphas, on, x)
     return y, aux, hb, sb
 
 
@@ -357,7 +398,7 @@ def _shadow_forward(state: State, plan: _Plan, params: dict[Key, Tensor], x: Ten
             sp[k] = m * v + (1 - m) * v.detach()
     entries = dict(plan.live)
     entries.update(plan.incubating)
-    sout, saux, _, _ = _run(state, plan, entries, sp, x, True, alpha)
+    sout, saux, _, _ = _run(state, plan, entries, sp, x, True, alpha, shadow=True)
     return sout, saux
 
 

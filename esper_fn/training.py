@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ._apply import INCUBATING, LIVE, _forward, _inputs, _make_slot_fn, _plan, _run, roles, train_step, trained_keys
+from ._apply import INCUBATING, LIVE, _inputs, _make_slot_fn, _on_masks, _plan, _run, roles, train_step, trained_keys
 from ._errors import GraftError
 from ._lifecycle import Stage
 from ._state import State, partition, stack, unstack
@@ -246,8 +246,8 @@ def _probe(state: State, x: Tensor):
     specs = {s.name: s for s in state.host.slots(state._host_shapes())}
     names: list[str] = []
 
-    def one(host_flat, seeds, alphas):
-        live = _make_slot_fn(plan.live, seeds, alphas, False, [], {})
+    def one(host_flat, seeds, alphas, on):
+        live = _make_slot_fn(plan.live, seeds, alphas, False, [], {}, on)
         rows: list[Tensor] = []
         names.clear()
 
@@ -266,10 +266,10 @@ def _probe(state: State, x: Tensor):
 
     host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, plan.live)
     if state.batch:
-        y, stats = torch.vmap(one)(host_flat, seeds, alphas)
+        y, stats = torch.vmap(one)(host_flat, seeds, alphas, _on_masks(state, plan, plan.live))
         values = stats.tolist()
         return y, [{n: dict(zip(_STATS, v)) for n, v in zip(names, per)} for per in values]
-    y, stats = one(host_flat, seeds, alphas)
+    y, stats = one(host_flat, seeds, alphas, {})
     return y, {n: dict(zip(_STATS, v)) for n, v in zip(names, stats.tolist())}
 
 

@@ -264,3 +264,47 @@ def test_slot_specs_follow_width_growth_and_live_stages_are_public():
     grown = ef.fossilize(ef.advance(ef.advance(ef.advance(grown, "fc1"), "fc1"), "fc1", force=True), "fc1", force=True)
     assert grown.slot_specs()[1].shape == (20,) and grown.slot_specs()[1] == grown.spec("fc1")
     assert ef.LIVE_STAGES == frozenset({Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING})
+
+
+def _roles_pair(bid: str, first: str):
+    """Host 0 with a `bid` seed at fc1 in stage `first` ("germinated" or "training"), host 1 with the
+    same seed live at alpha 0.5."""
+    out = []
+    for j, kind in enumerate((first, "live")):
+        s = ef.init(MLP, generator=torch.Generator().manual_seed(j))
+        s = ef.germinate(s, "fc1", bid, generator=torch.Generator().manual_seed(9), tempo=2)
+        if kind != "germinated":
+            s = ef.advance(s, "fc1")
+        if kind == "live":
+            s = ef.tick(ef.advance(s, "fc1", force=True))
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("bid", ["moe_top2_gelu", "moe_top2_ema", "activation_tap", "mlp_gelu"])
+@pytest.mark.parametrize("first", ["germinated", "training"])
+def test_a_seed_that_is_off_on_one_stacked_host_leaves_that_host_alone(bid, first):
+    """Auxiliary losses, buffer updates and outputs of a seed reach only the hosts where it is on."""
+    pair = _roles_pair(bid, first)
+    x, y = _data(seed=5)
+    stacked, _ = ef.train_step(ef.stack(pair), x.expand(2, *x.shape), y.expand(2, *y.shape))
+    for got, s in zip(ef.unstack(stacked), pair):
+        _close(got, ef.train_step(s, x, y)[0])
+
+
+def test_a_diverged_incubating_seed_does_not_poison_its_host_in_a_stack():
+    a, b = _roles_pair("mlp_gelu", "training")
+    p = dict(a.params_flat)
+    p[("seeds", "fc1", "w2")] = torch.full_like(p[("seeds", "fc1", "w2")], 3e38)  # its output overflows
+    a = a.replace(params_flat=p)
+    x, y = _data(seed=6)
+    stacked, m = ef.train_step(ef.stack([a, b]), x.expand(2, *x.shape), y.expand(2, *y.shape))
+    alone, m_alone = ef.train_step(a, x, y)
+    assert torch.isfinite(m["loss"]).all()
+    assert float(m["loss"][0]) == pytest.approx(float(m_alone["loss"]), rel=1e-6)
+    host_a = ef.unstack(stacked)[0]
+    for k, v in alone.params_flat.items():
+        if k[0] == "host":
+            torch.testing.assert_close(host_a.params_flat[k], v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ef.GraftError, match=r"expand\(2"):
+        ef.apply(ef.stack([a, b]), x)
