@@ -6,7 +6,7 @@ layout and reward formulas: docs/env.md.
 """
 
 from . import _rewards as rewards
-from ._actions import ActionSpace, FlatAction, IllegalActionError
+from ._actions import ActionSpace, EnvStateError, FlatAction, IllegalActionError
 from ._controller import ControllerPolicy
 from ._env import Context, MorphogenesisEnv, run_streams
 from ._features import GLOBAL_FEATURES, LAYER_FEATURES, NODE_FEATURES, SLOT_FEATURES
@@ -22,6 +22,7 @@ __all__ = [
     "Context",
     "ControllerPolicy",
     "FlatAction",
+    "EnvStateError",
     "IllegalActionError",
     "MissingExtraError",
     "MorphogenesisEnv",

@@ -28,6 +28,10 @@ class IllegalActionError(EsperError, ValueError):
     """An action outside the current action mask was sent to the environment."""
 
 
+class EnvStateError(EsperError, RuntimeError):
+    """The environment was used out of order (a row stepped before its reset or after its end)."""
+
+
 @dataclass(frozen=True)
 class FlatAction:
     """One decoded action. ``slot`` is a slot index (None for WAIT); ``blueprint`` (an id) and

@@ -20,7 +20,7 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 import esper_fn as ef
-from esper_fn import CURVES, LIVE_STAGES, ConfigError, EsperError, GateConfig, Host, Op, Stage, State
+from esper_fn import CURVES, LIVE_STAGES, ConfigError, GateConfig, Host, Op, Stage, State
 from esper_fn import blueprints as bpm
 from esper_fn.controllers import Observation
 from esper_fn.run import GovernorConfig, governor_verdict, rng_streams
@@ -28,7 +28,7 @@ from esper_fn.tasks import Task, load
 from esper_fn.training import TrainConfig, telemetry, train_epochs
 
 from . import _features as feats
-from ._actions import ActionSpace, IllegalActionError, row_mask
+from ._actions import ActionSpace, EnvStateError, IllegalActionError, row_mask
 from ._rewards import REWARDS, Reward, RewardInputs
 
 __all__ = ["Context", "MorphogenesisEnv", "run_streams"]
@@ -315,7 +315,7 @@ class MorphogenesisEnv(EnvBase):
     def _row(self, i: int) -> _Row:
         row = self._rows[i]
         if row is None:
-            raise EsperError(f"row {i} has not been reset yet; call env.reset() first.")
+            raise EnvStateError(f"row {i} has not been reset yet; call env.reset() first.")
         return row
 
     def state(self, row: int) -> State:
@@ -397,7 +397,7 @@ class MorphogenesisEnv(EnvBase):
         rows = [self._row(i) for i in range(N)]
         for i, row in enumerate(rows):  # every check before any change: a refused step changes nothing
             if row.done:
-                raise EsperError(f"row {i} finished its episode; reset it before stepping (TorchRL does so "
+                raise EnvStateError(f"row {i} finished its episode; reset it before stepping (TorchRL does so "
                                  "through the '_reset' mask: use env.step_and_maybe_reset or a collector).")
             self._check(i, row, actions[i])
         prev_acc = [r.metrics["val_accuracy"] for r in rows]

@@ -99,7 +99,7 @@ class State:
             "seed_id" (-1 when empty).
         slot_names: the S slot names, in host order.
         blueprints: blueprint id per slot, or None where the slot holds no seed.
-        n_seeds: seeds germinated so far (the next seed id).
+        n_seeds: seeds germinated so far (the next seed id); one count per host when stacked.
         batch: leading batch shape of every tensor (``()`` for one host, ``(N,)`` stacked).
     """
 
@@ -111,7 +111,7 @@ class State:
     slots: TensorDict
     slot_names: tuple[str, ...]
     blueprints: tuple[str | None, ...]
-    n_seeds: int = 0
+    n_seeds: int | tuple[int, ...] = 0
     batch: tuple[int, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _own: _Ownership = field(default_factory=_Ownership, repr=False, compare=False)
@@ -126,6 +126,10 @@ class State:
             own = self._own
         own.holder = id(self)
 
+    def __copy__(self) -> State:
+        # A shallow copy shares every tensor: derive it, so that neither may donate them.
+        return _derive(self, _keep_cache=True)
+
     def replace(self, **changes) -> State:
         """A new state with `changes` applied to its fields (always safe: cached structure is
         recomputed, and neither state may donate tensors the other can see).
@@ -136,9 +140,12 @@ class State:
         return _derive(self, **changes)
 
     # -- TensorDict views ------------------------------------------------------------------------
+    # The views are locked: setting or deleting a key raises. Their leaves are the state's own
+    # tensors, shared with the states derived from it, so in-place tensor ops (`zero_`, `mul_`,
+    # `update_`) would change them: derive a new state instead (`replace`, the lifecycle ops).
     @cached_property
     def params(self) -> TensorDict:
-        """Parameter tree: ``{"host": {...}, "seeds": {slot: {...}}}`` (a locked, read-only view)."""
+        """Parameter tree: ``{"host": {...}, "seeds": {slot: {...}}}`` (a locked view)."""
         return _to_td(self.params_flat, self.batch)
 
     @cached_property
@@ -342,10 +349,12 @@ def germinate(
     for k, v in b.items():
         buffers[("seeds", slot, k)] = v
     slots = _set_slot(state.slots, i, stage=int(Stage.GERMINATED), alpha=0.0, curve=CURVES.index(curve),
-                      tempo=int(tempo), epochs=0, seed_id=state.n_seeds)
+                      tempo=int(tempo), epochs=0,
+                      seed_id=torch.tensor(state.n_seeds) if isinstance(state.n_seeds, tuple) else state.n_seeds)
     bps = tuple(bp.id if j == i else b_ for j, b_ in enumerate(state.blueprints))
     return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
-                   n_seeds=state.n_seeds + 1)
+                   n_seeds=tuple(n + 1 for n in state.n_seeds) if isinstance(state.n_seeds, tuple)
+                   else state.n_seeds + 1)
 
 
 def advance(
@@ -529,7 +538,8 @@ def legal_actions(
 
     Args:
         state: a single (unstacked) state.
-        capabilities: the capabilities to assume (default: this machine's).
+        capabilities: the capabilities to assume (default: this machine's, less "distributed":
+            pass it explicitly where every rank takes the same lifecycle actions).
         gates: thresholds (default `GateConfig()`, as `advance` and `fossilize` use).
         telemetry: the epoch's telemetry (`esper_fn.training.telemetry`), read by the gates.
 
@@ -545,7 +555,9 @@ def legal_actions(
     if state.batch:
         raise GraftError(f"legal_actions: the state is stacked (batch {state.batch}); masks are per host. "
                          "Call it on each of `unstack(state)`.")
-    caps = bpm.available_capabilities() if capabilities is None else capabilities
+    # "distributed" only by explicit request: a collective seed works only if every rank grafts it
+    # in lockstep, which no per-host mask can promise.
+    caps = bpm.available_capabilities() - {"distributed"} if capabilities is None else capabilities
     gates = gates or GateConfig()
     out = {}
     for name in state.slot_names:
@@ -619,7 +631,8 @@ def partition(states: Sequence[State]) -> list[list[int]]:
     groups: dict[Hashable, list[int]] = {}
     for j, s in enumerate(states):
         if s.batch:
-            raise GraftError(f"partition: state {j} is stacked (batch {s.batch}); pass single states.")
+            raise GraftError(f"state {j} is stacked (batch {s.batch}); populations are lists of single states: "
+                             "pass `unstack(state)` instead.")
         groups.setdefault(structure(s), []).append(j)
     return list(groups.values())
 
@@ -639,24 +652,33 @@ def stack(states: Sequence[State]) -> State:
     if not states:
         raise GraftError("stack: need at least one state.")
     s0 = states[0]
+    fix = "Group a population with `esper_fn.partition(states)` and stack each group."
     for j, s in enumerate(states[1:], 1):
         if s.host is not s0.host:
-            raise GraftError(f"stack: state {j} has a different host object than state 0.")
+            raise GraftError(f"stack: state {j} was built from a different Host object than state 0 (stacking "
+                             "needs the very same host definition); build every state from one Host. " + fix)
         if s.optimizer != s0.optimizer:
             raise GraftError(f"stack: state {j} uses optimizer {s.optimizer}, state 0 uses {s0.optimizer}; "
-                             "stacked hosts share one optimizer.")
-        if s.blueprints != s0.blueprints or s.batch != s0.batch:
-            raise GraftError(f"stack: state {j} has seeds {s.blueprints}, state 0 has {s0.blueprints}.")
-        for a, b in ((s.params_flat, s0.params_flat), (s.opt_flat, s0.opt_flat), (s.buffers_flat, s0.buffers_flat)):
-            if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
-                raise GraftError(f"stack: state {j} has different tensor keys or shapes than state 0.")
+                             "stacked hosts share one optimizer. " + fix)
+        if s.batch != s0.batch:
+            raise GraftError(f"stack: state {j} has batch {s.batch}, state 0 has {s0.batch}; stack single states "
+                             "(`unstack` a stacked one first).")
+        if s.blueprints != s0.blueprints:
+            raise GraftError(f"stack: state {j} has seeds {s.blueprints}, state 0 has {s0.blueprints}. " + fix)
+        for what, a, b in (("parameter", s.params_flat, s0.params_flat), ("optimizer", s.opt_flat, s0.opt_flat),
+                           ("buffer", s.buffers_flat, s0.buffers_flat)):
+            for k in sorted(set(a) | set(b)):
+                if k not in a or k not in b or a[k].shape != b[k].shape:
+                    have = lambda f: tuple(f[k].shape) if k in f else "no such tensor"  # noqa: E731
+                    raise GraftError(f"stack: {what} {'/'.join(k)} is {have(a)} in state {j} and {have(b)} in "
+                                     f"state 0 (e.g. a width growth fossilized on one host only). " + fix)
 
     def st(attr):
         return {k: torch.stack([getattr(s, attr)[k] for s in states]) for k in getattr(s0, attr)}
 
     return _derive(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
                    slots=torch.stack([s.slots for s in states]), batch=(len(states),) + s0.batch,
-                   n_seeds=max(s.n_seeds for s in states))
+                   n_seeds=tuple(s.n_seeds for s in states))
 
 
 def unstack(state: State) -> list[State]:
@@ -670,6 +692,7 @@ def unstack(state: State) -> list[State]:
 
     return [
         _derive(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
-                opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:])
+                opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:],
+                n_seeds=state.n_seeds[j] if isinstance(state.n_seeds, tuple) else state.n_seeds)
         for j in range(n)
     ]

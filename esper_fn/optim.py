@@ -151,10 +151,15 @@ class Optimizer:
         if p[0].device.type == "cpu":
             # One fused kernel (torch.optim.Adam(fused=True)'s): donated leaves are updated in place,
             # the others on fresh copies.
-            new_p = [t if d else t.clone() for t, d in zip(p, donate)]
-            mu = [t if d else t.clone() for t, d in zip(s["mu"], donate)]
-            nu = [t if d else t.clone() for t, d in zip(s["nu"], donate)]
-            step = [t if d else t.clone() for t, d in zip(s["step"], donate)]
+            # The kernel walks flat memory: every operand must be dense (a transposed weight from
+            # a wrapped module is not), so a non-contiguous leaf is updated on a dense copy.
+            dense = [d and t.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+                     for d, t, m, v in zip(donate, p, s["mu"], s["nu"])]
+            copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            new_p = [t if d else copy(t) for t, d in zip(p, dense)]
+            mu = [t if d else copy(t) for t, d in zip(s["mu"], dense)]
+            nu = [t if d else copy(t) for t, d in zip(s["nu"], dense)]
+            step = [t if d else t.clone() for t, d in zip(s["step"], dense)]
             torch._foreach_add_(step, 1.0)
             args = (new_p, [t.contiguous() for t in g], mu, nu, step)  # the kernel assumes dense memory
             if step[0].dim():

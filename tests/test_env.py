@@ -16,6 +16,7 @@ from esper_fn.envs import (
     NODE_FEATURES,
     SLOT_FEATURES,
     ActionSpace,
+    EnvStateError,
     IllegalActionError,
     MorphogenesisEnv,
     RewardInputs,
@@ -179,8 +180,11 @@ def test_episode_end_flags_and_stepping_a_done_row():
     last = step(env, [0, 0])
     assert last["done"].all() and last["terminated"].all() and last["truncated"].all()
     assert not last["action_mask"][:, 1:].any()
-    with pytest.raises(ef.EsperError, match="reset it"):
+    with pytest.raises(EnvStateError, match="reset it") as e:
         step(env, [0, 0])
+    assert isinstance(e.value, RuntimeError) and isinstance(e.value, ef.EsperError)
+    with pytest.raises(EnvStateError, match="not been reset"):
+        step(make(), [0, 0])
     env = make(max_epochs=1, terminal_at_budget=False)
     env.reset()
     last = step(env, [0, 0])

@@ -308,3 +308,72 @@ def test_a_diverged_incubating_seed_does_not_poison_its_host_in_a_stack():
             torch.testing.assert_close(host_a.params_flat[k], v, rtol=1e-5, atol=1e-6)
     with pytest.raises(ef.GraftError, match=r"expand\(2"):
         ef.apply(ef.stack([a, b]), x)
+
+
+def test_seed_counts_stay_per_host_through_stack_and_unstack():
+    a = ef.germinate(ef.init(MLP), "fc1", "mlp_gelu", generator=torch.Generator().manual_seed(0))
+    b = ef.init(MLP)
+    assert (a.n_seeds, b.n_seeds) == (1, 0)
+    a2, b2 = ef.unstack(ef.stack([ef.prune(a, "fc1"), b]))
+    assert (a2.n_seeds, b2.n_seeds) == (1, 0)
+    both = ef.germinate(ef.stack([ef.tick(ef.tick(ef.tick(ef.prune(a, "fc1")))), b]), "input", "conv1d_k5")
+    assert both.slots["seed_id"][:, 0].tolist() == [1, 0]
+    assert [s.n_seeds for s in ef.unstack(both)] == [2, 1]
+
+
+def test_a_shallow_copy_cannot_be_corrupted_by_donation():
+    import copy
+
+    x, y = _data()
+    s, _ = ef.train_step(ef.init(MLP), x, y)
+    twin = copy.copy(s)
+    snap = {k: v.clone() for k, v in twin.params_flat.items()}
+    ef.train_step(s, x, y, donate=True)
+    assert all(torch.equal(twin.params_flat[k], v) for k, v in snap.items())
+
+
+def test_adam_on_a_non_contiguous_weight_matches_torch_optim():
+    from torch import nn
+
+    lin = nn.Linear(16, 10)
+    with torch.no_grad():
+        lin.weight = nn.Parameter(torch.randn(16, 10).t())  # a transposed view: not contiguous
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+    s = ef.init(ef.wrap(lin, x, slots=[]), optimizer=ef.optim.adam(1e-2))
+    ref = __import__("copy").deepcopy(lin)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for _ in range(3):
+        s, _ = ef.train_step(s, x, y)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(s.params_flat[("host", "weight")], ref.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_stack_errors_name_the_difference_and_the_fix():
+    a = ef.init(MLP)
+    with pytest.raises(ef.GraftError, match=r"same host definition.*partition"):
+        ef.stack([a, ef.init(ef.hosts.mlp((40, 16, 10)))])
+    wide = ef.germinate(a, "fc1", "width_k4", generator=torch.Generator().manual_seed(0))
+    wide = ef.fossilize(ef.advance(ef.advance(ef.advance(wide, "fc1"), "fc1"), "fc1", force=True), "fc1", force=True)
+    with pytest.raises(ef.GraftError, match=r"parameter host/fc1/bias is \(20,\) in state 1 and \(16,\) in state 0"):
+        ef.stack([a, wide])
+    with pytest.raises(ef.GraftError, match="unstack"):
+        ef.stack([ef.stack([a, a]), ef.stack([a, a])][:1] + [a])
+    with pytest.raises(ef.GraftError, match=r"pass `unstack\(state\)`"):
+        train_epochs([ef.stack([a, a])], load("spirals", seed=0), generators=[torch.Generator()])
+
+
+def test_collective_seeds_are_offered_only_on_request(tmp_path):
+    import torch.distributed as dist
+
+    s = ef.init(MLP)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        assert "distributed" in ef.blueprints.available_capabilities()
+        default = ef.legal_actions(s)["fc1"]["blueprints"]
+    finally:
+        dist.destroy_process_group()
+    assert "allreduce_shard@2.0.0" not in default
+    asked = ef.legal_actions(s, capabilities=frozenset({"distributed"}))["fc1"]["blueprints"]
+    assert "allreduce_shard@2.0.0" in asked
