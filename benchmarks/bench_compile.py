@@ -2,15 +2,17 @@
 
 For each impaired MNIST-1D host, 1 and 16 stacked hosts, without a seed and with a conv1d_k5 seed
 live on the input slot (BLENDING, alpha 1): the eager step (`esper_fn.train_step`, donating its
-intermediate states as `train_epoch` does) against the compiled kernel
-(`esper_fn.tezzeret.KernelCache.step`), batch 100 per host (one MNIST-1D step). Reports per step
-medians, the speed-up, the compile time (`prepare`: compile plus first call), the break-even
-number of steps (compile time / time saved per step), the bytes the kernel was charged, and the
-largest parameter difference after the timed steps (eager and compiled chains from the same
-state). Eager and compiled steps are timed in alternating blocks, so a change in machine load hits
-both.
+intermediate states as `train_epoch` does) against two compiled kernels
+(`esper_fn.tezzeret.KernelCache.step`): ``conv="library"`` (inductor as it is: convolutions stay
+oneDNN calls) and ``conv="loops"`` (the default: stride-1 1-D convolutions lowered to loops inductor
+fuses). Every chain trains on the same MNIST-1D batches (batch 100 per host, each host its own data
+order, cycling through an epoch of 30 batches). Reports per-step medians, the speed-up of each
+kernel, the compile time (`prepare`: compile plus first call), the break-even number of steps
+(compile time / time saved per step), the bytes each kernel was charged, and the largest parameter
+difference from the eager chain after the timed steps. The three chains are timed in alternating
+blocks, so a change in machine load hits all of them.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_compile.py
+    OMP_NUM_THREADS=1 nice .venv/bin/python -W ignore::DeprecationWarning benchmarks/bench_compile.py
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 import esper_fn as ef
 from esper_fn import tezzeret
+from esper_fn.tasks import load
 
 STEPS_PER_EPOCH = 30  # MNIST-1D: 3000 training samples, batch 100
 
@@ -38,46 +41,48 @@ def make_state(host: str, n: int, seed: bool, g: torch.Generator) -> ef.State:
     return s
 
 
-def time_blocks(fn, state, x, y, blocks: int, per_block: int) -> tuple[list[float], object]:
-    """Per-step seconds of `blocks` blocks of `per_block` chained steps (returns the last state)."""
-    out = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(per_block):
-            state, _m = fn(state, x, y)
-        out.append((time.perf_counter() - t0) / per_block)
-    return out, state
-
-
 def one(host: str, n: int, seed: bool, blocks: int, per_block: int) -> dict:
     g = torch.Generator().manual_seed(0)
     state = make_state(host, n, seed, g)
-    batch = (n,) if n > 1 else ()
-    x = torch.randn(*batch, 100, 40, generator=g)
-    y = torch.randint(0, 10, (*batch, 100), generator=g)
-    kernels = tezzeret.KernelCache()
-    info = kernels.prepare(state, x, y)
+    task = load("mnist1d", seed=0)
+    x_all, y_all = task.split("train")
+    order = torch.stack([torch.randperm(x_all.shape[0], generator=g) for _ in range(max(n, 1))])
+    xs, ys = x_all[order], y_all[order]  # [hosts, 3000, 40]
+    batches = [(xs[:, i:i + 100], ys[:, i:i + 100]) for i in range(0, xs.shape[1], 100)]
+    if n == 1:
+        batches = [(x[0], y[0]) for x, y in batches]
+    caches = {"library": tezzeret.KernelCache(conv="library"), "loops": tezzeret.KernelCache()}
+    infos = {name: kc.prepare(state, *batches[0]) for name, kc in caches.items()}
 
     def eager(s, xx, yy):  # donates the intermediate states, never `state` itself (as train_epoch does)
         return ef.train_step(s, xx, yy, donate=s is not state)
 
-    # warm both paths (allocator, oneDNN primitive caches)
-    time_blocks(eager, state, x, y, 1, 5)
-    time_blocks(kernels.step, state, x, y, 1, 5)
-    e_times, c_times = [], []
-    e_state, c_state = state, state
-    for _ in range(blocks):
-        t, e_state = time_blocks(eager, e_state, x, y, 1, per_block)
-        e_times += t
-        t, c_state = time_blocks(kernels.step, c_state, x, y, 1, per_block)
-        c_times += t
-    diff = max(float((e_state.params_flat[k] - c_state.params_flat[k]).abs().max()) for k in e_state.params_flat)
-    e_ms, c_ms = statistics.median(e_times) * 1e3, statistics.median(c_times) * 1e3
-    saved = (e_ms - c_ms) / 1e3
-    return {"host": host, "n": n, "seed": "conv1d_k5" if seed else "none", "eager_ms": e_ms, "compiled_ms": c_ms,
-            "speedup": e_ms / c_ms, "compile_s": info.seconds, "break_even_steps": info.seconds / saved if saved > 0
-            else None, "kernel_mib": info.bytes / 2**20, "max_param_diff": diff, "steps_compared": blocks * per_block,
-            "stats": kernels.stats.model_dump()}
+    fns = {"eager": eager, **{name: kc.step for name, kc in caches.items()}}
+    chains = {name: state for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    step = 0
+    for block in range(blocks + 1):  # block 0 warms every path (allocator, oneDNN primitive caches)
+        for name, fn in fns.items():
+            s = chains[name]
+            t0 = time.perf_counter()
+            for j in range(per_block):
+                s, _m = fn(s, *batches[(step + j) % len(batches)])
+            if block:
+                times[name].append((time.perf_counter() - t0) / per_block)
+            chains[name] = s
+        step += per_block
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    row = {"host": host, "n": n, "seed": "conv1d_k5" if seed else "none", "eager_ms": med["eager"],
+           "steps_compared": (blocks + 1) * per_block}
+    for name, info in infos.items():
+        saved = (med["eager"] - med[name]) / 1e3
+        diff = max(float((chains["eager"].params_flat[k] - chains[name].params_flat[k]).abs().max())
+                   for k in state.params_flat)
+        row[name] = {"ms": med[name], "speedup": med["eager"] / med[name], "compile_s": info.seconds,
+                     "break_even_steps": info.seconds / saved if saved > 0 else None,
+                     "kernel_mib": info.bytes / 2**20, "max_param_diff": diff,
+                     "stats": caches[name].stats.model_dump()}
+    return row
 
 
 def main() -> None:
@@ -97,15 +102,20 @@ def main() -> None:
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     print()
-    print("| host | hosts | seed | eager ms/step | compiled ms/step | speed-up | compile s | break-even steps "
-          "(epochs) | kernel MiB | max param diff |")
+    print("| host | hosts | seed | eager ms/step | compiled ms/step (library conv / loops) | speed-up | compile s "
+          "| break-even steps (epochs) | kernel MiB | max param diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def be(k):
+        v = k["break_even_steps"]
+        return "never" if v is None else f"{v:.0f} ({v / STEPS_PER_EPOCH:.0f})"
+
     for r in rows:
-        be = "never" if r["break_even_steps"] is None else \
-            f"{r['break_even_steps']:.0f} ({r['break_even_steps'] / STEPS_PER_EPOCH:.1f})"
-        print(f"| {r['host']} | {r['n']} | {r['seed']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
-              f"**{r['speedup']:.2f}x** | {r['compile_s']:.1f} | {be} | {r['kernel_mib']:.1f} | "
-              f"{r['max_param_diff']:.1e} |")
+        lib, loops = r["library"], r["loops"]
+        print(f"| {r['host']} | {r['n']} | {r['seed']} | {r['eager_ms']:.2f} | {lib['ms']:.2f} / {loops['ms']:.2f} | "
+              f"{lib['speedup']:.2f}x / **{loops['speedup']:.2f}x** | {lib['compile_s']:.1f} / {loops['compile_s']:.1f} "
+              f"| {be(lib)} / {be(loops)} | {lib['kernel_mib']:.1f} / {loops['kernel_mib']:.1f} | "
+              f"{lib['max_param_diff']:.1e} / {loops['max_param_diff']:.1e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

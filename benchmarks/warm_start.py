@@ -135,6 +135,13 @@ def report(results: list[dict], hosts: list[str], at: int, epochs: int) -> str:
             m, w = ci(d)
             lines.append(f"| {h} | final accuracy {arm} - cold (points) | {len(d)} | {m:+.1f} ± {w:.1f} | "
                          f"{' '.join(f'{x:+.1f}' for x in d)} |")
+        for arm in ("warm", "warm-direct"):  # paired: epochs to 75% minus the cold arm's (negative: faster)
+            d = [epochs_to(by[(arm, s)]["test_accuracy"], 0.75, at) - epochs_to(by[("cold", s)]["test_accuracy"], 0.75, at)
+                 for s in seeds if epochs_to(by[(arm, s)]["test_accuracy"], 0.75, at) is not None
+                 and epochs_to(by[("cold", s)]["test_accuracy"], 0.75, at) is not None]
+            m, w = ci([float(x) for x in d])
+            lines.append(f"| {h} | epochs to 75% test accuracy, {arm} - cold | {len(d)} | {m:+.1f} ± {w:.1f} | "
+                         f"{' '.join(f'{x:+d}' for x in d)} |")
         for arm in ("cold", "warm", "warm-direct"):
             for label, target in (("cold's final accuracy", None), ("75% test accuracy", 0.75)):
                 cells, vals = [], []
@@ -162,7 +169,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--germinate-at", type=int, default=10, help="the epoch the seed is germinated (0-based)")
     p.add_argument("--out", default="runs/warm_start", help="directory for the library and results.json")
+    p.add_argument("--report", metavar="RESULTS_JSON", help="only print the tables of a finished run's results.json")
     args = p.parse_args()
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print(report(results, list(dict.fromkeys(r["host"] for r in results)), args.germinate_at, args.epochs))
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ size of the code it generated), and the least recently used kernels are evicted 
 `KernelCache.stats` counts hits, misses, compiles and evictions. Every kernel gets its own code
 object, so dynamo's per-function recompile limit never applies and an evicted kernel's compiled code
 goes with it. Kernels live in memory only: torch's on-disk FX graph cache (which pickles) is switched
-off while they compile.
+off while they compile. By default stride-1 1-D convolutions are lowered to loops that inductor
+fuses (``conv="loops"``) rather than left as oneDNN calls: the small convolutions of conv seeds,
+vmapped over stacked hosts, are where eager steps spend their time (docs/benchmarks.md).
 
 **Characterisation.** `characterise(blueprint, spec)` measures a seed design at a slot shape on this
 machine: its parameters (``param_delta``), its forward FLOPs per sample counted by
@@ -305,6 +307,64 @@ def _code_bytes(before: set[int]) -> int:
     return total
 
 
+def _conv1d_plain(weight: Tensor, stride, dilation, transposed) -> bool:
+    return weight.dim() == 3 and list(stride) == [1] and list(dilation) == [1] and not transposed
+
+
+def _conv1d_as_loops(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """`aten.convolution` of a stride-1 1-D convolution as a broadcast multiply and a sum over
+    (input channel, tap), which inductor fuses into one loop nest. Other convolutions keep the
+    library call (NotImplemented)."""
+    if not _conv1d_plain(weight, stride, dilation, transposed):
+        return NotImplemented
+    b, _, _ = x.shape
+    c_out, c_in_g, k = weight.shape
+    g, p = groups, padding[0]
+    u = F.pad(x, (p, p)).unfold(-1, k, 1)  # [B, C_in, L_out, k], a view
+    n = u.shape[2]
+    out = (u.reshape(b, g, 1, c_in_g, n, k) * weight.reshape(1, g, c_out // g, c_in_g, 1, k)).sum((3, 5))
+    out = out.reshape(b, c_out, n)
+    return out if bias is None else out + bias.reshape(1, c_out, 1)
+
+
+def _conv1d_backward_as_loops(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                              groups, mask):
+    """`aten.convolution_backward` for the convolutions `_conv1d_as_loops` handles: input gradient
+    by scattering the taps back (a sum of k shifted pads), weight gradient as a reduction over batch
+    and positions, bias gradient as a sum."""
+    if not _conv1d_plain(weight, stride, dilation, transposed):
+        return NotImplemented
+    b, c_in, length = x.shape
+    c_out, c_in_g, k = weight.shape
+    g, p = groups, padding[0]
+    n = grad.shape[-1]
+    go = grad.reshape(b, g, c_out // g, 1, n, 1)
+    gi = gw = gb = None
+    if mask[0]:
+        t = (go * weight.reshape(1, g, c_out // g, c_in_g, 1, k)).sum(2).reshape(b, c_in, n, k)
+        padded = length + 2 * p
+        gi = sum(F.pad(t[..., j], (j, padded - n - j)) for j in range(k))[..., p:p + length]
+    if mask[1]:
+        u = F.pad(x, (p, p)).unfold(-1, k, 1).reshape(b, g, 1, c_in_g, n, k)
+        gw = (go * u).sum((0, 4)).reshape(c_out, c_in_g, k)
+    if mask[2]:
+        gb = grad.sum((0, 2))
+    return gi, gw, gb
+
+
+def _inductor_conv_loops(gm, example_inputs):
+    """Inductor with 1-D convolutions lowered to fused loops instead of oneDNN calls (whose backward
+    dominates the small convolutions seeds use, vmapped over stacked hosts: docs/benchmarks.md)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    table = dict(select_decomp_table())
+    table[aten.convolution.default] = _conv1d_as_loops
+    table[aten.convolution_backward.default] = _conv1d_backward_as_loops
+    return compile_fx(gm, example_inputs, decompositions=table)
+
+
 class KernelCache:
     """Compiled train steps keyed by `step_key`, bounded by bytes, evicted least recently used.
 
@@ -312,16 +372,25 @@ class KernelCache:
         max_bytes: the most the kept kernels may be charged in total (default 512 MiB).
         compile: compile kernels with `torch.compile` (the default). With False the cache holds the
             uncompiled pure steps: same keys, same outputs, for testing the cache without a compiler.
-        backend, mode: passed to `torch.compile` ("inductor"; None is its default mode).
+        conv: "loops" (the default) lowers stride-1 1-D convolutions to loops inductor fuses with
+            their neighbours; "library" keeps inductor's call to the oneDNN kernel. (On this kind of
+            CPU "loops" made 16 stacked conv-seeded hosts ~4x faster: docs/benchmarks.md.)
+        backend, mode: passed to `torch.compile` ("inductor"; None is its default mode). A backend
+            other than "inductor" ignores `conv`.
         sizer: ``sizer(key) -> bytes`` overriding the measured charge (for tests).
 
     Not thread-safe: one cache per training loop.
     """
 
-    def __init__(self, max_bytes: int = 512 * _MiB, *, compile: bool = True, backend: str = "inductor",
-                 mode: str | None = None, sizer: Callable[[Hashable], int] | None = None):
+    def __init__(self, max_bytes: int = 512 * _MiB, *, compile: bool = True, conv: str = "loops",
+                 backend: str = "inductor", mode: str | None = None, sizer: Callable[[Hashable], int] | None = None):
         if max_bytes <= 0:
             raise ConfigError(f"max_bytes must be > 0, got {max_bytes}.")
+        if conv not in ("loops", "library"):
+            raise ConfigError(f"conv must be 'loops' or 'library', got {conv!r}.")
+        if mode is not None and conv == "loops" and backend == "inductor":
+            raise ConfigError(f"mode={mode!r} needs conv='library' (the loop lowering runs inductor's default mode).")
+        self.conv = conv
         self.max_bytes = int(max_bytes)
         self.compile = compile
         self.backend = backend
@@ -364,6 +433,8 @@ class KernelCache:
         if key in self._kernels:
             self._kernels.move_to_end(key)
             return KernelInfo(compiled=False, cached=True, seconds=0.0, bytes=self._kernels[key].nbytes, evicted=0)
+        if self.compile:  # the compiler's own modules are not the kernel's memory: load them first
+            import torch._inductor.compile_fx  # noqa: F401
         _trim()
         rss0, code0 = _rss(), _code_modules() if self.compile else set()
         t0 = time.perf_counter()
@@ -376,8 +447,9 @@ class KernelCache:
             # never share (or exhaust) one function's recompile budget, and an evicted kernel's
             # compiled code is freed with its code object.
             code = fn.__code__.replace(co_name=f"tezzeret_step_{self._serial}")
+            backend = _inductor_conv_loops if self.backend == "inductor" and self.conv == "loops" else self.backend
             fn = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__),
-                               backend=self.backend, mode=self.mode, dynamic=False, fullgraph=False)
+                               backend=backend, mode=self.mode, dynamic=False, fullgraph=False)
         kernel = _Kernel(fn, kernel.keys, kernel.frozen_keys, kernel.buffer_keys, kernel.mask_keys, kernel.shadow)
         try:
             from torch._inductor import config as inductor_config
