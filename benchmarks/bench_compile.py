@@ -8,9 +8,10 @@ oneDNN calls) and ``conv="loops"`` (the default: stride-1 1-D convolutions lower
 fuses). Every chain trains on the same MNIST-1D batches (batch 100 per host, each host its own data
 order, cycling through an epoch of 30 batches). Reports per-step medians, the speed-up of each
 kernel, the compile time (`prepare`: compile plus first call), the break-even number of steps
-(compile time / time saved per step), the bytes each kernel was charged, and the largest parameter
-difference from the eager chain after the timed steps. The three chains are timed in alternating
-blocks, so a change in machine load hits all of them.
+(compile time / time saved per step), the bytes each kernel was charged, the largest parameter
+difference from the eager chain after the timed steps, and, as the noise floor, the same difference
+between two eager chains whose start differs by 1e-7 (relative). The chains are timed in
+alternating blocks, so a change in machine load hits all of them.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python -W ignore::DeprecationWarning benchmarks/bench_compile.py
 """
@@ -57,8 +58,20 @@ def one(host: str, n: int, seed: bool, blocks: int, per_block: int) -> dict:
     def eager(s, xx, yy):  # donates the intermediate states, never `state` itself (as train_epoch does)
         return ef.train_step(s, xx, yy, donate=s is not state)
 
+    # The noise floor: eager again from parameters perturbed by 1e-7 (relative). Where training is
+    # chaotic (a ReLU input at 0, Adam on a tiny gradient), two eager runs part by as much as eager and
+    # compiled do; the table shows both.
+    gp = torch.Generator().manual_seed(1)
+    perturbed = state.replace(params_flat={k: v * (1 + 1e-7 * torch.randn(v.shape, generator=gp))
+                                           for k, v in state.params_flat.items()})
+
+    def eager_perturbed(s, xx, yy):
+        return ef.train_step(s, xx, yy, donate=s is not perturbed)
+
     fns = {"eager": eager, **{name: kc.step for name, kc in caches.items()}}
     chains = {name: state for name in fns}
+    chains["noise"] = perturbed
+    fns["noise"] = eager_perturbed
     times: dict[str, list[float]] = {name: [] for name in fns}
     step = 0
     for block in range(blocks + 1):  # block 0 warms every path (allocator, oneDNN primitive caches)
@@ -73,7 +86,9 @@ def one(host: str, n: int, seed: bool, blocks: int, per_block: int) -> dict:
         step += per_block
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     row = {"host": host, "n": n, "seed": "conv1d_k5" if seed else "none", "eager_ms": med["eager"],
-           "steps_compared": (blocks + 1) * per_block}
+           "steps_compared": (blocks + 1) * per_block,
+           "noise_floor": max(float((chains["eager"].params_flat[k] - chains["noise"].params_flat[k]).abs().max())
+                              for k in state.params_flat)}
     for name, info in infos.items():
         saved = (med["eager"] - med[name]) / 1e3
         diff = max(float((chains["eager"].params_flat[k] - chains[name].params_flat[k]).abs().max())
@@ -103,8 +118,9 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
     print()
     print("| host | hosts | seed | eager ms/step | compiled ms/step (library conv / loops) | speed-up | compile s "
-          "| break-even steps (epochs) | kernel MiB | max param diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| break-even steps (epochs) | kernel MiB | max param diff from eager | eager vs eager from 1e-7 "
+          "perturbed params |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def be(k):
         v = k["break_even_steps"]
@@ -115,7 +131,7 @@ def main() -> None:
         print(f"| {r['host']} | {r['n']} | {r['seed']} | {r['eager_ms']:.2f} | {lib['ms']:.2f} / {loops['ms']:.2f} | "
               f"{lib['speedup']:.2f}x / **{loops['speedup']:.2f}x** | {lib['compile_s']:.1f} / {loops['compile_s']:.1f} "
               f"| {be(lib)} / {be(loops)} | {lib['kernel_mib']:.1f} / {loops['kernel_mib']:.1f} | "
-              f"{lib['max_param_diff']:.1e} / {loops['max_param_diff']:.1e} |")
+              f"{lib['max_param_diff']:.1e} / {loops['max_param_diff']:.1e} | {r['noise_floor']:.1e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -20,7 +20,7 @@ size of the code it generated), and the least recently used kernels are evicted 
 `KernelCache.stats` counts hits, misses, compiles and evictions. Every kernel gets its own code
 object, so dynamo's per-function recompile limit never applies and an evicted kernel's compiled code
 goes with it. Kernels live in memory only: torch's on-disk FX graph cache (which pickles) is switched
-off while they compile. By default stride-1 1-D convolutions are lowered to loops that inductor
+off while they compile. By default 1-D convolutions are lowered to loops that inductor
 fuses (``conv="loops"``) rather than left as oneDNN calls: the small convolutions of conv seeds,
 vmapped over stacked hosts, are where eager steps spend their time (docs/benchmarks.md).
 
@@ -307,45 +307,54 @@ def _code_bytes(before: set[int]) -> int:
     return total
 
 
-def _conv1d_plain(weight: Tensor, stride, dilation, transposed) -> bool:
-    return weight.dim() == 3 and list(stride) == [1] and list(dilation) == [1] and not transposed
+def _conv1d_plain(weight: Tensor, dilation, transposed) -> bool:
+    return weight.dim() == 3 and list(dilation) == [1] and not transposed
 
 
 def _conv1d_as_loops(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    """`aten.convolution` of a stride-1 1-D convolution as a broadcast multiply and a sum over
-    (input channel, tap), which inductor fuses into one loop nest. Other convolutions keep the
-    library call (NotImplemented)."""
-    if not _conv1d_plain(weight, stride, dilation, transposed):
+    """`aten.convolution` of a 1-D convolution (any stride, padding and groups; no dilation) as a
+    broadcast multiply and a sum over (input channel, tap), which inductor fuses into one loop nest.
+    Other convolutions keep the library call (NotImplemented)."""
+    if not _conv1d_plain(weight, dilation, transposed):
         return NotImplemented
-    b, _, _ = x.shape
+    b = x.shape[0]
     c_out, c_in_g, k = weight.shape
-    g, p = groups, padding[0]
-    u = F.pad(x, (p, p)).unfold(-1, k, 1)  # [B, C_in, L_out, k], a view
+    g, p, st = groups, padding[0], stride[0]
+    u = F.pad(x, (p, p)).unfold(-1, k, st)  # [B, C_in, L_out, k], a view
     n = u.shape[2]
     out = (u.reshape(b, g, 1, c_in_g, n, k) * weight.reshape(1, g, c_out // g, c_in_g, 1, k)).sum((3, 5))
     out = out.reshape(b, c_out, n)
     return out if bias is None else out + bias.reshape(1, c_out, 1)
 
 
+def _spread(t: Tensor, s: int) -> Tensor:
+    """[..., n] -> [..., (n - 1) * s + 1]: the values s apart, zeros between (a strided scatter as
+    views and a concatenation, which inductor fuses)."""
+    if s == 1:
+        return t
+    z = t.new_zeros(*t.shape, s - 1)
+    return torch.cat([t.unsqueeze(-1), z], -1).flatten(-2)[..., : (t.shape[-1] - 1) * s + 1]
+
+
 def _conv1d_backward_as_loops(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
                               groups, mask):
     """`aten.convolution_backward` for the convolutions `_conv1d_as_loops` handles: input gradient
-    by scattering the taps back (a sum of k shifted pads), weight gradient as a reduction over batch
-    and positions, bias gradient as a sum."""
-    if not _conv1d_plain(weight, stride, dilation, transposed):
+    by scattering every tap back to its input position (k shifted, spread copies summed), weight
+    gradient as a reduction over batch and positions, bias gradient as a sum."""
+    if not _conv1d_plain(weight, dilation, transposed):
         return NotImplemented
     b, c_in, length = x.shape
     c_out, c_in_g, k = weight.shape
-    g, p = groups, padding[0]
+    g, p, st = groups, padding[0], stride[0]
     n = grad.shape[-1]
     go = grad.reshape(b, g, c_out // g, 1, n, 1)
     gi = gw = gb = None
     if mask[0]:
         t = (go * weight.reshape(1, g, c_out // g, c_in_g, 1, k)).sum(2).reshape(b, c_in, n, k)
-        padded = length + 2 * p
-        gi = sum(F.pad(t[..., j], (j, padded - n - j)) for j in range(k))[..., p:p + length]
+        padded, span = length + 2 * p, (n - 1) * st + 1
+        gi = sum(F.pad(_spread(t[..., j], st), (j, padded - span - j)) for j in range(k))[..., p:p + length]
     if mask[1]:
-        u = F.pad(x, (p, p)).unfold(-1, k, 1).reshape(b, g, 1, c_in_g, n, k)
+        u = F.pad(x, (p, p)).unfold(-1, k, st).reshape(b, g, 1, c_in_g, n, k)
         gw = (go * u).sum((0, 4)).reshape(c_out, c_in_g, k)
     if mask[2]:
         gb = grad.sum((0, 2))
@@ -372,7 +381,7 @@ class KernelCache:
         max_bytes: the most the kept kernels may be charged in total (default 512 MiB).
         compile: compile kernels with `torch.compile` (the default). With False the cache holds the
             uncompiled pure steps: same keys, same outputs, for testing the cache without a compiler.
-        conv: "loops" (the default) lowers stride-1 1-D convolutions to loops inductor fuses with
+        conv: "loops" (the default) lowers 1-D convolutions (no dilation) to loops inductor fuses with
             their neighbours; "library" keeps inductor's call to the oneDNN kernel. (On this kind of
             CPU "loops" made 16 stacked conv-seeded hosts ~4x faster: docs/benchmarks.md.)
         backend, mode: passed to `torch.compile` ("inductor"; None is its default mode). A backend

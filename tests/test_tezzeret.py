@@ -303,23 +303,24 @@ def test_loss_functions_other_than_cross_entropy(generator):
     assert _max_diff(e.params_flat, c.params_flat) < 1e-5 and kc.stats.hits == 1
 
 
-@pytest.mark.parametrize("c_in,c_out,k,groups,pad", [(1, 16, 5, 1, 2), (16, 1, 5, 1, 2), (4, 8, 3, 2, 1),
-                                                     (32, 64, 5, 16, 0), (3, 6, 3, 3, 2)])
-def test_the_conv_lowering_equals_torch_convolution(c_in, c_out, k, groups, pad, generator):
+@pytest.mark.parametrize("c_in,c_out,k,groups,pad,stride", [
+    (1, 16, 5, 1, 2, 1), (16, 1, 5, 1, 2, 1), (4, 8, 3, 2, 1, 1), (32, 64, 5, 16, 0, 1), (3, 6, 3, 3, 2, 1),
+    (1, 4, 5, 1, 1, 2), (4, 4, 3, 1, 1, 2), (8, 8, 3, 4, 0, 3)])  # the cnn hosts' convs: stride 2
+def test_the_conv_lowering_equals_torch_convolution(c_in, c_out, k, groups, pad, stride, generator):
     """The loop lowering the compiled kernels use (`conv="loops"`), run eagerly: forward and all three
     gradients equal `F.conv1d` and its autograd backward."""
     x = torch.randn(7, c_in, 19, generator=generator, requires_grad=True)
     w = torch.randn(c_out, c_in // groups, k, generator=generator, requires_grad=True)
     bias = torch.randn(c_out, generator=generator, requires_grad=True)
-    ref = F.conv1d(x, w, bias, padding=pad, groups=groups)
-    out = tz._conv1d_as_loops(x, w, bias, [1], [pad], [1], False, [0], groups)
+    ref = F.conv1d(x, w, bias, stride=stride, padding=pad, groups=groups)
+    out = tz._conv1d_as_loops(x, w, bias, [stride], [pad], [1], False, [0], groups)
     assert torch.allclose(out, ref, atol=1e-5)
     go = torch.randn(ref.shape, generator=generator)
     gx, gw, gb = torch.autograd.grad(ref, (x, w, bias), go)
-    lx, lw, lb = tz._conv1d_backward_as_loops(go, x.detach(), w.detach(), [c_out], [1], [pad], [1], False, [0],
-                                              groups, [True, True, True])
+    lx, lw, lb = tz._conv1d_backward_as_loops(go, x.detach(), w.detach(), [c_out], [stride], [pad], [1], False,
+                                              [0], groups, [True, True, True])
     assert torch.allclose(lx, gx, atol=1e-4) and torch.allclose(lw, gw, atol=1e-4) and torch.allclose(lb, gb, atol=1e-4)
-    assert tz._conv1d_as_loops(x, w, bias, [2], [pad], [1], False, [0], groups) is NotImplemented  # strided: library
+    assert tz._conv1d_as_loops(x, w, bias, [1], [pad], [2], False, [0], groups) is NotImplemented  # dilated: library
     assert tz._conv1d_as_loops(x, w[..., None], bias, [1, 1], [pad, pad], [1, 1], False, [0, 0], groups) \
         is NotImplemented  # 2-D
 
