@@ -64,10 +64,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "train_step": ("._apply", "train_step"),
     "unstack": ("._state", "unstack"),
     "wrap": ("._host", "wrap"),
+    "CompileError": ("._errors", "CompileError"),
+    "LibraryError": ("._errors", "LibraryError"),
+    "SeedNotFoundError": ("._errors", "SeedNotFoundError"),
+    "WarmStartError": ("._errors", "WarmStartError"),
 }
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
-_SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli")
+_SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli", "urza", "tezzeret")
 
 __all__ = list(_LAZY)
 
@@ -97,19 +101,23 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from . import _host as hosts
-    from . import blueprints, checkpoint, optim, report
+    from . import blueprints, checkpoint, optim, report, tezzeret, urza
     from ._apply import INCUBATION, apply, train_step
     from ._errors import (
         BlueprintError,
         CapabilityError,
         CheckpointError,
+        CompileError,
         ConfigError,
         EsperError,
         GateError,
         GraftError,
         HostError,
         IllegalTransitionError,
+        LibraryError,
+        SeedNotFoundError,
         TaskError,
+        WarmStartError,
     )
     from ._export import GrownNetwork, export
     from ._host import Host, SlotSpec, wrap
