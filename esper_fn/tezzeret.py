@@ -194,8 +194,9 @@ def _functional_update(opt, keys, params, grads, states):
         nu = states["nu"][j] * b2 + (1 - b2) * g * g
         # 1 - beta ** step as -expm1(step * log(beta)): the direct form cancels in float32
         # (1 - 0.999 ** 1 is off by 1e-5 relative), which the eager kernels avoid by using doubles.
-        bc1 = -torch.expm1(step * math.log(b1))
-        bc2 = torch.sqrt(-torch.expm1(step * math.log(b2)))
+        t = step.to(p.dtype)  # the count is float32; in a float64 state the correction is float64 too
+        bc1 = -torch.expm1(t * math.log(b1))
+        bc2 = torch.sqrt(-torch.expm1(t * math.log(b2)))
         if step.dim():  # stacked hosts: a count per host, broadcast over the leaf
             bc1 = bc1.reshape(bc1.shape + (1,) * (p.dim() - bc1.dim()))
             bc2 = bc2.reshape(bc2.shape + (1,) * (p.dim() - bc2.dim()))

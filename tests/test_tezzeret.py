@@ -186,9 +186,9 @@ def test_train_epoch_prepares_at_epoch_start_and_matches_the_eager_epoch():
 
 
 def test_in_float64_the_kernel_tracks_the_eager_step_over_an_epoch():
-    """Same arithmetic, not just close: in float64 an incubating seed's 30 steps agree to 1e-7
-    (float32 drifts to ~1e-5 where a ReLU input sits at 0). This caught a bias correction that
-    cancelled in float32."""
+    """Same arithmetic, not just close: in float64 an incubating seed's 30 steps agree to 1e-12
+    (measured 6e-16; float32 drifts to ~1e-5 where a ReLU input sits at 0). This caught a bias
+    correction that cancelled in float32."""
     task = load("mnist1d", seed=0)
     s = ef.init(ef.hosts.preset("mlp-impaired"), generator=torch.Generator().manual_seed(0))
     s = ef.advance(ef.germinate(s, "input", "conv1d_k5", generator=torch.Generator().manual_seed(2)), "input")
@@ -201,8 +201,8 @@ def test_in_float64_the_kernel_tracks_the_eager_step_over_an_epoch():
     for x, y in batches:
         e, _ = ef.train_step(e, x, y)
         c, _ = kc.step(c, x, y)
-    assert _max_diff(e.params_flat, c.params_flat) < 1e-7
-    assert _max_diff(e.opt_flat, c.opt_flat) < 1e-7
+    assert _max_diff(e.params_flat, c.params_flat) < 1e-12
+    assert _max_diff(e.opt_flat, c.opt_flat) < 1e-12
 
 
 # torch's inductor imports torch.utils.mkldnn, which uses a deprecated torch.jit API at import time
