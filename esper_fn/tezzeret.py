@@ -8,8 +8,8 @@ plus its role signature (which slots are live, incubating or idle on some host: 
 step's options and the batch's shapes. A kernel is a pure function of tensors; the Python work of a
 step (which seeds run, which leaves train, which hosts are masked) is decided once per key, when the
 kernel is built. Kernels are built only by `KernelCache.prepare`, never by `KernelCache.step`: a
-step whose key has no kernel runs eagerly (`train_step`) and counts as a miss. `train_epoch`
-prepares at the start of the epoch, so a germinate, fossilize or prune between epochs (or a blend
+step whose key has no kernel runs eagerly (`train_step`) and counts as a miss.
+`esper_fn.training.train_epoch(..., kernels=)` (and `train_epochs`) prepares at the start of the epoch, so a germinate, fossilize or prune between epochs (or a blend
 that makes a seed live at a tick) switches kernels there, compiling each structure once, and nothing
 compiles in the middle of an epoch. Stages and alphas change only between epochs, so the key is
 fixed within one.
@@ -75,7 +75,6 @@ __all__ = [
     "characterise_catalogue",
     "seed_costs",
     "step_key",
-    "train_epoch",
 ]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("mlp-impaired", "cnn-impaired")
@@ -534,55 +533,6 @@ class KernelCache:
         new = _derive(state, params_flat=params, opt_flat=opt, buffers_flat=buffers, _owned=frozenset(kernel.keys),
                       _keep_cache=True)
         return new, metrics
-
-
-def train_epoch(state: State, task, config=None, *, generator: torch.Generator,
-                kernels: KernelCache) -> tuple[State, dict[str, float]]:
-    """One epoch as `esper_fn.training.train_epoch`, through `kernels`: the kernel for the state's
-    key is prepared (compiled if new) before the first step, so structure changes between epochs
-    compile there and never mid-epoch. A last batch of another size than the first runs eagerly.
-
-    Args:
-        state: a single state.
-        task: the data (`esper_fn.tasks.Task`); batches drawn with `generator`, as `train_epoch` does.
-        config: a `esper_fn.training.TrainConfig` (batch size, incubation, aux weight).
-        kernels: the kernel cache.
-
-    Returns:
-        ``(state, metrics)``: "train_loss", "train_accuracy", "shadow_loss" (while seeds incubate) and
-        "grad_norm/<group>" per trained group, defined as in `esper_fn.training.train_epoch`.
-    """
-    from .training import TrainConfig
-
-    if state.batch:
-        raise GraftError(f"tezzeret.train_epoch takes a single state (got batch {state.batch}).")
-    config = config or TrainConfig()
-    kw = dict(incubation=config.incubation, aux_weight=config.aux_weight, grad_stats=True, with_output=True)
-    n = task.split("train")[0].shape[0]
-    batches = iter(task.batches("train", config.batch_size, generator=generator))
-    first = next(batches)
-    kernels.prepare(state, *first, **kw)
-    keys = _plan(state).trainable(config.incubation == "shadow" and bool(_plan(state).incubating))
-    groups = ["host" if k[0] == "host" else k[1] for k in keys]
-    loss = correct = shadow = 0.0
-    grad_sq = torch.zeros(len(keys))
-    steps = 0
-    for xb, yb in [first, *batches]:
-        state, m = kernels.step(state, xb, yb, **kw)
-        loss += float(m["loss"]) * yb.shape[0]
-        correct += float((m["output"].argmax(-1) == yb).sum())
-        if "shadow_loss" in m:
-            shadow += float(m["shadow_loss"]) * yb.shape[0]
-        grad_sq += m["grad_sq"]
-        steps += 1
-    out = {"train_loss": loss / n, "train_accuracy": correct / n}
-    if _plan(state).incubating and config.incubation == "shadow":
-        out["shadow_loss"] = shadow / n
-    per_group: dict[str, float] = {}
-    for g, v in zip(groups, (grad_sq / max(steps, 1)).tolist()):
-        per_group[g] = per_group.get(g, 0.0) + v
-    out.update({f"grad_norm/{g}": math.sqrt(v) for g, v in per_group.items()})
-    return state, out
 
 
 # ============================================================================ characterisation

@@ -7,9 +7,10 @@ units in docs/telemetry.md). Nothing here prints or logs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from ._errors import GraftError
 from ._lifecycle import Stage
 from ._state import State, partition, stack, unstack
 from .tasks import Task
+
+if TYPE_CHECKING:
+    from .tezzeret import KernelCache
 
 __all__ = ["TrainConfig", "contributions", "evaluate", "flops_per_sample", "telemetry", "train_epoch", "train_epochs"]
 
@@ -44,7 +48,8 @@ class TrainConfig(BaseModel):
 
 
 def train_epoch(
-    state: State, task: Task, config: TrainConfig | None = None, *, generator: torch.Generator
+    state: State, task: Task, config: TrainConfig | None = None, *, generator: torch.Generator,
+    kernels: KernelCache | None = None,
 ) -> tuple[State, dict[str, float]]:
     """One pass over the training split.
 
@@ -53,6 +58,8 @@ def train_epoch(
         task: the data; batches are drawn with `generator`.
         config: batch size and incubation mode.
         generator: orders the samples (advanced by one draw).
+        kernels: opt-in compiled steps (`esper_fn.tezzeret.KernelCache`): the kernel for the
+            state's structure is prepared (compiled if new) before the first batch, never mid-epoch.
 
     Returns:
         ``(state, metrics)`` with "train_loss" and "train_accuracy" (running means over the epoch,
@@ -63,7 +70,7 @@ def train_epoch(
     if state.batch:
         raise GraftError(f"train_epoch takes a single state (got batch {state.batch}); for many hosts use "
                          "`train_epochs(unstack(state), ...)`, which gives each host its own data order.")
-    return _epoch(state, task, config or TrainConfig(), [generator])[0]
+    return _epoch(state, task, config or TrainConfig(), [generator], kernels)[0]
 
 
 def train_epochs(
@@ -72,6 +79,7 @@ def train_epochs(
     config: TrainConfig | None = None,
     *,
     generators: Sequence[torch.Generator],
+    kernels: KernelCache | None = None,
 ) -> list[tuple[State, dict[str, float]]]:
     """One epoch for each of N hosts, batched: hosts of one structure and task train in one stacked
     call (`partition`), whatever their stages and alphas.
@@ -85,6 +93,8 @@ def train_epochs(
         tasks: one task for all, or one per state (grouping uses task identity).
         config: batch size and incubation mode.
         generators: N generators, one per state (each advanced by one draw).
+        kernels: opt-in compiled steps (`esper_fn.tezzeret.KernelCache`), one kernel per group
+            structure, prepared before the group's first batch.
 
     Returns:
         ``[(state, metrics)]`` aligned with `states`; metrics as in `train_epoch`.
@@ -102,12 +112,13 @@ def train_epochs(
             by_task.setdefault(id(tasks[j]), []).append(j)
         for idx in by_task.values():
             st = states[idx[0]] if len(idx) == 1 else stack([states[j] for j in idx])
-            for j, res in zip(idx, _epoch(st, tasks[idx[0]], config, [generators[j] for j in idx])):
+            for j, res in zip(idx, _epoch(st, tasks[idx[0]], config, [generators[j] for j in idx], kernels)):
                 out[j] = res
     return out
 
 
-def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[torch.Generator]):
+def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[torch.Generator],
+           kernels: KernelCache | None = None):
     """One epoch of a single or stacked state; returns [(single state, metrics)] per host."""
     batched = bool(state.batch)
     x, y = task.split("train")
@@ -122,10 +133,17 @@ def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[t
     keys = trained_keys(state, config.incubation)
     groups = ["host" if k[0] == "host" else k[1] for k in keys]
     losses, corrects, shadows, grad_sqs, sizes = [], [], [], [], []
+    kw = dict(incubation=config.incubation, aux_weight=config.aux_weight, grad_stats=True, with_output=True)
+    if kernels is not None:  # compile (if new) here, before the epoch, never in its middle
+        batches = iter(batches)
+        first = next(batches)
+        kernels.prepare(state, *first, **kw)
+        batches = itertools.chain([first], batches)
     for step, (xb, yb) in enumerate(batches):
-        # The caller's state is never donated; the intermediate states are ours alone.
-        state, m = train_step(state, xb, yb, incubation=config.incubation, aux_weight=config.aux_weight,
-                              grad_stats=True, with_output=True, donate=step > 0)
+        if kernels is not None:
+            state, m = kernels.step(state, xb, yb, **kw)
+        else:  # the caller's state is never donated; the intermediate states are ours alone
+            state, m = train_step(state, xb, yb, **kw, donate=step > 0)
         losses.append(m["loss"])
         corrects.append((m["output"].argmax(-1) == yb).sum(-1))
         if "shadow_loss" in m:
