@@ -25,6 +25,7 @@ from esper_fn import blueprints as bpm
 from esper_fn.controllers import Observation
 from esper_fn.run import GovernorConfig, governor_verdict, rng_streams
 from esper_fn.tasks import Task, load
+from esper_fn.tezzeret import KernelCache
 from esper_fn.training import TrainConfig, telemetry, train_epochs
 
 from . import _features as feats
@@ -170,6 +171,10 @@ class MorphogenesisEnv(EnvBase):
         terminal_at_budget: at ``max_epochs`` set ``terminated`` as well as ``truncated`` (the
             episode's return is complete, so advantage estimation must not bootstrap; see
             docs/env.md). False leaves ``terminated`` False there.
+        kernels: opt-in compiled train steps (`esper_fn.tezzeret.KernelCache`): each stacked group
+            of rows trains through the kernel of its structure, compiled once when the structure is
+            first seen (at the start of an epoch, never mid-epoch). Eager (None) is the default and
+            the reference; compiled rows agree with it within float rounding.
 
     Raises:
         ConfigError: invalid arguments.
@@ -198,6 +203,7 @@ class MorphogenesisEnv(EnvBase):
         task_kwargs: Mapping | None = None,
         subset: Mapping[str, int] | None = None,
         terminal_at_budget: bool = True,
+        kernels: KernelCache | None = None,
         device: str | torch.device | None = None,
     ):
         if (contexts is None) == (task is None and host is None):
@@ -234,6 +240,7 @@ class MorphogenesisEnv(EnvBase):
         self.governor = governor or GovernorConfig()
         self.max_param_ratio = max_param_ratio
         self.terminal_at_budget = terminal_at_budget
+        self.kernels = kernels
         self.optimizer = ef.optim.adam({"host": lr, "seeds": seed_lr or lr})
 
         tasks: dict[str, Task] = {}
@@ -408,7 +415,7 @@ class MorphogenesisEnv(EnvBase):
             fossil.append(c)
             before.append(ef.tick(state, gates=self.gates))
         results = train_epochs(before, [self.contexts[r.context].task for r in rows], self.train_config,
-                               generators=[r.streams.data for r in rows])
+                               generators=[r.streams.data for r in rows], kernels=self.kernels)
         metrics = self._telemetry([s for s, _ in results], [m for _, m in results], rows)
         rolled, failed = [False] * N, [False] * N
         for i, (row, (new, _), m) in enumerate(zip(rows, results, metrics)):
