@@ -338,22 +338,27 @@ def train_step(
             for name in mirrors:
                 old = states[name][j]
                 new_s[name][j] = torch.where(m.view(m.shape + (1,) * (old.dim() - m.dim())), new_s[name][j], old)
-    params_out = dict(pf)
-    params_out.update(zip(keys, new_p))
-    opt_out = dict(opt)
-    for m in mirrors:
-        opt_out.update(zip(((m,) + k for k in keys), new_s[m]))
-    buffers_out = state.buffers_flat
+    return _stepped(state, keys, new_p, new_s, host_buf, seed_buf), metrics
+
+
+def _stepped(state: State, keys, new_p, new_s, host_buf, seed_buf) -> State:
+    """The state after a step: updated leaves `keys` (`new_p`, mirrors `new_s`) and the buffers the
+    training forward returned; it owns the fresh tensors of `keys` (they may be donated next)."""
+    params = dict(state.params_flat)
+    params.update(zip(keys, new_p))
+    opt = dict(state.opt_flat)
+    for m in state.optimizer.mirrors:
+        opt.update(zip(((m,) + k for k in keys), new_s[m]))
+    buffers = state.buffers_flat
     if host_buf or seed_buf:
-        buffers_out = dict(buffers_out)
+        buffers = dict(buffers)
         for n, v in host_buf.items():
-            buffers_out[("host", *n.split("."))] = v.detach()
-        for s, d in seed_buf.items():
+            buffers[("host", *n.split("."))] = v.detach()
+        for slot, d in seed_buf.items():
             for n, v in d.items():
-                buffers_out[("seeds", s, n)] = v.detach()
-    new = _derive(state, params_flat=params_out, opt_flat=opt_out, buffers_flat=buffers_out,
-                  _owned=frozenset(keys), _keep_cache=True)
-    return new, metrics
+                buffers[("seeds", slot, n)] = v.detach()
+    return _derive(state, params_flat=params, opt_flat=opt, buffers_flat=buffers, _owned=frozenset(keys),
+                   _keep_cache=True)
 
 
 def _update_masks(state: State, plan: _Plan, shadow: bool) -> dict[Key, Tensor]:

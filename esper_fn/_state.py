@@ -26,8 +26,6 @@ from ._errors import GateError, GraftError, HostError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
     CURVES,
-    LIVE_STAGES,
-    SEEDED_STAGES,
     GateConfig,
     Op,
     Stage,

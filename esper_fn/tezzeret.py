@@ -59,10 +59,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._apply import INCUBATION, _plan, _run, _shadow_forward, _update_masks, train_step
-from ._errors import BlueprintError, CompileError, ConfigError, GraftError
+from ._apply import INCUBATION, _plan, _run, _shadow_forward, _stepped, _update_masks, train_step
+from ._errors import BlueprintError, CompileError, ConfigError
 from ._host import Host, SlotSpec
-from ._state import Key, State, _derive, structure
+from ._state import Key, State, structure
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -517,22 +517,7 @@ class KernelCache:
         self._counts["hits"] += 1
         self._kernels.move_to_end(key)
         new_p, new_s, hb, sb, metrics = self._call(kernel, state, x, y)
-        params = dict(state.params_flat)
-        params.update(zip(kernel.keys, new_p))
-        opt = dict(state.opt_flat)
-        for m in state.optimizer.mirrors:
-            opt.update(zip(((m,) + k for k in kernel.keys), new_s[m]))
-        buffers = state.buffers_flat
-        if hb or sb:
-            buffers = dict(buffers)
-            for n, v in hb.items():
-                buffers[("host", *n.split("."))] = v.detach()
-            for s, d in sb.items():
-                for n, v in d.items():
-                    buffers[("seeds", s, n)] = v.detach()
-        new = _derive(state, params_flat=params, opt_flat=opt, buffers_flat=buffers, _owned=frozenset(kernel.keys),
-                      _keep_cache=True)
-        return new, metrics
+        return _stepped(state, kernel.keys, new_p, new_s, hb, sb), metrics
 
 
 # ============================================================================ characterisation
