@@ -23,6 +23,7 @@ from typing import Any
 
 import warnings
 
+import safetensors
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tensordict import TensorDictBase
@@ -216,7 +217,8 @@ class _Loggers:
 def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, layout: Layout, *,
               resume: bool = False, progress: bool = True, tensorboard: bool = True,
               metadata: Mapping[str, Any] | None = None,
-              on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+              on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+              init: str | Path | None = None) -> dict[str, Any]:
     """Train Tamiyo with PPO.
 
     Args:
@@ -233,6 +235,9 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
         tensorboard: also log to TensorBoard when it is installed.
         metadata: JSON extras stored with the final weights (e.g. the command line).
         on_iteration: called with (iteration, scalars) after every iteration.
+        init: a `save_tamiyo` file to start from (warm start: weights only; the optimizer, RNG
+            and env enumeration start fresh from ``config``). Its architecture (``config.tamiyo``)
+            and action layout must match. Ignored when ``resume`` finds a checkpoint.
 
     Returns:
         A summary: iterations run, frames, wall seconds, the last iteration's scalars, the weights
@@ -270,6 +275,15 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
             load_into(actor, critic, {k[len("model/"):]: v for k, v in saved[0].items() if k.startswith("model/")},
                       where=str(ckpts.directory))
             _load_optimizer(opt, saved[0], saved[1]["optimizer"])
+        elif init is not None:
+            with safetensors.safe_open(str(init), framework="pt") as f:
+                saved_conf = json.loads((f.metadata() or {}).get("config", "{}"))
+                own = json.loads(tconf.model_dump_json())
+                diff = sorted(k for k in own if k not in ("safety_bias", "uncertainty_bias")
+                              and saved_conf.get(k) != own[k])
+                if diff:
+                    raise ConfigError(f"init {init}: its Tamiyo config differs from this run's in {diff}.")
+                load_into(actor, critic, {k: f.get_tensor(k) for k in f.keys()}, where=str(init))
         env.set_seed(config.seed + start * N)  # whole episodes per batch: the enumeration continues
         collector = Collector(env, actor, frames_per_batch=N * T, total_frames=N * T * (config.iterations - start),
                               auto_register_policy_transforms=False, trust_policy=True)

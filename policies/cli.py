@@ -54,6 +54,9 @@ def _env_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=30, help="epochs per episode (the budget)")
     g.add_argument("--num-envs", type=int, default=8, help="env rows (hosts trained in lockstep)")
     g.add_argument("--reward", default="delta_accuracy")
+    g.add_argument("--rent", type=float, default=None,
+                   help="train-tamiyo: the reward's parameter rent (default: the reward's own, 0.1; also read as "
+                        "`reward: {rent: ...}` from --config; eval ignores it)")
     g.add_argument("--blueprints", default=None, help="comma-separated blueprint ids (default: the catalogue)")
     g.add_argument("--tempos", default="3,5,8")
     g.add_argument("--max-param-ratio", type=float, default=None, help="mask germinations beyond this size ratio")
@@ -97,11 +100,20 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
         if v is not None:
             fields[name] = v
     fields["seed"] = args.seed
+    reward = {"name": args.reward, **(fields.pop("reward", None) or {})}  # env reward options, not PPOConfig
+    if args.rent is not None:
+        reward["rent"] = args.rent
+    if len(reward) > 1:  # options beyond the name: build the reward function here
+        opts = {k: v for k, v in reward.items() if k != "name"}
+        kw["reward"] = envs.rewards.REWARDS[reward["name"]](**opts)
+        make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
     config = PPOConfig(**fields)
     print(f"esper-fn train-tamiyo: {[c.name for c in probe.contexts]}, {args.num_envs} rows x {args.epochs} epochs, "
           f"{config.iterations} iterations, {probe.action_space.n} actions, seed {config.seed} -> {args.out}")
     env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+    env_meta["reward"] = reward
     summary = train_ppo(make_env, config, args.out, layout, resume=args.resume, progress=not args.no_progress,
+                        init=args.init,
                         metadata={"command": " ".join(["esper-fn", *sys.argv[1:]]),
                                   "env": json.loads(json.dumps(env_meta, default=str))})
     last = summary["last"]
@@ -196,6 +208,7 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", default="runs/tamiyo")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--init", help="Tamiyo weights to start from (warm start; same architecture and env)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=lambda a: _train(a, load_envs))
 
