@@ -291,29 +291,15 @@ def train_step(
     params = dict(pf)
     params.update(zip(keys, leaves))
     batched = bool(state.batch)
-    if not batched:
-        lf = loss_fn
-    elif loss_fn is F.cross_entropy:  # one flat call is faster than vmapping it (same values)
-        lf = lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten(), reduction="none").view(t.shape).mean(-1)  # noqa: E731
-    else:
-        lf = torch.vmap(loss_fn)
+    lf = per_host_loss(loss_fn, batched)
 
     with torch.enable_grad():
-        out, aux, host_buf, seed_buf = _run(state, plan, plan.live, params, x, True)
-        per_host = lf(out, y)
-        total = per_host.sum() if batched else per_host
-        if aux is not None:
-            total = total + aux_weight * (aux.sum() if batched else aux)
-        metrics = {"loss": per_host.detach()}
+        total, parts, host_buf, seed_buf = step_loss(state, plan, params, x, y, lf, aux_weight, shadow)
+        metrics = {"loss": parts["loss"].detach()}
         if with_output:
-            metrics["output"] = out.detach()
+            metrics["output"] = parts["output"].detach()
         if shadow:
-            sout, saux = _shadow_forward(state, plan, params, x)
-            s_loss = lf(sout, y)
-            total = total + (s_loss.sum() if batched else s_loss)
-            if saux is not None:
-                total = total + aux_weight * (saux.sum() if batched else saux)
-            metrics["shadow_loss"] = s_loss.detach()
+            metrics["shadow_loss"] = parts["shadow_loss"].detach()
         grads = torch.autograd.grad(total, leaves, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
     if grad_stats:
@@ -339,6 +325,36 @@ def train_step(
                 old = states[name][j]
                 new_s[name][j] = torch.where(m.view(m.shape + (1,) * (old.dim() - m.dim())), new_s[name][j], old)
     return _stepped(state, keys, new_p, new_s, host_buf, seed_buf), metrics
+
+
+def per_host_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], batched: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """`loss_fn` as a per-host loss: 0-d for one host, [N] for N stacked hosts."""
+    if not batched:
+        return loss_fn
+    if loss_fn is F.cross_entropy:  # one flat call is faster than vmapping it (same values)
+        return lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten(), reduction="none").view(t.shape).mean(-1)
+    return torch.vmap(loss_fn)
+
+
+def step_loss(state, plan: _Plan, params, x: Tensor, y: Tensor, lf, aux_weight: float, shadow: bool):
+    """The training objective of one step: the live loss summed over hosts, the seeds' auxiliary
+    losses, and (with `shadow`) the shadow forward's loss. Returns ``(total, parts, host_buffers,
+    seed_buffers)``, parts holding "loss" (per host), "output" and, with `shadow`, "shadow_loss"."""
+    batched = bool(state.batch)
+    out, aux, host_buf, seed_buf = _run(state, plan, plan.live, params, x, True)
+    per_host = lf(out, y)
+    total = per_host.sum() if batched else per_host
+    if aux is not None:
+        total = total + aux_weight * (aux.sum() if batched else aux)
+    parts = {"loss": per_host, "output": out}
+    if shadow:
+        sout, saux = _shadow_forward(state, plan, params, x)
+        s_loss = lf(sout, y)
+        total = total + (s_loss.sum() if batched else s_loss)
+        if saux is not None:
+            total = total + aux_weight * (saux.sum() if batched else saux)
+        parts["shadow_loss"] = s_loss
+    return total, parts, host_buf, seed_buf
 
 
 def _stepped(state: State, keys, new_p, new_s, host_buf, seed_buf) -> State:

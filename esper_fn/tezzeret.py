@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._apply import INCUBATION, _plan, _run, _shadow_forward, _stepped, _update_masks, train_step
+from ._apply import INCUBATION, _plan, _stepped, _update_masks, per_host_loss, step_loss, train_step
 from ._errors import BlueprintError, CompileError, ConfigError
 from ._host import Host, SlotSpec
 from ._state import Key, State, structure
@@ -224,12 +224,7 @@ def _build(state: State, *, incubation: str, loss_fn: Callable, aux_weight: floa
     host, batch, opt = state.host, state.batch, state.optimizer
     mirrors = opt.mirrors
     batched = bool(batch)
-    if not batched:
-        lf = loss_fn
-    elif loss_fn is F.cross_entropy:
-        lf = lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten(), reduction="none").view(t.shape).mean(-1)  # noqa: E731
-    else:
-        lf = torch.vmap(loss_fn)
+    lf = per_host_loss(loss_fn, batched)
     nb = len(batch)
 
     def step(train, frozen, bufs, opt_states, stage, alpha, masks, x, y):
@@ -239,21 +234,12 @@ def _build(state: State, *, incubation: str, loss_fn: Callable, aux_weight: floa
         def loss(leaves):
             params = dict(base)
             params.update(zip(keys, leaves))
-            out, aux, hb, sb = _run(view, plan, plan.live, params, x, True)
-            per_host = lf(out, y)
-            total = per_host.sum() if batched else per_host
-            if aux is not None:
-                total = total + aux_weight * (aux.sum() if batched else aux)
-            extra = {"loss": per_host, "hb": hb, "sb": sb}  # only tensors: torch.func.grad's aux
+            total, parts, hb, sb = step_loss(view, plan, params, x, y, lf, aux_weight, shadow)
+            extra = {"loss": parts["loss"], "hb": hb, "sb": sb}  # only tensors: torch.func.grad's aux
             if with_output:
-                extra["output"] = out
+                extra["output"] = parts["output"]
             if shadow:
-                sout, saux = _shadow_forward(view, plan, params, x)
-                s_loss = lf(sout, y)
-                total = total + (s_loss.sum() if batched else s_loss)
-                if saux is not None:
-                    total = total + aux_weight * (saux.sum() if batched else saux)
-                extra["shadow_loss"] = s_loss
+                extra["shadow_loss"] = parts["shadow_loss"]
             return total, extra
 
         grads, extra = torch.func.grad(loss, has_aux=True)(list(train))
