@@ -9,6 +9,7 @@ from . import _rewards as rewards
 from ._actions import ActionSpace, EnvStateError, FlatAction, IllegalActionError
 from ._controller import ControllerPolicy
 from ._env import Context, MorphogenesisEnv, run_streams
+from ._grow import PolicyController
 from ._features import GLOBAL_FEATURES, LAYER_FEATURES, NODE_FEATURES, SLOT_FEATURES
 from ._ray import MissingExtraError, ray_collector
 from ._rewards import Reward, RewardInputs
@@ -26,6 +27,7 @@ __all__ = [
     "IllegalActionError",
     "MissingExtraError",
     "MorphogenesisEnv",
+    "PolicyController",
     "Reward",
     "RewardInputs",
     "ray_collector",

@@ -35,7 +35,8 @@ def _grow(args) -> int:
     config = load_config(args.config, task=args.task, host=args.host, controller=args.controller, epochs=args.epochs,
                          seed=args.seed, lr=args.lr, param_budget=args.param_budget,
                          param_budget_ratio=args.param_budget_ratio, library=args.library)
-    out = args.out or f"runs/{config.host}-{config.controller}-s{config.seed}"
+    label = config.controller.partition(":")[0]  # tamiyo:PATH -> tamiyo
+    out = args.out or f"runs/{config.host}-{label}-s{config.seed}"
     print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
           f"seed {config.seed} -> {out}")
     s = grow(config, out, resume=args.resume, progress=not args.no_progress)
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--task", help="mnist1d (default), mnist1d-seq, digits or spirals")
     g.add_argument("--host", help="a host preset, built for the task's input shape and classes: mlp-impaired "
                                   "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small")
-    g.add_argument("--controller", choices=["static", "schedule", "heuristic"])
+    g.add_argument("--controller", metavar="CONTROLLER",
+                   help="static, schedule, heuristic (default), tamiyo (the shipped learned policy) or "
+                        "tamiyo:PATH (weights from `esper-fn train-tamiyo`)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--lr", type=float)

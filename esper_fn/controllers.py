@@ -58,7 +58,7 @@ class Observation:
     """What a controller sees after an epoch.
 
     Attributes:
-        epoch: epochs completed (1-based count).
+        epoch: epochs completed (0 only for a controller with ``decides_at_start``).
         max_epochs: the run's epoch budget.
         state: the current training state (read its stages, alphas, parameter count).
         metrics: this epoch's train metrics and telemetry (see `esper_fn.training.telemetry`).
@@ -85,6 +85,12 @@ class Controller(Protocol):
             lifecycle ops with them.
         blocked: set by `decide` to a reason when it wanted to germinate and the parameter budget
             left no seed that fits (see `budget_blocked`), else None.
+
+    Optional: ``decides_at_start = True`` makes the runner ask the controller once more before the
+    first epoch, with ``epoch=0`` and the untrained network's evaluation as ``metrics``
+    (`esper_fn.envs.PolicyController` does: a policy trained on the env acts on its reset
+    observation); ``state_dict()`` / ``load_state_dict(d)`` (JSON-serialisable) are checkpointed
+    with the run.
     """
 
     gates: GateConfig

@@ -23,11 +23,10 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import _host
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints)
@@ -117,7 +116,10 @@ class RunConfig(BaseModel):
     Attributes:
         task: "mnist1d", "mnist1d-seq", "digits" or "spirals".
         host: a host preset (`esper_fn.hosts.hosts()`), e.g. "mlp-impaired", "cnn-impaired".
-        controller: "static", "schedule" or "heuristic".
+        controller: "static", "schedule", "heuristic", or "tamiyo" (the shipped learned controller,
+            `esper_fn.policies.SHIPPED_WEIGHTS`) or "tamiyo:PATH" (Tamiyo weights written by
+            ``esper-fn train-tamiyo``): the policy runs through a one-row env observation
+            (`esper_fn.envs.PolicyController`; docs/tamiyo.md, "Tamiyo in grow").
         epochs: the epoch budget.
         seed: the run seed; host init, data order and seed init each draw from their own stream
             derived from it (`rng_streams`). It also chooses the task's validation split.
@@ -149,7 +151,7 @@ class RunConfig(BaseModel):
 
     task: str = "mnist1d"
     host: str = "mlp-impaired"
-    controller: Literal["static", "schedule", "heuristic"] = "heuristic"
+    controller: str = "heuristic"
     epochs: int = Field(default=200, ge=1)
     seed: int = 0
     lr: float = Field(default=1e-2, gt=0)
@@ -164,6 +166,14 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(default=25, ge=1)
     max_to_keep: int = Field(default=3, ge=1)
     library: str | None = None
+
+    @field_validator("controller")
+    @classmethod
+    def _known_controller(cls, v: str) -> str:
+        if v in ("static", "schedule", "heuristic", "tamiyo") or (v.startswith("tamiyo:") and len(v) > 7):
+            return v
+        raise ValueError(f"unknown controller {v!r}: use static, schedule, heuristic, tamiyo (the shipped policy) "
+                         "or tamiyo:PATH (Tamiyo weights from `esper-fn train-tamiyo`).")
 
 
 class RunSummary(BaseModel):
@@ -331,7 +341,9 @@ def standard_init(state: State, slot: str, *, generator: torch.Generator) -> Sta
     return state.replace(params_flat=params)
 
 
-def _controller(config: RunConfig):
+def _controller(config: RunConfig, task, host):
+    if config.controller.startswith("tamiyo"):
+        return _tamiyo_controller(config, task, host)
     if config.controller == "static":
         return Static()
     if config.controller == "schedule":
@@ -340,7 +352,29 @@ def _controller(config: RunConfig):
     return Plateau(config.plateau)
 
 
+def _tamiyo_controller(config: RunConfig, task, host):
+    """Tamiyo's actor over a one-row env observation (the env and policies packages are imported here,
+    when a run asks for them: the core itself never needs them)."""
+    from esper_fn.envs import MorphogenesisEnv, PolicyController
+    from esper_fn.policies import SHIPPED_WEIGHTS, load_tamiyo
+
+    _, _, path = config.controller.partition(":")
+    path = Path(path) if path else SHIPPED_WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"controller {config.controller!r}: no Tamiyo weights at {path}; give the .safetensors "
+                          "file `esper-fn train-tamiyo` wrote (OUT/tamiyo.safetensors), or `tamiyo` for the shipped "
+                          "policy.")
+    actor, _, _ = load_tamiyo(path)
+    c = actor.tamiyo_config
+    env = MorphogenesisEnv(contexts=[(task, host)], num_envs=1, max_epochs=config.epochs, blueprints=c.blueprints,
+                           tempos=c.tempos, governor=config.governor, lr=config.lr, seed_lr=config.seed_lr,
+                           train=config.train)
+    return PolicyController(actor, env)
+
+
 def _controller_state(ctrl) -> dict:
+    if hasattr(ctrl, "state_dict"):
+        return ctrl.state_dict()
     if isinstance(ctrl, Plateau):
         return {"germinated": ctrl.germinated}
     if isinstance(ctrl, FixedSchedule):
@@ -349,7 +383,9 @@ def _controller_state(ctrl) -> dict:
 
 
 def _set_controller_state(ctrl, d: dict) -> None:
-    if isinstance(ctrl, Plateau):
+    if hasattr(ctrl, "load_state_dict"):
+        ctrl.load_state_dict(d)
+    elif isinstance(ctrl, Plateau):
         ctrl.germinated = d["germinated"]
     elif isinstance(ctrl, FixedSchedule):
         ctrl._next = d["next"]
@@ -401,7 +437,7 @@ def grow(
     host = _host.preset(config.host, input_shape=task.input_shape, n_classes=task.n_classes)
     ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep)
     rng = rng_streams(config.seed)
-    ctrl = _controller(config)
+    ctrl = _controller(config, task, host)
     gates = ctrl.gates
     history: list[dict[str, float]] = []
     counts = {"germinated": 0, "fossilized": 0, "pruned": 0, "rollbacks": 0}
@@ -472,7 +508,49 @@ def grow(
                          flags)
             log.append(CheckpointSaved(run_id=run_id, epoch=done, step=done, path=str(path)))
 
+    def decide(epoch: int, state: State, m: dict[str, float]) -> State:
+        """Ask the controller after `epoch` epochs, apply and log what it asks for, then tick (except
+        after the last epoch: ticking prepares the next epoch, e.g. moves a blend's alpha, and the
+        network the run reports is the one it validated, as in the env)."""
+        legal = legal_actions(state, gates=gates, telemetry=m)
+        actions = ctrl.decide(Observation(epoch, config.epochs, state, m, good, legal, budget))
+        if ctrl.blocked is not None and flags["growth_blocked"] is None:
+            flags["growth_blocked"], flags["growth_blocked_epoch"] = ctrl.blocked, epoch
+            log.append(GrowthBlocked(run_id=run_id, epoch=epoch, reason=ctrl.blocked, budget=budget or 0,
+                                     params=state.num_params()))
+        for a in actions:
+            before = state.stage(a.slot) if a.slot else None
+            pre = state
+            state = _apply_action(state, a, rng["seeds"], gates, m)
+            if library is not None and a.op == Op.FOSSILIZE:  # stored once the fossilize succeeded
+                library.store_seed(pre, a.slot, fate="FOSSILIZED", host=config.host, task=config.task,
+                                   contribution=m.get(f"{a.slot}/contribution"), run_id=run_id,
+                                   epochs=epoch - born[a.slot] if a.slot in born else None)
+            if a.op == Op.GERMINATE:
+                born[a.slot] = epoch
+                counts["germinated"] += 1
+                log.append(Germinated(run_id=run_id, epoch=epoch, slot=a.slot, blueprint=a.blueprint,
+                                      seed_id=state.n_seeds - 1))
+            elif a.op == Op.ADVANCE:
+                log.append(Advanced(run_id=run_id, epoch=epoch, slot=a.slot, from_stage=before.name,
+                                    to_stage=state.stage(a.slot).name))
+            elif a.op == Op.FOSSILIZE:
+                counts["fossilized"] += 1
+                log.append(Fossilized(run_id=run_id, epoch=epoch, slot=a.slot,
+                                      merged=state.stage(a.slot) == Stage.DORMANT))
+            elif a.op == Op.PRUNE:
+                counts["pruned"] += 1
+                log.append(Pruned(run_id=run_id, epoch=epoch, slot=a.slot,
+                                  reason=a.reason or "pruned by the controller"))
+        return tick(state, gates=gates) if epoch < config.epochs else state
+
     try:
+        if start_epoch == 0 and getattr(ctrl, "decides_at_start", False):
+            # Asked on the untrained network too, with its evaluation as the metrics (as the env's
+            # policy acts on the reset observation); the actions apply before epoch 1 trains.
+            with torch.no_grad():
+                m0 = telemetry(state, task, {})
+            state = decide(0, state, m0)
         for epoch in bar:
             last_good = state
             if on_epoch_start is not None:  # a fault injected here hits this epoch only
@@ -502,7 +580,8 @@ def grow(
                     stopped = f"more than {config.governor.max_rollbacks} rollbacks; last: {reason}"
                     checkpoint(epoch + 1, state, final=True)
                     break
-                state = tick(state, gates=gates)
+                if epoch + 1 < config.epochs:
+                    state = tick(state, gates=gates)
                 checkpoint(epoch + 1, state)
                 continue
             state = new
@@ -513,38 +592,7 @@ def grow(
                     run_id=run_id, epoch=epoch + 1, chance=1.0 / task.n_classes,
                     threshold=1.0 / task.n_classes + 3 * config.governor.chance_margin,
                     best_val_accuracy=max(h["val_accuracy"] for h in good + [m])))
-            legal = legal_actions(state, gates=gates, telemetry=m)
-            obs = Observation(epoch + 1, config.epochs, state, m, good, legal, budget)
-            actions = ctrl.decide(obs)
-            if ctrl.blocked is not None and flags["growth_blocked"] is None:
-                flags["growth_blocked"], flags["growth_blocked_epoch"] = ctrl.blocked, epoch + 1
-                log.append(GrowthBlocked(run_id=run_id, epoch=epoch + 1, reason=ctrl.blocked, budget=budget or 0,
-                                         params=state.num_params()))
-            for a in actions:
-                before = state.stage(a.slot) if a.slot else None
-                pre = state
-                state = _apply_action(state, a, rng["seeds"], gates, m)
-                if library is not None and a.op == Op.FOSSILIZE:  # stored once the fossilize succeeded
-                    library.store_seed(pre, a.slot, fate="FOSSILIZED", host=config.host, task=config.task,
-                                       contribution=m.get(f"{a.slot}/contribution"), run_id=run_id,
-                                       epochs=epoch + 1 - born[a.slot] if a.slot in born else None)
-                if a.op == Op.GERMINATE:
-                    born[a.slot] = epoch + 1
-                    counts["germinated"] += 1
-                    log.append(Germinated(run_id=run_id, epoch=epoch + 1, slot=a.slot, blueprint=a.blueprint,
-                                          seed_id=state.n_seeds - 1))
-                elif a.op == Op.ADVANCE:
-                    log.append(Advanced(run_id=run_id, epoch=epoch + 1, slot=a.slot, from_stage=before.name,
-                                        to_stage=state.stage(a.slot).name))
-                elif a.op == Op.FOSSILIZE:
-                    counts["fossilized"] += 1
-                    log.append(Fossilized(run_id=run_id, epoch=epoch + 1, slot=a.slot,
-                                          merged=state.stage(a.slot) == Stage.DORMANT))
-                elif a.op == Op.PRUNE:
-                    counts["pruned"] += 1
-                    log.append(Pruned(run_id=run_id, epoch=epoch + 1, slot=a.slot,
-                                      reason=a.reason or "pruned by the controller"))
-            state = tick(state, gates=gates)
+            state = decide(epoch + 1, state, m)
             m["time/control"] = time.perf_counter() - t2  # governor, controller, lifecycle ops, tick
             log.append(EpochMetrics(run_id=run_id, epoch=epoch + 1, metrics={k: float(v) for k, v in m.items()}))
             metrics_log.write(json.dumps(m) + "\n")

@@ -15,7 +15,12 @@ names, env factories) comes in as arguments. Public names load on first use (PEP
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
+
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_mnist1d.safetensors"
+"""The shipped Tamiyo policy (MNIST-1D, mlp-impaired; how it was trained: docs/results.md).
+``esper-fn grow --controller tamiyo`` and ``esper-fn eval --controllers tamiyo`` use it."""
 
 _LAZY: dict[str, str] = {
     "OBS_KEYS": "._tamiyo",
@@ -43,7 +48,7 @@ _LAZY: dict[str, str] = {
     "load_rollouts": "._offline",
 }
 
-__all__ = list(_LAZY)
+__all__ = ["SHIPPED_WEIGHTS", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -158,8 +158,10 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     for n in names:
         if n.startswith("tamiyo"):
             label, _, path = n.partition(":")
-            if not path:
-                raise SystemExit("esper-fn eval: give the weights as tamiyo:PATH")
+            if not path:  # bare "tamiyo": the shipped policy
+                from . import SHIPPED_WEIGHTS
+
+                path = str(SHIPPED_WEIGHTS)
             name = label if label != "tamiyo" or "tamiyo" not in controllers else f"tamiyo{len(controllers)}"
             controllers[name] = lambda env, path=path: tamiyo_policy(path, layout, env.action_spec,
                                                                       safety_bias=args.safety_bias,
@@ -215,7 +217,8 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     e = sub.add_parser("eval", help="compare controllers on held-out seeds")
     _env_args(e)
     e.add_argument("--controllers", default="static,random,schedule,heuristic",
-                   help="comma-separated: static, random, schedule, heuristic, tamiyo:PATH")
+                   help="comma-separated: static, random, schedule, heuristic, tamiyo (the shipped policy), "
+                        "tamiyo:PATH")
     e.add_argument("--seeds", default="1000000-1000009", help="held-out run seeds, e.g. 1000000-1000009")
     e.add_argument("--tune-seeds", help="training seeds to tune the baselines on first (validation accuracy)")
     e.add_argument("--params", help="JSON {baseline: {param: value}} (e.g. a previous baseline_params.json)")

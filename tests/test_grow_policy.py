@@ -1,0 +1,125 @@
+"""A learned policy in the core runner: ``esper-fn grow --controller tamiyo`` runs the shipped Tamiyo
+through `esper_fn.envs.PolicyController`, and takes the same decisions and reaches the same accuracy
+as the same policy stepping `MorphogenesisEnv` on the same seed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+import esper_fn as ef
+from esper_fn.envs import EnvStateError, MorphogenesisEnv, PolicyController
+from esper_fn.events import Advanced, Germinated, Rollback, read_events
+from esper_fn.policies import SHIPPED_WEIGHTS, load_tamiyo, make_tamiyo, save_tamiyo
+from esper_fn.run import RunConfig, grow, load_config, param_budget
+from esper_fn.tasks import load
+from esper_fn.training import evaluate
+
+EPOCHS = 7
+SEED = 1000003
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grow-tamiyo")
+    config = RunConfig(task="mnist1d", host="mlp-impaired", controller="tamiyo", epochs=EPOCHS, seed=SEED,
+                       checkpoint_every=3)
+    summary = grow(config, out, progress=False)
+    return config, summary, out
+
+
+def test_tamiyo_in_grow_matches_tamiyo_in_the_env(grown):
+    config, summary, out = grown
+    events = list(read_events(out / "events.jsonl"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    grow_decisions = [(e.epoch, e.slot, e.blueprint) for e in events if isinstance(e, Germinated)]
+    assert grow_decisions and grow_decisions[0][0] == 0, "the policy must be asked before the first epoch"
+
+    actor, _, _ = load_tamiyo(SHIPPED_WEIGHTS)
+    c = actor.tamiyo_config
+    task = load(config.task, seed=config.seed)  # grow's task: the seed chooses the validation split
+    params0 = 826
+    env = MorphogenesisEnv(contexts=[(task, config.host)], num_envs=1, max_epochs=config.epochs, seed=config.seed,
+                           blueprints=c.blueprints, tempos=c.tempos, governor=config.governor, lr=config.lr,
+                           train=config.train, max_param_ratio=param_budget(config, params0) / params0)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        td = env.rollout(config.epochs, actor)
+    env_decisions = []
+    for t, a in enumerate(td["action"][0].tolist()):
+        act = env.action_space.decode(a)
+        if act.op == ef.Op.GERMINATE:
+            env_decisions.append((t, env.state(0).slot_names[act.slot], act.blueprint))
+        else:
+            assert act.op == ef.Op.WAIT, f"the check covers germinations only, the policy chose {act}"
+    assert grow_decisions == env_decisions
+    assert td["next", "metrics", "val_accuracy"][0].tolist() == pytest.approx(
+        [m["val_accuracy"] for m in metrics], abs=1e-6)
+    assert td["next", "metrics", "params"][0, -1].item() == summary.params_after
+    assert evaluate(env.state(0), task.x_test, task.y_test)["accuracy"] == pytest.approx(summary.test_accuracy,
+                                                                                         abs=1e-6)
+    # the env's automatic lifecycle shows up as ADVANCE events in grow's log
+    assert any(isinstance(e, Advanced) and e.to_stage == "TRAINING" for e in events)
+
+
+def test_tamiyo_grow_resumes_bit_identically(grown, tmp_path):
+    config, full, _ = grown
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(epoch, state):
+        if epoch == 5:
+            raise Crash()
+        return state
+
+    with pytest.raises(Crash):
+        grow(config, tmp_path / "r", progress=False, on_epoch_start=crash_at_5)
+    resumed = grow(config, tmp_path / "r", resume=True, progress=False)
+    assert (resumed.test_accuracy, resumed.test_loss, resumed.params_after, resumed.germinated) == (
+        full.test_accuracy, full.test_loss, full.params_after, full.germinated)
+    _, meta = ef.checkpoint.CheckpointManager(tmp_path / "r" / "checkpoints").restore()
+    track = meta["run"]["controller"]["track"]
+    assert track["epoch"] == EPOCHS and len(track["evals"]) == EPOCHS + 1 and track["params0"] == 826
+
+
+def test_a_rollback_is_counted_and_the_policy_goes_on(tmp_path):
+    def poison(epoch, state):
+        if epoch == 3:
+            flat = dict(state.params_flat)
+            k = ("host", "fc1", "weight")
+            flat[k] = torch.full_like(flat[k], float("nan"))
+            return replace(state, params_flat=flat, _cache={})
+        return state
+
+    config = RunConfig(task="mnist1d", host="mlp-impaired", controller="tamiyo", epochs=5, seed=SEED,
+                       checkpoint_every=5)
+    s = grow(config, tmp_path / "rb", progress=False, on_epoch_start=poison)
+    assert s.rollbacks == 1 and s.epochs == 5
+    assert [e.epoch for e in read_events(tmp_path / "rb" / "events.jsonl") if isinstance(e, Rollback)] == [4]
+    _, meta = ef.checkpoint.CheckpointManager(tmp_path / "rb" / "checkpoints").restore()
+    track = meta["run"]["controller"]["track"]
+    assert track["rollbacks"] == 1 and len(track["evals"]) == 6  # the rolled-back epoch repeats epoch 3's metrics
+    assert track["evals"][4] == track["evals"][3]
+
+
+def test_tamiyo_path_and_errors(tmp_path):
+    env = MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=1, max_epochs=3, tempos=(3,),
+                           blueprints=("conv1d_k3", "ia3"), subset={"train": 300, "val": 200})
+    torch.manual_seed(0)
+    actor, critic = make_tamiyo(env.observation_spec, env.action_spec, blueprints=env.action_space.blueprints,
+                                tempos=env.action_space.tempos, hidden=8, heads=1, layers=1, value_heads=2)
+    path = save_tamiyo(tmp_path / "t.safetensors", actor, critic)
+    s = grow(RunConfig(controller=f"tamiyo:{path}", epochs=2, seed=0), tmp_path / "run", progress=False)
+    assert s.epochs == 2
+    with pytest.raises(ef.ConfigError, match="unknown controller"):
+        load_config(controller="tamiyo:")
+    with pytest.raises(ef.ConfigError, match="no Tamiyo weights"):
+        grow(RunConfig(controller=f"tamiyo:{tmp_path / 'missing.safetensors'}", epochs=1), tmp_path / "m",
+             progress=False)
+    with pytest.raises(EnvStateError, match="one-row env"):
+        PolicyController(actor, MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=2, max_epochs=2,
+                                                 subset={"train": 300, "val": 200}))
