@@ -8,12 +8,14 @@ out top to bottom). It never imports the env: it receives a factory.
 Reproducibility: every batch is whole episodes (``frames_per_batch = N * max_epochs``), so after
 iteration j each row has played j episodes and the env seeded ``seed + j * N`` continues the same
 run-seed enumeration (docs/env.md). A checkpoint holds the weights, the optimizer state, the
-global torch RNG (action sampling) and the minibatch generator; resuming from iteration j
-reproduces the uninterrupted run bit for bit.
+global torch RNG (action sampling), the minibatch generator and the warm-start file the run began
+from (path and SHA-256, or None); resuming from iteration j reproduces the uninterrupted run bit for
+bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -40,7 +42,8 @@ from esper_fn._errors import ConfigError
 from esper_fn.checkpoint import CheckpointManager
 
 from ._baselines import Layout
-from ._tamiyo import build_tamiyo, config_from_specs, load_into, parameters, save_tamiyo, tamiyo_tensors
+from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into, parameters,
+                      save_tamiyo, tamiyo_tensors)
 
 __all__ = ["PPOConfig", "action_stats", "harm_labels", "train_ppo"]
 
@@ -237,27 +240,48 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
         on_iteration: called with (iteration, scalars) after every iteration.
         init: a `save_tamiyo` file to start from (warm start: weights only; the optimizer, RNG
             and env enumeration start fresh from ``config``). Its architecture (``config.tamiyo``)
-            and action layout must match. Ignored when ``resume`` finds a checkpoint.
+            and action layout must match. When ``resume`` finds a checkpoint, the run continues
+            from the checkpoint and `init` is not loaded; it must then be None or the same file
+            (by SHA-256) the run was warm-started from (recorded in the checkpoints). With
+            ``resume`` and no checkpoint yet, the run starts from `init`.
 
     Returns:
         A summary: iterations run, frames, wall seconds, the last iteration's scalars, the weights
         path.
 
     Raises:
-        ConfigError: the env is not batched with a ``max_epochs`` budget.
+        ConfigError: the env is not batched with a ``max_epochs`` budget; ``resume`` with a
+            different PPO config than the checkpoint's, or with an `init` other than the file the
+            checkpointed run started from.
         CheckpointError: ``resume`` with a corrupt checkpoint.
+        TamiyoError: `init` is not a Tamiyo weights file, or its architecture or action layout
+            differs from this run's (the message lists each differing field and its two values).
+        FileNotFoundError: `init` does not exist.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(out / "checkpoints", max_to_keep=2)
     start = 0
     saved = None
+    init_meta = None if init is None else {"path": str(init), "sha256": _sha256(init)}
     if resume and ckpts.latest_step() is not None:
         saved = ckpts.restore()
         start = int(saved[1]["iteration"])
         if saved[1]["config"] != json.loads(config.model_dump_json()):
             raise ConfigError(f"--resume with a different PPO config than the checkpoint in {out} "
                               f"(saved: {saved[1]['config']}).")
+        # The warm start the run began with: None (cold), {"path", "sha256"}, or "unrecorded" (checkpoints
+        # written before it was recorded: not checked).
+        recorded = saved[1].get("init", "unrecorded")
+        if recorded != "unrecorded":
+            if init_meta is not None and (recorded is None or recorded["sha256"] != init_meta["sha256"]):
+                started = ("without --init" if recorded is None
+                           else f"from --init {recorded['path']} (SHA-256 {recorded['sha256'][:12]}...)")
+                raise ConfigError(
+                    f"--resume with --init {init} (SHA-256 {init_meta['sha256'][:12]}...), but the run in {out} "
+                    f"started {started}; resuming continues from its checkpoint and never loads --init: "
+                    "drop --init (or pass the file the run started from), or start a new run in another --out.")
+        init_meta = recorded
     with torch.random.fork_rng():  # action sampling uses the global RNG; keep the caller's untouched
         torch.manual_seed(config.seed)
         env = make_env()
@@ -276,14 +300,7 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
                       where=str(ckpts.directory))
             _load_optimizer(opt, saved[0], saved[1]["optimizer"])
         elif init is not None:
-            with safetensors.safe_open(str(init), framework="pt") as f:
-                saved_conf = json.loads((f.metadata() or {}).get("config", "{}"))
-                own = json.loads(tconf.model_dump_json())
-                diff = sorted(k for k in own if k not in ("safety_bias", "uncertainty_bias")
-                              and saved_conf.get(k) != own[k])
-                if diff:
-                    raise ConfigError(f"init {init}: its Tamiyo config differs from this run's in {diff}.")
-                load_into(actor, critic, {k: f.get_tensor(k) for k in f.keys()}, where=str(init))
+            load_into(actor, critic, _init_tensors(init, tconf), where=str(init))
         env.set_seed(config.seed + start * N)  # whole episodes per batch: the enumeration continues
         collector = Collector(env, actor, frames_per_batch=N * T, total_frames=N * T * (config.iterations - start),
                               auto_register_policy_transforms=False, trust_policy=True)
@@ -291,11 +308,49 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
             torch.set_rng_state(saved[0]["rng/torch"])
             shuffle.set_state(saved[0]["rng/shuffle"])
         return _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress,
-                     tensorboard, metadata, on_iteration)
+                     tensorboard, metadata, on_iteration, init_meta)
+
+
+_ENV_FIELDS = ("node_dim", "global_dim", "blueprints", "tempos")  # fixed by the env, not by config.tamiyo
+
+
+def _sha256(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init: no Tamiyo weights at {path}.")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _init_tensors(init: str | Path, own: TamiyoConfig) -> dict[str, torch.Tensor]:
+    """The tensors of a `save_tamiyo` file, after checking that its config builds the same network
+    with the same action layout as `own` (decision-time biases may differ)."""
+    with safetensors.safe_open(str(init), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise TamiyoError(f"init {init} is not a Tamiyo weights file (format {header.get('format')!r}, expected "
+                              f"{FORMAT!r}); pass a tamiyo.safetensors written by train-tamiyo (`save_tamiyo`).")
+        try:
+            theirs = TamiyoConfig.model_validate_json(header["config"])
+        except (KeyError, ValueError) as e:
+            raise TamiyoError(f"init {init}: no valid Tamiyo config in its header ({e}).") from None
+        a, b = theirs.model_dump(), own.model_dump()
+        diff = [k for k in b if k not in ("safety_bias", "uncertainty_bias") and a[k] != b[k]]
+        if diff:
+            what = "; ".join(f"{k}: file {a[k]!r}, this run {b[k]!r}" for k in diff)
+            fix = []
+            if any(k in _ENV_FIELDS for k in diff):
+                fix.append("run with the env the file was trained on (same --blueprints, --tempos, --task/--hosts; "
+                           "train-tamiyo records them under metadata.env in the file)")
+            if any(k not in _ENV_FIELDS for k in diff):
+                fix.append("set the same architecture under `tamiyo:` in the --config YAML (PPOConfig.tamiyo)")
+            raise TamiyoError(f"init {init}: a warm start needs the same network and action layout, but the file "
+                              f"differs from this run in {what}. To fix: {'; and '.join(fix)}; or train from "
+                              "scratch without --init.")
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress, tensorboard,
-          metadata, on_iteration):
+          metadata, on_iteration, init_meta=None):
     iterations = config.iterations
     gae = GAE(gamma=config.gamma, lmbda=config.lmbda, value_network=critic, deactivate_vmap=True)
     loss_module = ClipPPOLoss(actor, critic, clip_epsilon=config.clip_epsilon, entropy_coeff=config.entropy_coeff,
@@ -376,7 +431,7 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, st
                 bar.set_postfix(ret=f"{scalars['episode_return']:.3f}", acc=f"{scalars['final_val_accuracy']:.3f}",
                                 ev=f"{scalars['explained_variance']:.2f}", ent=f"{scalars['entropy']:.2f}")
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == iterations:
-                _checkpoint(ckpts, it + 1, actor, critic, opt, shuffle, config)
+                _checkpoint(ckpts, it + 1, actor, critic, opt, shuffle, config, init_meta)
             t_prev = time.perf_counter()
     finally:
         collector.shutdown()
@@ -390,7 +445,7 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, st
     return {"iterations": iterations, "frames": iterations * N * T, "last": last, "weights": str(weights)}
 
 
-def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config) -> None:
+def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config, init_meta=None) -> None:
     tensors = {f"model/{k}": v for k, v in tamiyo_tensors(actor, critic).items()}
     opt_t, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_t)
@@ -398,5 +453,6 @@ def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config) -> None:
     tensors["rng/shuffle"] = shuffle.get_state()
     ckpts.save(it, tensors, {"iteration": it, "config": json.loads(config.model_dump_json()),
                              "optimizer": json.loads(json.dumps(opt_meta)),
-                             "tamiyo": json.loads(actor.tamiyo_config.model_dump_json())}, overwrite=True)
+                             "tamiyo": json.loads(actor.tamiyo_config.model_dump_json()),
+                             "init": init_meta}, overwrite=True)
 

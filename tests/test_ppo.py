@@ -1,15 +1,19 @@
-"""PPO wiring: a smoke run on a tiny env, logged diagnostics, bit-identical resume, offline buffer."""
+"""PPO wiring: a smoke run on a tiny env, logged diagnostics, bit-identical resume, offline buffer, warm start
+(`init`) and its checks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 
+import pytest
 import torch
 
-from esper_fn import GateConfig
+from esper_fn import ConfigError, GateConfig
+from esper_fn.checkpoint import CheckpointManager
 from esper_fn.envs import GLOBAL_FEATURES, SLOT_FEATURES, MorphogenesisEnv
-from esper_fn.policies import Layout, PPOConfig, load_tamiyo, train_ppo
+from esper_fn.policies import Layout, PPOConfig, TamiyoError, _ppo, load_tamiyo, train_ppo
 from esper_fn.policies._tamiyo import tamiyo_tensors
 
 BPS = ("conv1d_k5", "mlp_gelu", "ia3")
@@ -82,3 +86,123 @@ def test_example_script_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "it   1" in res.stdout and (tmp_path / "tamiyo.safetensors").is_file()
     assert "row 1: val acc" in res.stdout
+
+
+# --- warm start (`init`, `esper-fn train-tamiyo --init`) ---------------------------------------------------------
+
+WARM = {**CONFIG, "iterations": 2, "seed": 1}  # another seed: a cold start would build other weights
+
+
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory):
+    """A previous tiny run (one PPO iteration, seed 0): its output directory (weights + checkpoint)."""
+    out = tmp_path_factory.mktemp("donor")
+    train_ppo(make_env, PPOConfig(**{**CONFIG, "iterations": 1}), out, layout(), progress=False, tensorboard=False)
+    return out
+
+
+class _Started(Exception):
+    pass
+
+
+def _starting_state(monkeypatch, out, config=WARM, **kw):
+    """The weights (and optimizer) train_ppo hands to its training loop, before any collection or update."""
+    seen = {}
+
+    def loop(collector, actor, critic, opt, *rest):
+        seen["tensors"] = tamiyo_tensors(actor, critic)
+        seen["optimizer_state"] = dict(opt.state)
+        collector.shutdown()
+        raise _Started
+
+    monkeypatch.setattr(_ppo, "_loop", loop)
+    with pytest.raises(_Started):
+        train_ppo(make_env, PPOConfig(**config), out, layout(), progress=False, tensorboard=False, **kw)
+    return seen
+
+
+@pytest.mark.parametrize("resume", [False, True])  # resume with no checkpoint yet: starts from init too
+def test_init_starts_from_exactly_the_given_weights(tmp_path, donor, monkeypatch, resume):
+    wanted = tamiyo_tensors(*load_tamiyo(donor / "tamiyo.safetensors")[:2])
+    warm = _starting_state(monkeypatch, tmp_path / "warm", init=donor / "tamiyo.safetensors", resume=resume)
+    cold = _starting_state(monkeypatch, tmp_path / "cold", resume=resume)
+    assert warm["tensors"].keys() == wanted.keys() == cold["tensors"].keys()
+    for k in wanted:
+        assert torch.equal(warm["tensors"][k], wanted[k]), k
+    # the check can fail: without init this run starts elsewhere
+    assert any(not torch.equal(cold["tensors"][k], wanted[k]) for k in wanted)
+    assert warm["optimizer_state"] == {}  # weights only: Adam starts fresh
+
+
+def test_warm_started_run_trains_and_records_init(tmp_path, donor):
+    w = donor / "tamiyo.safetensors"
+    summary = train_ppo(make_env, PPOConfig(**WARM), tmp_path, layout(), progress=False, tensorboard=False, init=w)
+    assert summary["iterations"] == 2 and (tmp_path / "tamiyo.safetensors").is_file()
+    meta = CheckpointManager(tmp_path / "checkpoints").restore()[1]
+    assert meta["init"]["path"] == str(w)
+    assert len(meta["init"]["sha256"]) == 64
+
+
+def test_init_with_another_hidden_size_raises(tmp_path, donor):
+    bigger = {**WARM, "tamiyo": {**CONFIG["tamiyo"], "hidden": 32}}
+    with pytest.raises(TamiyoError, match=r"hidden: file 16, this run 32.*`tamiyo:` in the --config"):
+        train_ppo(make_env, PPOConfig(**bigger), tmp_path, layout(), progress=False, tensorboard=False,
+                  init=donor / "tamiyo.safetensors")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("env_kw, field", [({"blueprints": BPS[:2]}, "blueprints"), ({"tempos": (1, 2)}, "tempos")])
+def test_init_with_another_action_layout_raises(tmp_path, donor, env_kw, field):
+    other = partial(make_env, **env_kw)
+    lay = Layout.of(other(), SLOT_FEATURES, GLOBAL_FEATURES)
+    with pytest.raises(TamiyoError, match=rf"{field}: file .*this run .*same --blueprints, --tempos"):
+        train_ppo(other, PPOConfig(**WARM), tmp_path, lay, progress=False, tensorboard=False,
+                  init=donor / "tamiyo.safetensors")
+
+
+def test_init_with_a_file_that_is_not_tamiyo_weights_raises(tmp_path, donor):
+    ckpt = next((donor / "checkpoints").rglob("*.safetensors"))  # a PPO checkpoint, not a save_tamiyo file
+    with pytest.raises(TamiyoError, match="not a Tamiyo weights file"):
+        train_ppo(make_env, PPOConfig(**WARM), tmp_path / "a", layout(), progress=False, tensorboard=False, init=ckpt)
+    with pytest.raises(FileNotFoundError, match="no Tamiyo weights"):
+        train_ppo(make_env, PPOConfig(**WARM), tmp_path / "b", layout(), progress=False, tensorboard=False,
+                  init=tmp_path / "missing.safetensors")
+
+
+def test_resume_of_a_warm_started_run_is_bit_identical(tmp_path, donor):
+    w = donor / "tamiyo.safetensors"
+    full = train_ppo(make_env, PPOConfig(**WARM), tmp_path / "a", layout(), progress=False, tensorboard=False, init=w)
+
+    def stop(it, _):  # called before that iteration's checkpoint: the run stops with the checkpoint of iteration 1
+        if it == 2:
+            raise _Started
+
+    with pytest.raises(_Started):
+        train_ppo(make_env, PPOConfig(**WARM), tmp_path / "b", layout(), progress=False, tensorboard=False, init=w,
+                  on_iteration=stop)
+    assert CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 1
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    ta = tamiyo_tensors(*load_tamiyo(full["weights"])[:2])
+    # the same command again (with --init) and without --init: both continue from the checkpoint
+    for run, init in ((tmp_path / "b", w), (tmp_path / "c", None)):
+        resumed = train_ppo(make_env, PPOConfig(**WARM), run, layout(), progress=False, tensorboard=False,
+                            resume=True, init=init)
+        tb = tamiyo_tensors(*load_tamiyo(resumed["weights"])[:2])
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (init, k)
+
+
+def test_resume_with_a_different_init_is_a_config_error(tmp_path, donor):
+    # a cold run (the donor: checkpointed without init) resumed with --init
+    shutil.copytree(donor, tmp_path / "cold")
+    with pytest.raises(ConfigError, match="started without --init.*drop --init"):
+        train_ppo(make_env, PPOConfig(**{**CONFIG, "iterations": 1}), tmp_path / "cold", layout(), progress=False,
+                  tensorboard=False, resume=True, init=donor / "tamiyo.safetensors")
+    # a warm-started run resumed with another weights file
+    w = donor / "tamiyo.safetensors"
+    train_ppo(make_env, PPOConfig(**{**WARM, "iterations": 1}), tmp_path / "warm", layout(), progress=False,
+              tensorboard=False, init=w)
+    other = tmp_path / "warm" / "tamiyo.safetensors"  # its own output: same architecture, other weights
+    with pytest.raises(ConfigError, match=rf"started from --init {w}"):
+        train_ppo(make_env, PPOConfig(**{**WARM, "iterations": 1}), tmp_path / "warm", layout(), progress=False,
+                  tensorboard=False, resume=True, init=other)
