@@ -466,9 +466,10 @@ class MorphogenesisEnv(EnvBase):
         """Telemetry of every row (train metrics merged in), measured row by row.
 
         The core can measure a stacked group in one vmapped pass, but measured on this env's rows
-        that is at best ~1.2x faster (16 dormant MNIST-1D rows: 21 vs 26 ms) and 3.3x slower where the
-        rows carry conv seeds (8 conv1d_k5 rows: 276 vs 83 ms: the vmapped counterfactual passes
-        become grouped convolutions), so rows are measured one by one.
+        that is at best ~1.2x faster (16 dormant MNIST-1D rows: 15 vs 17 ms) and 2x slower where the
+        rows carry conv seeds (8 conv1d_k5 rows: 176 vs 84 ms: over the 1000 validation samples the
+        per-host conv seeds run as batched skinny matmuls, [8, 44000, 16] @ [8, 16, 5] alone takes
+        ~48 ms), so rows are measured one by one.
         """
         with torch.no_grad():
             return [{**m, **telemetry(s, self.contexts[r.context].task, m)}
