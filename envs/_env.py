@@ -176,6 +176,9 @@ class MorphogenesisEnv(EnvBase):
             first seen (at the start of an epoch, never mid-epoch). Eager (None) is the default and
             the reference; compiled rows agree with it within float rounding.
 
+    The env runs on the CPU (its hosts train where the tasks' tensors are); a policy on another
+    device gets its inputs through the collector (``Collector(..., policy_device=...)``).
+
     Raises:
         ConfigError: invalid arguments.
     """
@@ -204,7 +207,6 @@ class MorphogenesisEnv(EnvBase):
         subset: Mapping[str, int] | None = None,
         terminal_at_budget: bool = True,
         kernels: KernelCache | None = None,
-        device: str | torch.device | None = None,
     ):
         if (contexts is None) == (task is None and host is None):
             raise ConfigError("pass either contexts=[(task, host), ...] or task= and host=, not both or neither.")
@@ -229,7 +231,7 @@ class MorphogenesisEnv(EnvBase):
             if reward not in REWARDS:
                 raise ConfigError(f"unknown reward {reward!r}; built-in rewards are {sorted(REWARDS)}.")
             reward = REWARDS[reward]()
-        super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        super().__init__(batch_size=torch.Size([num_envs]))  # CPU: the hosts train where the tasks' tensors are
         self.num_envs = num_envs
         self.max_epochs = max_epochs
         self.reward_fn: Reward = reward
