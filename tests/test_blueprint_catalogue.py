@@ -503,7 +503,8 @@ def test_flash_attention_kernel_or_fallback(mode):
         assert ef.blueprints.get("flash_attention").id == "flash_attention@2.0.0"
         pc = {k: v.cuda().requires_grad_() for k, v in p.items()}
         hc = h.cuda()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        # acc_events: with CUDA present the profiler otherwise warns that it clears events per cycle
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
             got = flash.apply(pc, hc, None, SEQ64, True)
         attention_ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
         assert any("flash" in k for k in attention_ops), attention_ops
