@@ -82,7 +82,8 @@ def train_epochs(
     kernels: KernelCache | None = None,
 ) -> list[tuple[State, dict[str, float]]]:
     """One epoch for each of N hosts, batched: hosts of one structure and task train in one stacked
-    call (`partition`), whatever their stages and alphas.
+    call (`partition`), whatever their stages and alphas (eager groups of fewer than `MIN_STACK`
+    hosts train one by one, which measures faster).
 
     Each host draws its data order from its own generator, exactly as `train_epoch` would, so the
     result equals N separate `train_epoch` calls (within float rounding of the vectorised kernels),
@@ -111,10 +112,20 @@ def train_epochs(
         for j in group:
             by_task.setdefault(id(tasks[j]), []).append(j)
         for idx in by_task.values():
+            if len(idx) < MIN_STACK and kernels is None:
+                for j in idx:
+                    out[j] = _epoch(states[j], tasks[j], config, [generators[j]])[0]
+                continue
             st = states[idx[0]] if len(idx) == 1 else stack([states[j] for j in idx])
             for j, res in zip(idx, _epoch(st, tasks[idx[0]], config, [generators[j] for j in idx], kernels)):
                 out[j] = res
     return out
+
+
+MIN_STACK = 3
+"""Eager groups of fewer hosts train one by one: measured on MNIST-1D mlp-impaired (one thread), two
+stacked hosts train at 0.75-0.94x the speed of two separate calls (vmap's per-op cost outweighs the
+batching), four at 1.4-1.7x, sixteen at 2-5x (docs/benchmarks.md)."""
 
 
 def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[torch.Generator],

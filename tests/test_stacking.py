@@ -119,7 +119,7 @@ def test_train_epochs_equals_separate_epochs_with_own_data_orders():
 
     def pop():
         out = []
-        for i in range(5):
+        for i in range(7):  # groups of 4 (dormant) and 3 (seeded): both stacked (MIN_STACK = 3)
             s = ef.init(host, generator=torch.Generator().manual_seed(i))
             if i % 2:
                 s = ef.advance(ef.germinate(s, "fc1", "mlp_gelu", generator=torch.Generator().manual_seed(0)), "fc1")
@@ -129,7 +129,7 @@ def test_train_epochs_equals_separate_epochs_with_own_data_orders():
         return out
 
     cfg = TrainConfig(batch_size=128)
-    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(5)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(7)]  # noqa: E731
     g1, g2 = gens(), gens()
     batched = train_epochs(pop(), task, cfg, generators=g1)
     single = [train_epoch(s, task, cfg, generator=g) for s, g in zip(pop(), g2)]
@@ -377,3 +377,21 @@ def test_collective_seeds_are_offered_only_on_request(tmp_path):
     assert "allreduce_shard@2.0.0" not in default
     asked = ef.legal_actions(s, capabilities=frozenset({"distributed"}))["fc1"]["blueprints"]
     assert "allreduce_shard@2.0.0" in asked
+
+
+def test_train_epochs_stacks_groups_of_min_stack_hosts_and_more(monkeypatch):
+    """Eager groups smaller than MIN_STACK train one by one (measured faster); larger ones stack."""
+    import esper_fn.training as training
+
+    task = load("spirals", seed=0)
+    host = ef.hosts.mlp((2, 16, 2))
+    dormant = [ef.init(host, generator=torch.Generator().manual_seed(i)) for i in range(training.MIN_STACK)]
+    seeded = [ef.germinate(s, "fc1", "mlp_gelu", generator=torch.Generator().manual_seed(0))
+              for s in dormant[:training.MIN_STACK - 1]]
+    sizes = []
+    real_stack = training.stack
+    monkeypatch.setattr(training, "stack", lambda states: sizes.append(len(states)) or real_stack(states))
+    states = dormant + seeded
+    out = train_epochs(states, task, TrainConfig(batch_size=256),
+                       generators=[torch.Generator().manual_seed(i) for i in range(len(states))])
+    assert sizes == [training.MIN_STACK] and len(out) == len(states)
