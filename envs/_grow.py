@@ -9,6 +9,8 @@ grow what it saw in training, and one feature implementation serves both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -72,7 +74,12 @@ class PolicyController:
             params0 = obs.state.num_params()
             t = self._track = {"params0": params0, "flops0": float(m["flops"]), "evals": [current], "epoch": 0,
                                "rollbacks": 0, "germinated": 0, "fossilized": 0, "pruned": 0}
-            env.max_param_ratio = None if obs.param_budget is None else obs.param_budget / params0
+            ratio = None
+            if obs.param_budget is not None:  # the env's limit is ratio x params0: make it reach the budget
+                ratio = obs.param_budget / params0
+                while ratio * params0 < obs.param_budget:
+                    ratio = math.nextafter(ratio, math.inf)
+            env.max_param_ratio = ratio
         else:
             if t is None:
                 raise EnvStateError("PolicyController was first asked after epoch 0; it must see the reset "

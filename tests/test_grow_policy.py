@@ -123,3 +123,20 @@ def test_tamiyo_path_and_errors(tmp_path):
     with pytest.raises(EnvStateError, match="one-row env"):
         PolicyController(actor, MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=2, max_epochs=2,
                                                  subset={"train": 300, "val": 200}))
+
+
+def test_the_mask_reaches_the_run_budget_exactly(tmp_path):
+    """budget / params0 * params0 can round below the budget (826 and 829); the
+    controller's parameter limit must still admit a network of exactly the budget."""
+    from esper_fn.controllers import Observation
+    from esper_fn.training import telemetry
+
+    env = MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=1, max_epochs=3,
+                           subset={"train": 300, "val": 200})
+    assert 829 / 826 * 826 < 829
+    ctrl = PolicyController(lambda td: td.set("action", torch.zeros(1, dtype=torch.int64)), env)
+    state = ef.init(env.contexts[0].host, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m = telemetry(state, env.contexts[0].task, {})
+    assert ctrl.decide(Observation(0, 3, state, m, [], ef.legal_actions(state), 829)) == []
+    assert env.max_param_ratio * 826 >= 829 > env.max_param_ratio * 826 - 1e-9
