@@ -210,17 +210,21 @@ def evaluate(state: State, x: Tensor, y: Tensor, *, batch_size: int = 2000) -> d
 
 
 @torch.no_grad()
-def contributions(state: State, x: Tensor, y: Tensor) -> dict[str, float] | list[dict[str, float]]:
+def contributions(state: State, x: Tensor, y: Tensor, *, logits: Tensor | None = None
+                  ) -> dict[str, float] | list[dict[str, float]]:
     """Counterfactual contribution of every seed in the live forward (BLENDING with alpha > 0,
     HOLDING, FOSSILIZED).
 
-    All alpha configurations (as is, and each seed's alpha forced to 0) are evaluated in one
-    batched pass (`torch.vmap` over the alpha vector; over the hosts too when stacked).
+    The network as it is, then once per live seed the network without that seed (its alpha at 0:
+    the seed is left out of the forward, so it costs nothing there); each forward covers every
+    host of a stacked state (vmapped).
 
     Args:
         state: a single or stacked state.
         x, y: a batch ([B, ...], [B]); for a stacked state the same batch serves every host, or
             pass one per host ([N, B, ...], [N, B]).
+        logits: the network's eval output on `x` if the caller has it (`telemetry` does), so the
+            as-is forward is not run twice.
 
     Returns:
         ``{slot: accuracy with the seed - accuracy without it}`` in accuracy points [-1, 1]; for a
@@ -234,21 +238,21 @@ def contributions(state: State, x: Tensor, y: Tensor) -> dict[str, float] | list
     n_hosts = state.batch[0] if nb else 1
     if not entries:
         return [{} for _ in range(n_hosts)] if nb else {}
-    names = list(entries)
-    idx = [entries[n][2] for n in names]
-    base = state.slots["alpha"]
-    configs = base.expand(len(names) + 1, *base.shape).clone()  # [K, *batch, S]
-    for j, i in enumerate(idx):
-        configs[j + 1, ..., i] = 0.0
 
-    def run(a):
-        return _run(state, plan, entries, state.params_flat, x, False, a)[0]
+    def accuracy(out: Tensor) -> Tensor:
+        return (out.reshape(*y.shape, -1).argmax(-1) == y).float().mean(-1).reshape(n_hosts)
 
-    logits = torch.vmap(run)(configs)  # [K, *batch, B, C]
-    acc = (logits.argmax(-1) == y).float().mean(-1).reshape(len(names) + 1, n_hosts)
+    if logits is None:
+        logits = _run(state, plan, entries, state.params_flat, x, False)[0]
+    live = accuracy(logits)
     r = roles(state).reshape(n_hosts, -1)
-    out = [{n: float(acc[0, h] - acc[j + 1, h]) for j, (n, i) in enumerate(zip(names, idx)) if r[h, i] == LIVE}
-           for h in range(n_hosts)]
+    out: list[dict[str, float]] = [{} for _ in range(n_hosts)]
+    for name, entry in entries.items():
+        without = {n: e for n, e in entries.items() if n != name}
+        acc = accuracy(_run(state, plan, without, state.params_flat, x, False)[0])
+        for h in range(n_hosts):
+            if r[h, entry[2]] == LIVE:
+                out[h][name] = float(live[h] - acc[h])
     return out if nb else out[0]
 
 
@@ -350,7 +354,7 @@ def telemetry(
         logits = logits.reshape(n_hosts, *logits.shape[-2:])
         val_loss = F.cross_entropy(logits.transpose(1, 2), yv.expand(n_hosts, -1), reduction="none").mean(-1)
         val_acc = (logits.argmax(-1) == yv).float().mean(-1)
-        contrib = contributions(state, xv, yv)
+        contrib = contributions(state, xv, yv, logits=logits)
         norms = {".".join(k[1:-1]): v.reshape(n_hosts, -1).norm(dim=-1).tolist()
                  for k, v in state.params_flat.items() if k[0] == "host" and k[-1] == "weight"}
     stats = stats if nb else [stats]
