@@ -99,3 +99,20 @@ def test_cli_subcommands_register_without_importing_the_env():
     assert args.cmd == "eval" and args.controllers.endswith("w.safetensors") and not loaded
     args = p.parse_args(["train-tamiyo", "--iterations", "2", "--hosts", "mlp-impaired,cnn-impaired"])
     assert args.iterations == 2 and not loaded
+
+
+def test_eval_cli_runs_the_shipped_policy_by_its_bare_name(tmp_path, capsys):
+    """``esper-fn eval --controllers static,tamiyo`` evaluates the shipped weights on a fresh checkout
+    (the default env offers the whole catalogue, the blueprints the weights were trained with)."""
+    from esper_fn.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--controllers", "static,tamiyo", "--task", "mnist1d", "--hosts", "mlp-impaired",
+               "--epochs", "2", "--seeds", "7-7", "--num-envs", "1", "--subset-train", "100",
+               "--max-param-ratio", "1.5", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = {r.controller: r for r in read_csv(out / "runs.csv")}
+    assert set(rows) == {"static", "tamiyo"} and rows["static"].germinated == 0
+    # the shipped policy grafts a conv seed on the input before the first epoch (docs/results.md)
+    assert rows["tamiyo"].decisions.startswith("0:GERMINATE:input:conv1d_k3")
+    assert "tamiyo" in capsys.readouterr().out
