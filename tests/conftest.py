@@ -18,3 +18,24 @@ settings.load_profile("esper")
 def generator() -> torch.Generator:
     """A seeded generator; library code never touches the global RNG, so tests pass one in."""
     return torch.Generator().manual_seed(0)
+
+
+class Crash(Exception):
+    """Raised by `crash_at`'s hook: a run interrupted mid-epoch."""
+
+
+@pytest.fixture
+def crash_at():
+    """``crash_at(n)`` -> an ``on_epoch_start`` hook for `esper_fn.run.grow` that raises `Crash` when
+    epoch `n` starts (an interrupted run, to resume)."""
+
+    def make(n: int):
+        def hook(epoch, state):
+            if epoch == n:
+                raise Crash(f"crashed at epoch {n}")
+            return state
+
+        return hook
+
+    make.error = Crash
+    return make

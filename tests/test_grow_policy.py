@@ -65,19 +65,10 @@ def test_tamiyo_in_grow_matches_tamiyo_in_the_env(grown):
     assert any(isinstance(e, Advanced) and e.to_stage == "TRAINING" for e in events)
 
 
-def test_tamiyo_grow_resumes_bit_identically(grown, tmp_path):
+def test_tamiyo_grow_resumes_bit_identically(grown, tmp_path, crash_at):
     config, full, _ = grown
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(epoch, state):
-        if epoch == 5:
-            raise Crash()
-        return state
-
-    with pytest.raises(Crash):
-        grow(config, tmp_path / "r", progress=False, on_epoch_start=crash_at_5)
+    with pytest.raises(crash_at.error):
+        grow(config, tmp_path / "r", progress=False, on_epoch_start=crash_at(5))
     resumed = grow(config, tmp_path / "r", resume=True, progress=False)
     assert (resumed.test_accuracy, resumed.test_loss, resumed.params_after, resumed.germinated) == (
         full.test_accuracy, full.test_loss, full.params_after, full.germinated)

@@ -32,20 +32,11 @@ def test_grow_writes_a_complete_run_directory(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, crash_at):
     cfg = RunConfig(**FAST)
     full = grow(cfg, tmp_path / "full", progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_7(epoch, state):
-        if epoch == 7:
-            raise Crash()
-        return state
-
-    with pytest.raises(Crash):
-        grow(cfg, tmp_path / "resumed", progress=False, on_epoch_start=crash_at_7)
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "resumed", progress=False, on_epoch_start=crash_at(7))
     resumed = grow(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert resumed.test_accuracy == full.test_accuracy and resumed.test_loss == full.test_loss
     a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
