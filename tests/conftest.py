@@ -39,3 +39,23 @@ def crash_at():
 
     make.error = Crash
     return make
+
+
+@pytest.fixture
+def nan_at():
+    """``nan_at(n)`` -> an ``on_epoch_start`` hook for `esper_fn.run.grow` that fills the host's
+    ``fc1`` weight with NaN when epoch `n` starts (a divergence the governor must roll back)."""
+    from dataclasses import replace
+
+    def make(n: int):
+        def hook(epoch, state):
+            if epoch != n:
+                return state
+            flat = dict(state.params_flat)
+            k = ("host", "fc1", "weight")
+            flat[k] = torch.full_like(flat[k], float("nan"))
+            return replace(state, params_flat=flat, _cache={})
+
+        return hook
+
+    return make

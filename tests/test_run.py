@@ -50,15 +50,8 @@ def test_resume_is_bit_identical(tmp_path, crash_at):
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_nan_injection_rolls_back_and_the_run_continues(tmp_path):
-    def poison(epoch, state):
-        if epoch == 5:
-            flat = dict(state.params_flat)
-            k = ("host", "fc1", "weight")
-            flat[k] = torch.full_like(flat[k], float("nan"))
-            from dataclasses import replace
-            return replace(state, params_flat=flat, _cache={})
-        return state
+def test_nan_injection_rolls_back_and_the_run_continues(tmp_path, nan_at):
+    poison = nan_at(5)
 
     cfg = RunConfig(**{**FAST, "epochs": 8})
     s = grow(cfg, tmp_path / "nan", progress=False, on_epoch_start=poison)
