@@ -8,7 +8,7 @@ makes the delta exactly zero, so germination never changes the network's functio
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -197,6 +197,21 @@ def available_capabilities() -> frozenset[str]:
     return frozenset(caps)
 
 
+def resolve(name: str, ids: Iterable[str] | None = None) -> str | None:
+    """The id a blueprint name stands for among `ids` (default: the registry): an id ("lora@1.0.0")
+    stands for itself, a bare name ("lora") for its newest version. None if nothing matches.
+
+    The one place a bare name is resolved: `get`, the env's action space and the policies use it.
+    """
+    ids = list(registry() if ids is None else ids)
+    if name in ids:
+        return name
+    same = [i for i in ids if i.split("@")[0] == name]
+    if not same:
+        return None
+    return max(same, key=lambda i: tuple(int(v) for v in i.split("@")[1].split(".")))
+
+
 def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = None) -> Blueprint:
     """Look a blueprint up by id ("lora@1.0.0") or bare name (newest version).
 
@@ -213,13 +228,10 @@ def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = Non
     else:
         if not isinstance(blueprint, str):
             raise BlueprintError(f"a blueprint is named by a string like 'lora@1.0.0', got {blueprint!r}.")
-        if "@" in blueprint:
-            if not _ID.match(blueprint):
-                raise BlueprintError(f"malformed blueprint id {blueprint!r}; expected 'name@MAJOR.MINOR.PATCH'.")
-            bp = _REGISTRY.get(blueprint)
-        else:
-            versions = [b for b in _REGISTRY.values() if b.meta.name == blueprint]
-            bp = max(versions, key=lambda b: tuple(map(int, b.meta.version.split(".")))) if versions else None
+        if "@" in blueprint and not _ID.match(blueprint):
+            raise BlueprintError(f"malformed blueprint id {blueprint!r}; expected 'name@MAJOR.MINOR.PATCH'.")
+        bid = resolve(blueprint, _REGISTRY)
+        bp = _REGISTRY.get(bid) if bid is not None else None
         if bp is None:
             import difflib
 

@@ -37,9 +37,13 @@ def _grow(args) -> int:
                          param_budget_ratio=args.param_budget_ratio, library=args.library)
     label = config.controller.partition(":")[0]  # tamiyo:PATH -> tamiyo
     out = args.out or f"runs/{config.host}-{label}-s{config.seed}"
+    controller = None
+    if label == "tamiyo":  # a learned controller lives in the RL packages; this is the composition root
+        envs = importlib.import_module("esper_fn.envs")
+        controller = envs.tamiyo_controller(config.controller, governor=config.governor)
     print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
           f"seed {config.seed} -> {out}")
-    s = grow(config, out, resume=args.resume, progress=not args.no_progress)
+    s = grow(config, out, controller=controller, resume=args.resume, progress=not args.no_progress)
     rows = [
         ["test accuracy", f"{s.test_accuracy:.4f}"],
         ["best validation accuracy", f"{s.best_val_accuracy:.4f}"],

@@ -1,27 +1,42 @@
 """Controllers without RL: the baselines a learned controller must beat.
 
-A controller sees an `Observation` once per epoch and returns the `Action`s to apply before the next
-epoch. `Static` never grows; `FixedSchedule` germinates every k epochs round-robin; `Plateau`
-germinates when validation accuracy stalls and manages each seed through the gates.
+A controller reads an `Observation` once per epoch and returns the `Action`s to apply before the
+next epoch. `Static` never grows; `FixedSchedule` germinates on a fixed period, round-robin over
+the slots; `Plateau` germinates when validation accuracy stalls. Both growing controllers pick the
+seed with `choose_seed` and deliver verdicts with `manage_seeds`.
+
+An `Observation` is plain data (numbers, stages, the legal ops and the seeds that fit each slot),
+built from an episode by `observe`. It round-trips through a TensorDict (`observations_to_tensordict`
+/ `Observation.from_tensordict`), which `esper_fn.envs.MorphogenesisEnv` puts in every observation
+under ``"controller"``: so a controller runs unchanged in `esper-fn grow` and, wrapped as a TorchRL
+policy (`esper_fn.policies.ControllerPolicy`), through the env, in any collector.
 
 Gates, one mechanism: a controller states its thresholds as a `GateConfig` (``controller.gates``);
-the runner passes it, with the epoch's telemetry, to `legal_actions` and to the lifecycle ops, so
-the mask a controller reads (``obs.legal``) already says which seeds may advance or be fossilized.
-`manage_seeds` acts on that mask and re-checks nothing.
+the driver passes it, with the epoch's telemetry, to `legal_actions` and to the lifecycle ops, so
+the ops an observation lists (``slot.ops``) already say which seeds may advance or be fossilized.
+`manage_seeds` acts on them and re-checks nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDict, TensorDictBase
 
 from . import _blueprint as bpm
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints choose_seed picks from)
-from ._lifecycle import LIVE_STAGES, GateConfig, Op, Stage
-from ._state import State
+from ._errors import GateError
+from ._lifecycle import LIVE_STAGES, GateConfig, Op, Stage, check_gate
+from ._state import legal_actions
+from .episode import Action, auto_advances, verdict_due
+
+if TYPE_CHECKING:
+    from .episode import Episode
 
 __all__ = [
     "Action",
@@ -30,27 +45,53 @@ __all__ = [
     "Observation",
     "Plateau",
     "PlateauConfig",
+    "SlotView",
     "Static",
     "budget_blocked",
     "choose_seed",
     "manage_seeds",
+    "observe",
+    "observations_to_tensordict",
 ]
 
 NO_CONTRIBUTION_GATE = -1.0
 """A `GateConfig.min_contribution` that every measured contribution (in [-1, 1]) passes."""
 
+SIGNAL_FAMILY = ("conv1d_k5", "conv1d_k3")
+"""The blueprints `choose_seed` grows on a signal slot (the raw input vector, a conv feature map)."""
+HIDDEN_FAMILY = ("mlp_gelu", "mlp_gelu_x0_5")
+"""The blueprints `choose_seed` grows on any other slot."""
+
 
 @dataclass(frozen=True)
-class Action:
-    """One lifecycle request. ``blueprint``, ``tempo`` and ``curve`` matter for GERMINATE only;
-    ``reason`` says why (the runner writes it into the `Pruned` event)."""
+class SlotView:
+    """What a controller reads of one slot.
 
-    op: Op
-    slot: str | None = None
-    blueprint: str | None = None
-    tempo: int = 5
-    curve: str = "linear"
-    reason: str | None = None
+    Attributes:
+        name: the slot's name (a TensorDict carries no names: decoded views use ``str(index)``).
+        stage: its lifecycle stage.
+        epochs: epochs in the current stage.
+        signal: a signal slot: the raw input of 8 or more features, or a 1-D conv feature map.
+        output: the last slot (on the network's output side).
+        health: dead + saturated fraction of its activations (0 where unmeasured).
+        contribution: the live seed's measured contribution (validation accuracy with it minus
+            without it), or None.
+        grad_norm: the seed's gradient norm over the last epoch, or None.
+        ops: the ops legal now under the driver's gates (`esper_fn.legal_actions`).
+        seeds: blueprint id -> trainable parameters it would add here, for every blueprint GERMINATE
+            may graft at this slot (empty where GERMINATE is not legal), in catalogue order.
+    """
+
+    name: str
+    stage: Stage
+    epochs: int
+    signal: bool
+    output: bool
+    health: float = 0.0
+    contribution: float | None = None
+    grad_norm: float | None = None
+    ops: tuple[Op, ...] = ()
+    seeds: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,39 +99,196 @@ class Observation:
     """What a controller sees after an epoch.
 
     Attributes:
-        epoch: epochs completed (0 only for a controller with ``decides_at_start``).
-        max_epochs: the run's epoch budget.
-        state: the current training state (read its stages, alphas, parameter count).
-        metrics: this epoch's train metrics and telemetry (see `esper_fn.training.telemetry`).
-        history: the metrics of every earlier epoch that was not rolled back, oldest first.
-        legal: ``esper_fn.legal_actions(state, gates=controller.gates, telemetry=metrics)``: the
-            transition table, blueprint fit and the controller's own gates.
-        param_budget: maximum parameters the grown network may have, or None.
+        epoch: epochs completed (0 before the first).
+        max_epochs: the epoch budget.
+        val_accuracy: the validation accuracy of every epoch that was not rolled back, oldest first,
+            ending with the current network's (at epoch 0 and after a rollback, the current
+            network's measurement is appended).
+        train_loss: the last epoch's training loss (inf before the first epoch).
+        params: the network's parameters now.
+        param_budget: the most parameters it may grow to, or None.
+        germinated: seeds germinated so far in the episode.
+        last_germinated: index of the slot of the latest germination, or None.
+        rolled_back: the last epoch was rolled back by the governor.
+        slots: one `SlotView` per slot, in host order.
+        episode: the `esper_fn.episode.Episode` this was built from (in-process drivers); None for
+            an observation decoded from a TensorDict.
     """
 
     epoch: int
     max_epochs: int
-    state: State
-    metrics: Mapping[str, float]
-    history: Sequence[Mapping[str, float]]
-    legal: Mapping[str, Mapping]
-    param_budget: int | None = None
+    val_accuracy: tuple[float, ...]
+    train_loss: float
+    params: int
+    param_budget: int | None
+    germinated: int
+    last_germinated: int | None
+    rolled_back: bool
+    slots: tuple[SlotView, ...]
+    episode: Episode | None = field(default=None, compare=False, repr=False)
+
+    def slot(self, name: str) -> SlotView:
+        """The view of the slot called `name`."""
+        for v in self.slots:
+            if v.name == name:
+                return v
+        raise KeyError(f"no slot {name!r}; slots are {[v.name for v in self.slots]}.")
+
+    def under(self, gates: GateConfig) -> Observation:
+        """This observation with the ops `gates` refuse withdrawn (ADVANCE out of TRAINING, FOSSILIZE
+        at HOLDING), judged on the observation's own numbers (epochs in stage, gradient norm,
+        contribution). An observation built with the same gates is unchanged; one built with a
+        driver's laxer gates (an env's) becomes what the controller would see in ``esper-fn grow``."""
+        slots = []
+        for v in self.slots:
+            telemetry = {}
+            if v.grad_norm is not None:
+                telemetry[f"grad_norm/{v.name}"] = v.grad_norm
+            if v.contribution is not None:
+                telemetry[f"{v.name}/contribution"] = v.contribution
+            ops = []
+            for op in v.ops:
+                if op in (Op.ADVANCE, Op.FOSSILIZE):
+                    try:
+                        check_gate(v.name, v.stage, op, v.epochs, gates, telemetry)
+                    except GateError:
+                        continue
+                ops.append(op)
+            slots.append(replace(v, ops=tuple(ops)))
+        return replace(self, slots=tuple(slots))
+
+    @classmethod
+    def from_tensordict(cls, td: TensorDictBase, blueprints: Sequence[str]) -> Observation:
+        """Decode one row of `observations_to_tensordict` (no batch dimensions).
+
+        Args:
+            td: the ``"controller"`` entry of one observation.
+            blueprints: the blueprint ids of the seed columns (the action space's).
+        """
+        valid = td["slot_valid"].tolist()
+        n = sum(valid)
+        f = lambda x: None if math.isnan(x) else x  # noqa: E731
+        stage, epochs = td["stage"].tolist(), td["epochs"].tolist()
+        signal, output, health = td["signal"].tolist(), td["output"].tolist(), td["health"].tolist()
+        contribution, grad_norm = td["contribution"].tolist(), td["grad_norm"].tolist()
+        ops, seed_params = td["ops"].tolist(), td["seed_params"].tolist()
+        slots = tuple(
+            SlotView(name=str(s), stage=Stage(stage[s]), epochs=epochs[s], signal=signal[s], output=output[s],
+                     health=health[s], contribution=f(contribution[s]), grad_norm=f(grad_norm[s]),
+                     ops=tuple(o for o in Op if ops[s][int(o)]),
+                     seeds={b: seed_params[s][j] for j, b in enumerate(blueprints) if seed_params[s][j] >= 0})
+            for s in range(n))
+        count = int(td["val_count"])
+        budget, last = int(td["param_budget"]), int(td["last_germinated"])
+        return cls(epoch=int(td["epoch"]), max_epochs=int(td["max_epochs"]),
+                   val_accuracy=tuple(td["val_accuracy"][:count].tolist()), train_loss=float(td["train_loss"]),
+                   params=int(td["params"]), param_budget=None if budget < 0 else budget,
+                   germinated=int(td["germinated"]), last_germinated=None if last < 0 else last,
+                   rolled_back=bool(td["rolled_back"]), slots=slots)
+
+
+def _signal(spec) -> bool:
+    return spec.kind == "conv1d" or (spec.kind == "vector" and spec.layer is None and spec.shape[0] >= 8)
+
+
+def observe(episode: Episode, gates: GateConfig) -> Observation:
+    """The controller's observation of an episode, under the driver's `gates`."""
+    state, m = episode.state, episode.metrics
+    legal = legal_actions(state, gates=gates, telemetry=m)
+    reg = bpm.registry()
+    names = list(state.slot_names)
+    epochs = state.slots["epochs"].tolist()
+    slots = []
+    for i, name in enumerate(names):
+        entry = legal[name]
+        spec = state.spec(name)
+        seeds = {bid: reg[bid].param_count(spec) for bid in entry["blueprints"]} if Op.GERMINATE in entry["ops"] else {}
+        slots.append(SlotView(
+            name=name, stage=entry["stage"], epochs=int(epochs[i]), signal=_signal(spec), output=i == len(names) - 1,
+            health=m.get(f"{name}/dead", 0.0) + m.get(f"{name}/saturation", 0.0),
+            contribution=m.get(f"{name}/contribution"), grad_norm=m.get(f"grad_norm/{name}"),
+            ops=tuple(entry["ops"]), seeds=seeds))
+    accs = [g["val_accuracy"] for g in episode.good]
+    if episode.epoch == 0 or episode.rolled_back:
+        accs.append(m["val_accuracy"])
+    return Observation(
+        epoch=episode.epoch, max_epochs=episode.max_epochs, val_accuracy=tuple(accs),
+        train_loss=m.get("train_loss", math.inf), params=state.num_params(), param_budget=episode.param_budget,
+        germinated=episode.counts.germinated, last_germinated=episode.last_germinated,
+        rolled_back=episode.rolled_back, slots=tuple(slots), episode=episode)
+
+
+def observations_to_tensordict(observations: Sequence[Observation], *, num_slots: int,
+                               blueprints: Sequence[str], horizon: int) -> TensorDict:
+    """Encode observations as one TensorDict of batch [N] (`Observation.from_tensordict` decodes a row).
+
+    Args:
+        observations: N observations.
+        num_slots: S, slot positions (padded; ``slot_valid`` marks the real ones).
+        blueprints: the B blueprint ids of the ``seed_params`` columns (others are dropped).
+        horizon: H, the length of the padded validation history (at least the longest one).
+
+    Returns:
+        TensorDict [N] with int64 ``epoch``, ``max_epochs``, ``params``, ``param_budget`` (-1: none),
+        ``germinated``, ``last_germinated`` (-1: none), ``val_count``; float64 ``train_loss``,
+        ``val_accuracy`` [N, H]; bool ``rolled_back``; per slot [N, S]: bool ``slot_valid``, ``signal``,
+        ``output``, int64 ``stage``, ``epochs``, float64 ``health``, ``contribution`` and ``grad_norm``
+        (NaN: unmeasured); bool ``ops`` [N, S, len(Op)]; int64 ``seed_params`` [N, S, B] (-1: not offered).
+    """
+    N, S, B, H = len(observations), num_slots, len(blueprints), horizon
+    col = {b: j for j, b in enumerate(blueprints)}
+    i64, f64 = torch.int64, torch.float64
+    seed_params = torch.full((N, S, B), -1, dtype=i64)
+    ops = torch.zeros(N, S, len(Op), dtype=torch.bool)
+    slot_i = {k: torch.zeros(N, S, dtype=i64) for k in ("stage", "epochs")}
+    slot_b = {k: torch.zeros(N, S, dtype=torch.bool) for k in ("slot_valid", "signal", "output")}
+    slot_f = {k: torch.full((N, S), math.nan if k != "health" else 0.0, dtype=f64)
+              for k in ("health", "contribution", "grad_norm")}
+    val = torch.zeros(N, H, dtype=f64)
+    for i, o in enumerate(observations):
+        if len(o.slots) > S or len(o.val_accuracy) > H:
+            raise ValueError(f"observation {i} has {len(o.slots)} slots and {len(o.val_accuracy)} epochs of history; "
+                             f"the encoding holds {S} and {H}.")
+        val[i, :len(o.val_accuracy)] = torch.tensor(o.val_accuracy, dtype=f64)
+        for s, v in enumerate(o.slots):
+            slot_b["slot_valid"][i, s], slot_b["signal"][i, s], slot_b["output"][i, s] = True, v.signal, v.output
+            slot_i["stage"][i, s], slot_i["epochs"][i, s] = int(v.stage), v.epochs
+            slot_f["health"][i, s] = v.health
+            if v.contribution is not None:
+                slot_f["contribution"][i, s] = v.contribution
+            if v.grad_norm is not None:
+                slot_f["grad_norm"][i, s] = v.grad_norm
+            for o_ in v.ops:
+                ops[i, s, int(o_)] = True
+            for bid, n in v.seeds.items():
+                j = col.get(bid)
+                if j is not None:
+                    seed_params[i, s, j] = n
+    t = lambda xs, dt: torch.tensor(xs, dtype=dt)  # noqa: E731
+    return TensorDict({
+        "epoch": t([o.epoch for o in observations], i64), "max_epochs": t([o.max_epochs for o in observations], i64),
+        "val_accuracy": val, "val_count": t([len(o.val_accuracy) for o in observations], i64),
+        "train_loss": t([o.train_loss for o in observations], f64), "params": t([o.params for o in observations], i64),
+        "param_budget": t([-1 if o.param_budget is None else o.param_budget for o in observations], i64),
+        "germinated": t([o.germinated for o in observations], i64),
+        "last_germinated": t([-1 if o.last_germinated is None else o.last_germinated for o in observations], i64),
+        "rolled_back": t([o.rolled_back for o in observations], torch.bool),
+        **slot_b, **slot_i, **slot_f, "ops": ops, "seed_params": seed_params,
+    }, batch_size=[N])
 
 
 class Controller(Protocol):
-    """What the runner needs from a controller.
+    """What a driver needs from a controller.
 
     Attributes:
-        gates: the thresholds its seeds must pass; the runner builds ``obs.legal`` and calls the
-            lifecycle ops with them.
+        gates: the thresholds its seeds must pass; the driver builds the observation's legal ops and
+            runs the lifecycle with them.
         blocked: set by `decide` to a reason when it wanted to germinate and the parameter budget
             left no seed that fits (see `budget_blocked`), else None.
 
-    Optional: ``decides_at_start = True`` makes the runner ask the controller once more before the
-    first epoch, with ``epoch=0`` and the untrained network's evaluation as ``metrics``
-    (`esper_fn.envs.PolicyController` does: a policy trained on the env acts on its reset
-    observation); ``state_dict()`` / ``load_state_dict(d)`` (JSON-serialisable) are checkpointed
-    with the run.
+    `decide` is asked after every epoch and before the first one (``obs.epoch == 0``); it must be a
+    function of the observation (no memory of earlier calls), so a resumed run decides as the
+    uninterrupted one did and one controller serves many episodes.
     """
 
     gates: GateConfig
@@ -116,11 +314,11 @@ def choose_seed(obs: Observation) -> tuple[str, str] | None:
     The rule, tuned on training seeds of MNIST-1D (docs/results.md):
     1. Candidates are slots where GERMINATE is legal, except the output slot (the last one).
     2. On a signal slot (the raw input vector, or a conv feature map) the family is residual Conv1d
-       blocks; elsewhere residual GELU MLPs. (On MNIST-1D a conv seed on the signal lifts an MLP by
-       ~30 points; hidden-layer MLP seeds on MLP hosts give nothing.)
+       blocks (`SIGNAL_FAMILY`); elsewhere residual GELU MLPs (`HIDDEN_FAMILY`). (On MNIST-1D a conv
+       seed on the signal lifts an MLP by ~30 points; hidden-layer MLP seeds on MLP hosts give nothing.)
     3. Among all candidates that fit the remaining parameter budget (the run's `param_budget`, or
-       the host's own size when there is none), take the one with the most parameters: capacity is
-       what an impaired host lacks. Ties go to the slot with the worst health signal (highest
+       the network's own size when there is none), take the one with the most parameters: capacity
+       is what an impaired host lacks. Ties go to the slot with the worst health signal (highest
        dead + saturated fraction), then to the earliest slot.
     """
     room = _room(obs)
@@ -144,54 +342,54 @@ def budget_blocked(obs: Observation) -> str | None:
     if not cands or any(c[0][0] <= room for c in cands):
         return None
     (n, _, _), slot, bid = min(cands, key=lambda c: c[0][0])
-    used = obs.state.num_params()
     limit = (f"the parameter budget of {obs.param_budget}" if obs.param_budget is not None
-             else f"the default limit of the network's own size ({used})")
-    return (f"{limit} leaves room for {room} parameters at {used}; the smallest candidate seed, {bid} at slot "
+             else f"the default limit of the network's own size ({obs.params})")
+    return (f"{limit} leaves room for {room} parameters at {obs.params}; the smallest candidate seed, {bid} at slot "
             f"{slot!r}, needs {n}. Raise param_budget (or param_budget_ratio) to let it grow.")
 
 
 def _room(obs: Observation) -> int:
-    used = obs.state.num_params()
-    return (obs.param_budget - used) if obs.param_budget is not None else used
+    return (obs.param_budget - obs.params) if obs.param_budget is not None else obs.params
 
 
 def _candidates(obs: Observation) -> list[tuple[tuple[int, float, int], str, str]]:
     """``((params, health, -depth), slot, blueprint)`` for every seed `choose_seed` considers."""
-    state = obs.state
     out = []
-    names = list(state.slot_names)
-    for depth, slot in enumerate(names[:-1]):
-        legal = obs.legal[slot]
-        if Op.GERMINATE not in legal["ops"]:
+    for depth, v in enumerate(obs.slots[:-1]):
+        if Op.GERMINATE not in v.ops:
             continue
-        spec = state.spec(slot)
-        signal = spec.kind == "conv1d" or (spec.kind == "vector" and spec.layer is None and spec.shape[0] >= 8)
-        family = ("conv1d_k5", "conv1d_k3") if signal else ("mlp_gelu", "mlp_gelu_x0_5")
-        health = obs.metrics.get(f"{slot}/dead", 0.0) + obs.metrics.get(f"{slot}/saturation", 0.0)
-        for bid in legal["blueprints"]:
-            bp = bpm.get(bid)
-            if bp.meta.name in family:
-                out.append(((bp.param_count(spec), health, -depth), slot, bid))
+        family = SIGNAL_FAMILY if v.signal else HIDDEN_FAMILY
+        for bid, n in v.seeds.items():
+            if bid.split("@")[0] in family:
+                out.append(((n, v.health, -depth), v.name, bid))
     return out
 
 
 @dataclass
 class FixedSchedule:
-    """Germinates every `every` epochs, round-robin over the non-output slots, with the blueprint
-    `choose_seed` would pick there; advances each seed as soon as the gates allow and fossilizes it
-    when it has held for `hold_epochs`, whatever it contributes.
+    """Germinates at epochs ``start, start + every, start + 2 every, ...`` while no seed is live,
+    round-robin over the non-output slots (starting after the slot of the latest germination), with
+    the blueprint `choose_seed` would pick there; advances each seed as soon as the gates allow and
+    fossilizes it when it has held for `hold_epochs`, whatever it contributes.
+
+    Attributes:
+        every: epochs between germinations.
+        start: the first germination epoch (default: `every`).
+        hold_epochs, incubate_epochs: its gates (below).
+        tempo: blending tempo of its seeds.
+        max_seeds: germinations per episode (None: no limit).
 
     Its gates (``self.gates``): ``min_training_epochs=incubate_epochs``,
     ``min_holding_epochs=hold_epochs``, and no contribution threshold.
     """
 
     every: int = 20
+    start: int | None = None
     hold_epochs: int = 2
     incubate_epochs: int = 3
     tempo: int = 5
+    max_seeds: int | None = None
     name: str = "schedule"
-    _next: int = field(default=0, repr=False)
     blocked: str | None = field(default=None, repr=False)
 
     @property
@@ -202,23 +400,25 @@ class FixedSchedule:
     def decide(self, obs: Observation) -> list[Action]:
         self.blocked = None
         actions = manage_seeds(obs, self.gates)
-        if obs.epoch % self.every == 0 and not _live(obs.state):
-            slots = list(obs.state.slot_names)[:-1]
-            blocked = []
-            for j in range(len(slots)):
-                slot = slots[(self._next + j) % len(slots)]
-                legal = obs.legal[slot]
-                if Op.GERMINATE not in legal["ops"]:
-                    continue
-                only = _only(obs, slot)
-                pick = choose_seed(only)
-                if pick:
-                    self._next = (self._next + j + 1) % len(slots)
-                    actions.append(Action(Op.GERMINATE, slot, pick[1], tempo=self.tempo))
-                    break
-                blocked.append(budget_blocked(only))
-            else:
-                self.blocked = next((b for b in blocked if b), None)
+        first = self.every if self.start is None else self.start
+        if obs.epoch < first or (obs.epoch - first) % self.every or _live(obs):
+            return actions
+        if self.max_seeds is not None and obs.germinated >= self.max_seeds:
+            return actions
+        slots = obs.slots[:-1]
+        nxt = 0 if obs.last_germinated is None else (obs.last_germinated + 1) % len(slots)
+        blocked = []
+        for j in range(len(slots)):
+            v = slots[(nxt + j) % len(slots)]
+            if Op.GERMINATE not in v.ops:
+                continue
+            only = _only(obs, v.name)
+            pick = choose_seed(only)
+            if pick:
+                actions.append(Action(Op.GERMINATE, v.name, pick[1], tempo=self.tempo))
+                return actions
+            blocked.append(budget_blocked(only))
+        self.blocked = next((b for b in blocked if b), None)
         return actions
 
 
@@ -264,7 +464,6 @@ class Plateau:
 
     def __init__(self, config: PlateauConfig | None = None):
         self.config = config or PlateauConfig()
-        self.germinated = 0
         self.blocked: str | None = None
 
     @property
@@ -277,66 +476,61 @@ class Plateau:
         c = self.config
         self.blocked = None
         actions = manage_seeds(obs, self.gates)
-        if _live(obs.state) or actions or self.germinated >= c.max_seeds:
+        if _live(obs) or actions or obs.germinated >= c.max_seeds:
             return actions
-        if obs.epoch > c.grow_until * obs.max_epochs or obs.metrics.get("train_loss", 1e9) < c.min_train_loss:
+        if obs.epoch > c.grow_until * obs.max_epochs or obs.train_loss < c.min_train_loss:
             return actions
-        accs = [h["val_accuracy"] for h in obs.history] + [obs.metrics["val_accuracy"]]
+        accs = obs.val_accuracy
         if len(accs) <= c.patience:
             return actions
         if max(accs[-c.patience:]) - max(accs[: -c.patience]) >= c.min_delta:
             return actions
         pick = choose_seed(obs)
         if pick:
-            self.germinated += 1
             actions.append(Action(Op.GERMINATE, pick[0], pick[1], tempo=c.tempo))
         else:
             self.blocked = budget_blocked(obs)
         return actions
 
 
-def _live(state: State) -> bool:
-    return any(state.stage(n) in LIVE_STAGES for n in state.slot_names)
+def _live(obs: Observation) -> bool:
+    return any(v.stage in LIVE_STAGES for v in obs.slots)
 
 
 def _only(obs: Observation, slot: str) -> Observation:
-    legal = {n: (v if n == slot else {"stage": v["stage"], "ops": (Op.WAIT,), "blueprints": ()})
-             for n, v in obs.legal.items()}
-    names = list(obs.state.slot_names)
-    return Observation(obs.epoch, obs.max_epochs, obs.state, obs.metrics, obs.history,
-                       {n: legal[n] for n in names}, obs.param_budget)
+    """`obs` with GERMINATE (and every other op) withheld from all slots but `slot`."""
+    return replace(obs, slots=tuple(v if v.name == slot else replace(v, ops=(), seeds={}) for v in obs.slots))
 
 
 def manage_seeds(obs: Observation, gates: GateConfig) -> list[Action]:
-    """Move every live seed on as far as the gated mask ``obs.legal`` allows.
+    """Move every live seed on as far as the legal ops allow, and deliver the verdicts.
 
-    The mask was built with the same `gates` (and the epoch's telemetry), so this re-checks no
-    threshold: a seed advances whenever ADVANCE is legal (GERMINATED -> TRAINING at once, TRAINING ->
-    BLENDING after ``gates.min_training_epochs`` with a healthy gradient, BLENDING -> HOLDING once
-    alpha is 1), and at HOLDING it is fossilized when FOSSILIZE is legal. A seed is pruned when its
-    time is up and the gate still refuses: at HOLDING after ``gates.min_holding_epochs`` with
-    FOSSILIZE masked (its contribution is below ``gates.min_contribution``, or folding it would break
-    another seed), and in TRAINING after ``gates.min_training_epochs`` with ADVANCE masked (its
-    gradient norm is not finite or above ``gates.max_grad_norm``).
+    The ops were computed with the same `gates` (and the epoch's telemetry), so this re-checks no
+    threshold: a seed advances whenever the automatic lifecycle would (`esper_fn.episode.auto_advances`;
+    under ``lifecycle="auto"`` the step has done it already), and at HOLDING it is fossilized when
+    FOSSILIZE is legal. A seed is pruned when its time is up and the gate still refuses: at HOLDING
+    after ``gates.min_holding_epochs`` with FOSSILIZE refused (its contribution is below
+    ``gates.min_contribution``, or folding it would break another seed), and in TRAINING after
+    ``gates.min_training_epochs`` with ADVANCE refused (its gradient norm is not finite or above
+    ``gates.max_grad_norm``).
     """
     out = []
-    state = obs.state
-    for i, slot in enumerate(state.slot_names):
-        stage = state.stage(slot)
-        ops = obs.legal[slot]["ops"]
-        epochs = int(state.slots["epochs"][i])
-        if stage in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING) and Op.ADVANCE in ops:
-            out.append(Action(Op.ADVANCE, slot))
-        elif stage == Stage.TRAINING and epochs >= gates.min_training_epochs and Op.PRUNE in ops:
-            g = obs.metrics.get(f"grad_norm/{slot}")
-            out.append(Action(Op.PRUNE, slot, reason=f"gradient gate: grad_norm/{slot} = {g} after {epochs} epochs "
-                                                     f"of incubation (max_grad_norm {gates.max_grad_norm})"))
-        elif stage == Stage.HOLDING:
-            if Op.FOSSILIZE in ops:
-                out.append(Action(Op.FOSSILIZE, slot))
-            elif epochs >= gates.min_holding_epochs and Op.PRUNE in ops:
-                c = obs.metrics.get(f"{slot}/contribution")
-                why = (f"contribution {c:+.4f} < min_contribution {gates.min_contribution}"
-                       if c is not None and c < gates.min_contribution else "the fossilize gate refused")
-                out.append(Action(Op.PRUNE, slot, reason=f"{why} after {epochs} epochs at alpha 1"))
+    advancing = set(auto_advances({v.name: {"stage": v.stage, "ops": v.ops} for v in obs.slots}))
+    for v in obs.slots:
+        if v.name in advancing:
+            out.append(Action(Op.ADVANCE, v.name))
+        elif not verdict_due(v.stage, v.ops, v.epochs, gates):
+            continue
+        elif v.stage == Stage.TRAINING:
+            if Op.PRUNE in v.ops:
+                out.append(Action(Op.PRUNE, v.name, reason=f"gradient gate: grad_norm/{v.name} = {v.grad_norm} after "
+                                                           f"{v.epochs} epochs of incubation (max_grad_norm "
+                                                           f"{gates.max_grad_norm})"))
+        elif Op.FOSSILIZE in v.ops:
+            out.append(Action(Op.FOSSILIZE, v.name))
+        elif v.epochs >= gates.min_holding_epochs and Op.PRUNE in v.ops:
+            c = v.contribution
+            why = (f"contribution {c:+.4f} < min_contribution {gates.min_contribution}"
+                   if c is not None and c < gates.min_contribution else "the fossilize gate refused")
+            out.append(Action(Op.PRUNE, v.name, reason=f"{why} after {v.epochs} epochs at alpha 1"))
     return out

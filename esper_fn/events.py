@@ -82,10 +82,13 @@ class Advanced(Event):
 
 
 class Fossilized(Event):
-    """A seed became permanent; `merged` says whether it was folded into the host's weights."""
+    """A seed became permanent; `merged` says whether it was folded into the host's weights, and
+    `contribution` is its measured contribution when the decision was taken (validation accuracy
+    with it minus without it; None where it was not measured)."""
 
     kind: Literal["fossilized"] = "fossilized"
     merged: bool
+    contribution: float | None = None
 
 
 class Pruned(Event):

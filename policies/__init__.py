@@ -3,12 +3,13 @@
 * Tamiyo (`make_tamiyo`, `save_tamiyo`, `load_tamiyo`): a torch_geometric GATv2 actor-critic over
   the env's layer/slot graph with a masked categorical over the flat action space, a value
   ensemble (uncertainty) and a safety head. docs/tamiyo.md.
-* Baselines as TorchRL policies (`make_baseline`: static, random, schedule, heuristic).
+* Baselines as TorchRL policies (`make_baseline`: static, random, and the core controllers schedule
+  and heuristic through `ControllerPolicy`).
 * PPO (`PPOConfig`, `train_ppo`), evaluation (`evaluate_controllers`), offline rollouts
   (`save_rollouts`, `load_rollouts`).
 
-This package never imports `esper_fn.envs`: everything env-specific (specs, action layout, feature
-names, env factories) comes in as arguments. Public names load on first use (PEP 562), so
+This package never imports `esper_fn.envs`: everything env-specific (specs, the action space, env
+factories) comes in as arguments. Public names load on first use (PEP 562), so
 ``import esper_fn.policies.cli`` stays cheap for the ``esper-fn`` command.
 """
 
@@ -32,11 +33,9 @@ _LAZY: dict[str, str] = {
     "TamiyoTrunk": "._net",
     "TamiyoHead": "._net",
     "dense_to_pyg": "._net",
-    "Layout": "._baselines",
     "StaticPolicy": "._baselines",
     "RandomPolicy": "._baselines",
-    "SchedulePolicy": "._baselines",
-    "HeuristicPolicy": "._baselines",
+    "ControllerPolicy": "._baselines",
     "make_baseline": "._baselines",
     "PPOConfig": "._ppo",
     "train_ppo": "._ppo",

@@ -27,7 +27,10 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 from esper_fn._errors import ConfigError
 from esper_fn.training import evaluate, flops_per_sample
 
-from ._baselines import Layout, RandomPolicy
+from esper_fn import Op
+from esper_fn.actions import ActionSpace
+
+from ._baselines import RandomPolicy
 
 __all__ = ["RunRecord", "evaluate_controllers", "paired", "run_episodes", "summarize", "tune_baseline",
            "write_csv", "plot_runs"]
@@ -81,7 +84,7 @@ def _chunks(seeds: Sequence[int], size: int) -> list[list[int]]:
     return out
 
 
-def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *,
+def run_episodes(env, policy, seeds: Sequence[int], space: ActionSpace, name: str, *,
                  exploration: ExplorationType = ExplorationType.DETERMINISTIC) -> list[RunRecord]:
     """Play one episode per row with ``env.set_seed(seeds[0])`` (rows play ``seeds[0] + i``).
 
@@ -89,7 +92,7 @@ def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *
         env: the batched env, ``len(seeds)`` rows, seeds contiguous.
         policy: ``policy(td) -> td`` with ``"action"``.
         seeds: the run seeds of the rows.
-        layout: the env's layout (to decode decisions).
+        space: the env's action space (to decode decisions).
         name: the controller's name for the records.
         exploration: DETERMINISTIC (default: a probabilistic policy takes its mode) or RANDOM.
 
@@ -104,9 +107,7 @@ def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *
     t0 = time.perf_counter()
     env.set_seed(seeds[0])
     td = env.reset()
-    S = td["slot_mask"].shape[-1]
-    B, T = len(layout.blueprints), len(layout.tempos)
-    names = [b.split("@")[0] for b in layout.blueprints]
+    names = [b.split("@")[0] for b in space.blueprints]
     ctx = [env.context(i) for i in range(N)]
     n_train = [c.task.split("train")[0].shape[0] for c in ctx]
     example = [c.task.split("val")[0][:1] for c in ctx]
@@ -120,21 +121,19 @@ def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *
     while len(finished) < N:
         with torch.no_grad(), set_exploration_type(exploration):
             td = policy(td)
-        actions = td["action"].tolist()
-        for i, a in enumerate(actions):
+        for i, a in enumerate(td["action"].tolist()):
             if i in finished or a == 0:
                 continue
-            if a <= S * B * T:
-                s, b = divmod((a - 1) // T, B)
+            act = space.decode(a)
+            if act.op == Op.GERMINATE:
                 counts[i]["germinated"] += 1
-                decisions[i].append(f"{epoch}:GERMINATE:{slot_names[i][s]}:{names[b]}")
+                decisions[i].append(f"{epoch}:GERMINATE:{slot_names[i][act.slot]}:{act.blueprint.split('@')[0]}")
             else:
-                which, s = divmod(a - 1 - S * B * T, S)
-                op = ("ADVANCE", "FOSSILIZE", "PRUNE")[which]
-                b = int(td["slot_blueprint"][i, s])
-                if op != "ADVANCE":
-                    counts[i]["fossilized" if op == "FOSSILIZE" else "pruned"] += 1
-                decisions[i].append(f"{epoch}:{op}:{slot_names[i][s]}:{names[b] if b < B else '-'}")
+                b = int(td["slot_blueprint"][i, act.slot])
+                if act.op != Op.ADVANCE:
+                    counts[i]["fossilized" if act.op == Op.FOSSILIZE else "pruned"] += 1
+                decisions[i].append(f"{epoch}:{act.op.name}:{slot_names[i][act.slot]}:"
+                                    f"{names[b] if b < len(names) else '-'}")
         td = env.step(td)
         epoch += 1
         nxt = td["next"]
@@ -166,7 +165,7 @@ def run_episodes(env, policy, seeds: Sequence[int], layout: Layout, name: str, *
 
 
 def evaluate_controllers(make_env: Callable[[int], Any], controllers: Mapping[str, Callable[[Any], Any]],
-                         seeds: Sequence[int], layout: Layout, *, max_rows: int = 10,
+                         seeds: Sequence[int], space: ActionSpace, *, max_rows: int = 10,
                          progress: bool = True) -> list[RunRecord]:
     """Run every controller on every seed.
 
@@ -174,7 +173,7 @@ def evaluate_controllers(make_env: Callable[[int], Any], controllers: Mapping[st
         make_env: ``make_env(num_envs) -> env`` (the same env configuration for every controller).
         controllers: name -> ``make_policy(env)``.
         seeds: held-out run seeds (keep them outside the training range).
-        layout: the env's layout.
+        space: the env's action space.
         max_rows: rows per env batch (contiguous seeds are batched).
         progress: a tqdm bar over (controller, batch).
 
@@ -196,7 +195,7 @@ def evaluate_controllers(make_env: Callable[[int], Any], controllers: Mapping[st
                 if env is None:
                     env = envs[len(chunk)] = make_env(len(chunk))
                 policy = make_policy(env)
-                records += run_episodes(env, policy, chunk, layout, name)
+                records += run_episodes(env, policy, chunk, space, name)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(controller=name)
@@ -207,7 +206,7 @@ def evaluate_controllers(make_env: Callable[[int], Any], controllers: Mapping[st
 
 
 def tune_baseline(make_env: Callable[[int], Any], name: str, grid: Sequence[Mapping[str, Any]],
-                  make_policy: Callable[[Any, Mapping[str, Any]], Any], seeds: Sequence[int], layout: Layout,
+                  make_policy: Callable[[Any, Mapping[str, Any]], Any], seeds: Sequence[int], space: ActionSpace,
                   *, max_rows: int = 10) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
     """Pick a baseline's parameters on training seeds by mean final VALIDATION accuracy (the test
     split is never used for tuning).
@@ -217,7 +216,7 @@ def tune_baseline(make_env: Callable[[int], Any], name: str, grid: Sequence[Mapp
     """
     scores = []
     for params in grid:
-        recs = evaluate_controllers(make_env, {name: lambda env, p=params: make_policy(env, p)}, seeds, layout,
+        recs = evaluate_controllers(make_env, {name: lambda env, p=params: make_policy(env, p)}, seeds, space,
                                     max_rows=max_rows, progress=False)
         scores.append((dict(params), sum(r.val_accuracy for r in recs) / len(recs)))
     best = max(scores, key=lambda s: s[1])[0]
@@ -345,8 +344,8 @@ def plot_runs(records: Sequence[RunRecord], path: str | Path, title: str = "") -
     return path
 
 
-def tamiyo_policy(path: str | Path, layout: Layout, action_spec=None, **overrides):
-    """Load Tamiyo's actor from a weights file for an env with this layout.
+def tamiyo_policy(path: str | Path, space: ActionSpace, action_spec=None, **overrides):
+    """Load Tamiyo's actor from a weights file for an env with this action space.
 
     Raises:
         TamiyoError: the weights were trained for other blueprints or tempos (the slot count is
@@ -356,8 +355,8 @@ def tamiyo_policy(path: str | Path, layout: Layout, action_spec=None, **override
 
     actor, _, _ = load_tamiyo(path, action_spec, **overrides)
     c = actor.tamiyo_config
-    if tuple(c.blueprints) != tuple(layout.blueprints) or tuple(c.tempos) != tuple(layout.tempos):
+    if tuple(c.blueprints) != tuple(space.blueprints) or tuple(c.tempos) != tuple(space.tempos):
         raise TamiyoError(f"{path} was trained with blueprints {list(c.blueprints)} and tempos {list(c.tempos)}; "
-                          f"this env offers {list(layout.blueprints)} and {list(layout.tempos)}. Build the env with "
+                          f"this env offers {list(space.blueprints)} and {list(space.tempos)}. Build the env with "
                           "the same blueprints= and tempos=.")
     return actor

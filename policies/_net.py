@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     from torch_geometric.data import Batch
     from torch_geometric.nn import GATv2Conv
 
-__all__ = ["TamiyoHead", "TamiyoTrunk", "ValueReduce", "dense_to_pyg", "flat_action_layout"]
+__all__ = ["TamiyoHead", "TamiyoTrunk", "ValueReduce", "dense_to_pyg"]
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -50,12 +50,6 @@ def dense_to_pyg(x: Tensor, node_mask: Tensor, edge_index: Tensor, edge_mask: Te
     ei = (edge_index + offset).permute(1, 0, 2).reshape(2, -1)[:, edge_mask.reshape(-1)]
     batch = torch.arange(M, device=x.device).repeat_interleave(L)[flat]
     return Batch(x=x.reshape(M * L, H)[flat], edge_index=new_id[ei], batch=batch)
-
-
-def flat_action_layout(num_slots: int, num_blueprints: int, num_tempos: int) -> int:
-    """Size of the env's flat action space, ``A = 1 + S*B*T + 3*S`` (WAIT, GERMINATE per
-    (slot, blueprint, tempo), then ADVANCE, FOSSILIZE, PRUNE per slot; docs/env.md)."""
-    return 1 + num_slots * num_blueprints * num_tempos + 3 * num_slots
 
 
 class TamiyoTrunk(nn.Module):
@@ -168,7 +162,9 @@ class TamiyoHead(nn.Module):
         wait = self.wait(graph)  # [*, 2]
         z = self.germ_slot(slots)[..., :, None, None, :]  # [*, S, 1, 1, H]
         germ = self.germ_out(torch.tanh(z + self.blueprint.weight[:, None, :] + self.tempo.weight[None, :, :]))
-        germ = germ.reshape(*lead, S * B * T, 2)  # row-major (s, b, t): index 1 + (s*B + b)*T + t
+        # The logits follow esper_fn.actions.ActionSpace: WAIT, GERMINATE row-major over (s, b, t), then
+        # ADVANCE, FOSSILIZE, PRUNE per slot.
+        germ = germ.reshape(*lead, S * B * T, 2)
         ops = self.slot_ops(slots).reshape(*lead, S, 3, 2).transpose(-3, -2).reshape(*lead, 3 * S, 2)
         both = torch.cat([wait.unsqueeze(-2), germ, ops], -2)  # [*, A, 2]
         logits, harm = both[..., 0], both[..., 1]

@@ -41,7 +41,8 @@ from torchrl.record import CSVLogger
 from esper_fn._errors import ConfigError
 from esper_fn.checkpoint import CheckpointManager
 
-from ._baselines import Layout
+from esper_fn import Op
+from esper_fn.actions import ActionSpace
 from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into, parameters,
                       save_tamiyo, tamiyo_tensors)
 
@@ -95,7 +96,7 @@ class PPOConfig(BaseModel):
     tamiyo: dict[str, Any] = Field(default_factory=dict)
 
 
-def harm_labels(batch: TensorDictBase, layout: Layout, *, drop: float = 0.05) -> torch.Tensor:
+def harm_labels(batch: TensorDictBase, space: ActionSpace, *, drop: float = 0.05) -> torch.Tensor:
     """Safety-head targets: 1.0 where the step's action was harmful, else 0.0.
 
     Harmful: the governor rolled the step back (``metrics/rollbacks`` rose), or the action fossilized
@@ -103,26 +104,24 @@ def harm_labels(batch: TensorDictBase, layout: Layout, *, drop: float = 0.05) ->
     validation-accuracy drop of more than `drop`.
 
     Args:
-        batch: transitions with ``"action"`` [*B], ``"slot_features"`` [*B, S, F], ``"metrics"`` and
-            ``("next", "metrics")``.
-        layout: the env's layout (feature names and action layout).
+        batch: transitions with ``"action"`` [*B], ``("controller", "contribution")`` [*B, S],
+            ``"metrics"`` and ``("next", "metrics")``.
+        space: the env's action space.
         drop: the accuracy drop counted as harm.
 
     Returns:
         float32 [*B].
     """
     action = batch["action"]
-    S = batch["slot_mask"].shape[-1]
+    op, slot, _, _ = space.unravel(action)
     rolled = batch["next", "metrics", "rollbacks"] > batch["metrics", "rollbacks"]
-    fossil0 = layout.op(S, "fossilize", 0)
-    is_fossil = (action >= fossil0) & (action < fossil0 + S)
-    slot = (action - fossil0).clamp(0, S - 1)
-    contrib = batch["slot_features"][..., layout.sf("contribution")].gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+    contrib = batch["controller", "contribution"].gather(-1, slot.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    negative = (op == int(Op.FOSSILIZE)) & (contrib < 0)  # NaN (unmeasured) compares False
     fell = (batch["next", "metrics", "val_accuracy"] - batch["metrics", "val_accuracy"]) < -drop
-    return (rolled | (is_fossil & (contrib < 0)) | ((action != 0) & fell)).float()
+    return (rolled | negative | ((action != 0) & fell)).float()
 
 
-def action_stats(batch: TensorDictBase, layout: Layout, slot_names: list[str] | None = None) -> dict[str, float]:
+def action_stats(batch: TensorDictBase, space: ActionSpace, slot_names: list[str] | None = None) -> dict[str, float]:
     """Action frequencies of a batch: per op, per slot and per blueprint (germinations), and the
     fossilize / prune rates (per germination, overall and per blueprint).
 
@@ -131,28 +130,23 @@ def action_stats(batch: TensorDictBase, layout: Layout, slot_names: list[str] | 
         "blueprint/<name>": germinations of it / germinations, "fossilize_rate", "prune_rate",
         "fossilize_rate/<name>", "prune_rate/<name>"}`` (a rate is verdicts / germinations).
     """
-    a = batch["action"].reshape(-1).tolist()
-    S = batch["slot_mask"].shape[-1]
-    seed_bp = batch["slot_blueprint"].reshape(len(a), S).tolist()
-    B, T = len(layout.blueprints), len(layout.tempos)
-    names = [b.split("@")[0] for b in layout.blueprints]
+    action = batch["action"].reshape(-1)
+    op, slot, bp, _ = (t.tolist() for t in space.unravel(action))
+    S, B = space.num_slots, len(space.blueprints)
+    seed_bp = batch["slot_blueprint"].reshape(len(op), -1).tolist()
+    names = [b.split("@")[0] for b in space.blueprints]
     ops, slots, bps, verdict = Counter(), Counter(), Counter(), Counter()
-    for i, x in enumerate(a):
-        if x == 0:
-            ops["wait"] += 1
-        elif x <= S * B * T:
-            ops["germinate"] += 1
-            s, b = divmod((x - 1) // T, B)
-            slots[s] += 1
-            bps[names[b]] += 1
-        else:
-            which, s = divmod(x - 1 - S * B * T, S)
-            op = ("advance", "fossilize", "prune")[which]
-            ops[op] += 1
-            b = seed_bp[i][s]
-            if op != "advance" and b < B:
-                verdict[(op, names[b])] += 1
-    n, g = max(len(a), 1), max(ops["germinate"], 1)
+    for i, o in enumerate(op):
+        o = Op(o)
+        ops[o.name.lower()] += 1
+        if o == Op.GERMINATE:
+            slots[slot[i]] += 1
+            bps[names[bp[i]]] += 1
+        elif o in (Op.FOSSILIZE, Op.PRUNE):
+            b = seed_bp[i][slot[i]]
+            if b < B:
+                verdict[(o.name.lower(), names[b])] += 1
+    n, g = max(len(op), 1), max(ops["germinate"], 1)
     out = {f"ops/{k}": ops[k] / n for k in ("wait", "germinate", "advance", "fossilize", "prune")}
     for s in range(S):
         out[f"slot/{slot_names[s] if slot_names and s < len(slot_names) else s}"] = slots[s] / g
@@ -217,7 +211,7 @@ class _Loggers:
                 lg.experiment.close()
 
 
-def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, layout: Layout, *,
+def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, space: ActionSpace, *,
               resume: bool = False, progress: bool = True, tensorboard: bool = True,
               metadata: Mapping[str, Any] | None = None,
               on_iteration: Callable[[int, dict[str, float]], None] | None = None,
@@ -231,8 +225,8 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
         out: run directory: ``logs/ppo/scalars/*.csv`` (and ``tb/`` with tensorboard),
             ``checkpoints/step_*`` (`esper_fn.checkpoint.CheckpointManager`: weights, optimizer,
             RNG states), ``tamiyo.safetensors`` (the final policy, `load_tamiyo`), ``history.jsonl``.
-        layout: the env's `Layout` (feature names for the safety labels, action layout for the
-            action statistics).
+        space: the env's action space (``env.action_space``: the safety labels and action statistics
+            decode actions with it).
         resume: continue from the latest checkpoint in ``out/checkpoints`` (bit-identical).
         progress: show a tqdm bar.
         tensorboard: also log to TensorBoard when it is installed.
@@ -288,8 +282,8 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
         if len(env.batch_size) != 1 or not hasattr(env, "max_epochs"):
             raise ConfigError("train_ppo needs a batched env with batch_size [N] and a max_epochs budget.")
         N, T = int(env.batch_size[0]), int(env.max_epochs)
-        tconf = config_from_specs(env.observation_spec, env.action_spec, blueprints=layout.blueprints,
-                                  tempos=layout.tempos, **config.tamiyo)
+        tconf = config_from_specs(env.observation_spec, env.action_spec, blueprints=space.blueprints,
+                                  tempos=space.tempos, **config.tamiyo)
         actor, critic, _ = build_tamiyo(tconf, env.action_spec)
         actor.tamiyo_config = tconf
         params = parameters(actor, critic)
@@ -307,7 +301,7 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, l
         if saved is not None:  # after the collector's first reset, as in the uninterrupted run
             torch.set_rng_state(saved[0]["rng/torch"])
             shuffle.set_state(saved[0]["rng/shuffle"])
-        return _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress,
+        return _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, start, N, T, progress,
                      tensorboard, metadata, on_iteration, init_meta)
 
 
@@ -349,7 +343,7 @@ def _init_tensors(init: str | Path, own: TamiyoConfig) -> dict[str, torch.Tensor
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, start, N, T, progress, tensorboard,
+def _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, start, N, T, progress, tensorboard,
           metadata, on_iteration, init_meta=None):
     iterations = config.iterations
     gae = GAE(gamma=config.gamma, lmbda=config.lmbda, value_network=critic, deactivate_vmap=True)
@@ -373,7 +367,7 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, st
                 for g in opt.param_groups:
                     g["lr"] = config.lr * (1 - it / iterations)
             data.set(("next", "reward"), data["next", "reward"] * config.reward_scale)
-            harm = harm_labels(data, layout, drop=config.harm_drop)
+            harm = harm_labels(data, space, drop=config.harm_drop)
             boot = torch.rand(data.shape + (actor.tamiyo_config.value_heads,), generator=shuffle) < 0.5
             stats: dict[str, list[float]] = {}
             for _ in range(config.ppo_epochs):
@@ -419,7 +413,7 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, layout, ckpts, st
                 "seconds_iteration": time.perf_counter() - t_prev,
                 "seconds_total": time.perf_counter() - t0,
             })
-            scalars.update(action_stats(data, layout))
+            scalars.update(action_stats(data, space))
             loggers.log(scalars, it + 1)
             history.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
             history.flush()

@@ -23,7 +23,9 @@ from torchrl.modules import ActorValueOperator, MaskedCategorical, Probabilistic
 
 from esper_fn._errors import EsperError
 
-from ._net import TamiyoHead, TamiyoTrunk, ValueReduce, flat_action_layout
+from esper_fn.actions import ActionSpace
+
+from ._net import TamiyoHead, TamiyoTrunk, ValueReduce
 
 __all__ = ["OBS_KEYS", "TamiyoConfig", "TamiyoError", "load_tamiyo", "make_tamiyo", "save_tamiyo"]
 
@@ -94,7 +96,7 @@ def config_from_specs(observation_spec, action_spec, *, blueprints, tempos, **kw
                           "(MorphogenesisEnv's keys, docs/env.md).")
     S = observation_spec["slot_mask"].shape[-1]
     A = observation_spec["action_mask"].shape[-1]
-    expected = flat_action_layout(S, len(blueprints), len(tempos))
+    expected = ActionSpace(S, tuple(blueprints), tuple(int(t) for t in tempos)).n
     if A != expected or (action_spec is not None and getattr(action_spec, "n", A) != A):
         raise TamiyoError(f"the action mask has {A} actions but S={S} slots, B={len(blueprints)} blueprints and "
                           f"T={len(tempos)} tempos give 1 + S*B*T + 3*S = {expected}; pass the env's "

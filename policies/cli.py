@@ -80,7 +80,6 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
     import torch
 
-    from ._baselines import Layout
     from ._ppo import PPOConfig, train_ppo
 
     torch.set_num_threads(args.threads)
@@ -88,7 +87,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
     kw = env_kwargs(args)
     make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
     probe = envs.MorphogenesisEnv(num_envs=1, **kw)
-    layout = Layout.of(probe, envs.SLOT_FEATURES, envs.GLOBAL_FEATURES)
+    space = probe.action_space
     fields = {}
     if args.config:
         import yaml
@@ -112,7 +111,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
           f"{config.iterations} iterations, {probe.action_space.n} actions, seed {config.seed} -> {args.out}")
     env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
     env_meta["reward"] = reward
-    summary = train_ppo(make_env, config, args.out, layout, resume=args.resume, progress=not args.no_progress,
+    summary = train_ppo(make_env, config, args.out, space, resume=args.resume, progress=not args.no_progress,
                         init=args.init,
                         metadata={"command": " ".join(["esper-fn", *sys.argv[1:]]),
                                   "env": json.loads(json.dumps(env_meta, default=str))})
@@ -127,7 +126,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     import torch
 
-    from ._baselines import Layout, make_baseline
+    from ._baselines import make_baseline
     from ._eval import evaluate_controllers, plot_runs, summarize, tamiyo_policy, tune_baseline, write_csv
 
     torch.set_num_threads(args.threads)
@@ -138,7 +137,7 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
         return envs.MorphogenesisEnv(num_envs=n, **kw)
 
     probe = make_env(1)
-    layout = Layout.of(probe, envs.SLOT_FEATURES, envs.GLOBAL_FEATURES)
+    space = probe.action_space
     params: dict[str, dict] = json.loads(Path(args.params).read_text()) if args.params else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +147,7 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
         for n in names:
             if n in DEFAULT_GRIDS and n not in params:
                 best, scores = tune_baseline(make_env, n, DEFAULT_GRIDS[n],
-                                             lambda env, p, n=n: make_baseline(n, layout, **p), tune, layout,
+                                             lambda env, p, n=n: make_baseline(n, space, **p), tune, space,
                                              max_rows=args.num_envs)
                 params[n] = best
                 print(f"tuned {n} on seeds {tune[0]}..{tune[-1]} (validation accuracy): "
@@ -163,15 +162,15 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
 
                 path = str(SHIPPED_WEIGHTS)
             name = label if label != "tamiyo" or "tamiyo" not in controllers else f"tamiyo{len(controllers)}"
-            controllers[name] = lambda env, path=path: tamiyo_policy(path, layout, env.action_spec,
+            controllers[name] = lambda env, path=path: tamiyo_policy(path, space, env.action_spec,
                                                                       safety_bias=args.safety_bias,
                                                                       uncertainty_bias=args.uncertainty_bias)
         else:
-            controllers[n] = lambda env, n=n: make_baseline(n, layout, **params.get(n, {}))
+            controllers[n] = lambda env, n=n: make_baseline(n, space, **params.get(n, {}))
     seeds = parse_seeds(args.seeds)
     print(f"esper-fn eval: {list(controllers)} on {[c.name for c in probe.contexts]}, {len(seeds)} seeds "
           f"({seeds[0]}..{seeds[-1]}), {args.epochs} epochs")
-    records = evaluate_controllers(make_env, controllers, seeds, layout, max_rows=args.num_envs,
+    records = evaluate_controllers(make_env, controllers, seeds, space, max_rows=args.num_envs,
                                    progress=not args.no_progress)
     for path in args.merge or ():  # earlier runs of other controllers on the same seeds and env
         from ._eval import read_csv
