@@ -34,8 +34,14 @@ def one(args: tuple[str, str, int, int, str]) -> dict:
     controller, host, seed, epochs, root = args
     label = controller.partition(":")[0]
     out = Path(root) / f"{host}-{label}-{seed}"
-    s = grow(RunConfig(controller=controller, host=host, seed=seed, epochs=epochs, checkpoint_every=epochs,
-                       param_budget=BUDGET), out, progress=False)
+    config = RunConfig(controller=controller, host=host, seed=seed, epochs=epochs, checkpoint_every=epochs,
+                       param_budget=BUDGET)
+    learned = None
+    if label == "tamiyo":  # a learned controller is built outside the core and handed to grow
+        from esper_fn.envs import tamiyo_controller
+
+        learned = tamiyo_controller(controller, governor=config.governor)
+    s = grow(config, out, controller=learned, progress=False)
     grown = [f"{e.epoch}:{e.slot}:{e.blueprint.split('@')[0]}" for e in read_events(out / "events.jsonl")
              if isinstance(e, Germinated)]
     return {"controller": label, "host": host, "seed": seed, "summary": s.model_dump(), "germinated": grown}

@@ -239,6 +239,21 @@ class MorphogenesisEnv(EnvBase):
         self.set_seed(seed)
 
     @property
+    def max_slots(self) -> int:
+        """S, the slot positions of the action space and of the padded observation."""
+        return self.action_space.num_slots
+
+    @property
+    def max_nodes(self) -> int:
+        """L, graph nodes per row of the padded observation."""
+        return self.observer.max_nodes
+
+    @property
+    def max_edges(self) -> int:
+        """E, graph edges per row of the padded observation."""
+        return self.observer.max_edges
+
+    @property
     def gates(self) -> GateConfig:
         """The lifecycle gates (the mask includes them)."""
         return self.rules.gates

@@ -71,7 +71,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
-_SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli", "urza", "tezzeret")
+_SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli", "urza", "tezzeret",
+               "episode", "actions")
 
 __all__ = list(_LAZY)
 

@@ -480,6 +480,7 @@ def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
             m = {**train_m, **telemetry(new, ep.task, train_m)}
         m["epoch"] = float(epoch)
         m["time/train"], m["time/telemetry"] = t_train, time.perf_counter() - t1
+        times = {k: m[k] for k in ("time/train", "time/telemetry")}
         n_classes = ep.task.n_classes
         reason = governor_verdict(m, ep.good, n_classes, governor)
         good, stopped, stuck = ep.good, ep.stopped, ep.stuck_at_chance_epoch
@@ -496,7 +497,7 @@ def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
             carried = {k: v for k, v in ep.metrics.items()
                        if k in ("train_loss", "train_accuracy", "shadow_loss") or k.startswith("grad_norm/")}
             with torch.no_grad():
-                m = {**carried, **telemetry(state, ep.task, carried), "epoch": float(epoch)}
+                m = {**carried, **telemetry(state, ep.task, carried), "epoch": float(epoch), **times}
             if counts[i]["rollbacks"] > governor.max_rollbacks:
                 stopped = f"more than {governor.max_rollbacks} rollbacks; last: {reason}"
         else:
@@ -553,9 +554,10 @@ def episode_from_tensors(task: Task, host: Host, tensors: Mapping[str, torch.Ten
         raise CheckpointError(f"not an episode checkpoint of format {_EPISODE_FORMAT!r} (found "
                               f"{meta.get('format')!r}); it was written by another esper_fn version: start the run "
                               "again in a new directory.")
-    missing = [f"rng/{n}" for n in RNG_STREAMS if f"rng/{n}" not in tensors]
+    missing = [n for n in RNG_STREAMS if f"rng/{n}" not in tensors]
     if missing:
-        raise CheckpointError(f"the episode checkpoint lacks the random streams {missing}.")
+        raise CheckpointError(f"the episode checkpoint has no random stream(s) {missing} (tensors rng/<name>); it "
+                              "cannot continue bit-identically. Start the run again in a new directory.")
     state = state_from_tensors(host, {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}, meta["state"])
     gens = {}
     for name in RNG_STREAMS:

@@ -20,10 +20,8 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from torchrl.record import CSVLogger
 
-from esper_fn.envs import GLOBAL_FEATURES, SLOT_FEATURES, MorphogenesisEnv
-from esper_fn.policies import Layout, make_tamiyo, save_tamiyo
-from esper_fn.policies._ppo import action_stats, harm_labels
-from esper_fn.policies._tamiyo import parameters
+from esper_fn.envs import MorphogenesisEnv
+from esper_fn.policies import action_stats, harm_labels, make_tamiyo, save_tamiyo, tamiyo_parameters
 
 with warnings.catch_warnings():  # torchrl 0.14.1 warns about its own classes while importing collectors
     warnings.filterwarnings("ignore", message=r".*WeightUpdaterBase is deprecated.*", category=DeprecationWarning)
@@ -54,13 +52,13 @@ def main() -> None:
         contexts=[("mnist1d", h) for h in args.hosts.split(",")], num_envs=args.num_envs, max_epochs=args.epochs,
         seed=args.seed, subset={"train": args.subset_train} if args.subset_train else None,
         blueprints=args.blueprints.split(",") if args.blueprints else None)
-    layout = Layout.of(env, SLOT_FEATURES, GLOBAL_FEATURES)
+    space = env.action_space  # the flat action layout (esper_fn.actions.ActionSpace)
     N, T = args.num_envs, args.epochs
 
     # --- the agent: GATv2 trunk, flat masked logits, value ensemble, safety head --------------
-    actor, critic = make_tamiyo(env.observation_spec, env.action_spec, blueprints=layout.blueprints,
-                                tempos=layout.tempos, hidden=64, wait_bias=3.0)
-    params = parameters(actor, critic)  # the trunk is shared: each parameter once
+    actor, critic = make_tamiyo(env.observation_spec, env.action_spec, blueprints=space.blueprints,
+                                tempos=space.tempos, hidden=64, wait_bias=3.0)
+    params = tamiyo_parameters(actor, critic)  # the trunk is shared: each parameter once
     common, head = actor.module[0], actor.module[1]
     optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
 
@@ -79,7 +77,7 @@ def main() -> None:
     for it, data in enumerate(collector):  # data: [N, T], the action mask included
         for g in optimizer.param_groups:  # linear LR annealing
             g["lr"] = args.lr * (1 - it / args.iterations)
-        harm = harm_labels(data, layout)  # safety-head targets: rollbacks, negative contributions
+        harm = harm_labels(data, space)  # safety-head targets: rollbacks, negative contributions
         boot = torch.rand(*data.shape, actor.tamiyo_config.value_heads, generator=shuffle) < 0.5
         for _ in range(args.ppo_epochs):
             with torch.no_grad():
@@ -107,7 +105,7 @@ def main() -> None:
             "final_val_accuracy": float(data["next", "metrics", "val_accuracy"][done].mean()),
             "explained_variance": float(1 - (target - value).var() / target.var()),
             "entropy": float(lt["entropy"]), "approx_kl": float(lt["kl_approx"]),
-            "clip_fraction": float(lt["clip_fraction"]), **action_stats(data, layout),
+            "clip_fraction": float(lt["clip_fraction"]), **action_stats(data, space),
         }
         for k, v in scalars.items():
             logger.log_scalar(k, v, step=it + 1)

@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "PPOConfig": "._ppo",
     "train_ppo": "._ppo",
     "harm_labels": "._ppo",
+    "action_stats": "._ppo",
+    "tamiyo_parameters": "._tamiyo",
     "evaluate_controllers": "._eval",
     "run_episodes": "._eval",
     "summarize": "._eval",

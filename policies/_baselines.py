@@ -17,6 +17,7 @@ env: the action layout comes in as an `esper_fn.actions.ActionSpace`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from tensordict import TensorDictBase
@@ -101,7 +102,8 @@ class ControllerPolicy(_Baseline):
     Each row's ``"controller"`` entry becomes the controller's `Observation`; the controller's
     requests become one flat action. ADVANCE requests the mask does not offer are dropped (under the
     env's automatic lifecycle the env advances seeds itself); any other request must be legal. The
-    controller acts under its own gates (`Observation.under`) within the env's mask; the env's gates
+    controller acts under its own gates (`Observation.under`) within the env's mask (a germination's
+    tempo becomes the nearest one the space offers); the env's gates
     drive the automatic lifecycle, so with ``gates=controller.gates`` the env runs the controller
     exactly as ``esper-fn grow`` does.
 
@@ -128,6 +130,8 @@ class ControllerPolicy(_Baseline):
         names = [v.name for v in obs.slots]
         picks = []
         for a in self.controller.decide(obs):
+            if a.op == Op.GERMINATE and a.tempo not in self.space.tempos:  # the nearest tempo offered
+                a = replace(a, tempo=min(self.space.tempos, key=lambda t: (abs(t - a.tempo), t)))
             index = from_action(self.space, a, names)
             if not bool(mask[index]):
                 if a.op == Op.ADVANCE:

@@ -20,6 +20,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,13 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from torchrl.record import CSVLogger
 
+from esper_fn import Op
 from esper_fn._errors import ConfigError
+from esper_fn.actions import ActionSpace
 from esper_fn.checkpoint import CheckpointManager
 
-from esper_fn import Op
-from esper_fn.actions import ActionSpace
-from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into, parameters,
+from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into,
+                      tamiyo_parameters,
                       save_tamiyo, tamiyo_tensors)
 
 __all__ = ["PPOConfig", "action_stats", "harm_labels", "train_ppo"]
@@ -286,7 +288,7 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
                                   tempos=space.tempos, **config.tamiyo)
         actor, critic, _ = build_tamiyo(tconf, env.action_spec)
         actor.tamiyo_config = tconf
-        params = parameters(actor, critic)
+        params = tamiyo_parameters(actor, critic)
         opt = torch.optim.Adam(params, lr=config.lr, eps=1e-5)
         shuffle = torch.Generator().manual_seed(config.seed + 1)
         if saved is not None:
@@ -301,8 +303,10 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
         if saved is not None:  # after the collector's first reset, as in the uninterrupted run
             torch.set_rng_state(saved[0]["rng/torch"])
             shuffle.set_state(saved[0]["rng/shuffle"])
-        return _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, start, N, T, progress,
-                     tensorboard, metadata, on_iteration, init_meta)
+        return _loop(_Session(collector=collector, actor=actor, critic=critic, opt=opt, shuffle=shuffle, config=config,
+                              out=out, space=space, ckpts=ckpts, start=start, rows=N, epochs=T, progress=progress,
+                              tensorboard=tensorboard, metadata=dict(metadata or {}), on_iteration=on_iteration,
+                              init_meta=init_meta))
 
 
 _ENV_FIELDS = ("node_dim", "global_dim", "blueprints", "tempos")  # fixed by the env, not by config.tamiyo
@@ -343,17 +347,42 @@ def _init_tensors(init: str | Path, own: TamiyoConfig) -> dict[str, torch.Tensor
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, start, N, T, progress, tensorboard,
-          metadata, on_iteration, init_meta=None):
+@dataclass
+class _Session:
+    """Everything one PPO run holds: the collector and the networks, their optimizer and shuffling
+    generator, the config, where it writes, and where it starts."""
+
+    collector: Any
+    actor: Any
+    critic: Any
+    opt: torch.optim.Optimizer
+    shuffle: torch.Generator
+    config: PPOConfig
+    out: Path
+    space: ActionSpace
+    ckpts: CheckpointManager
+    start: int
+    rows: int
+    epochs: int
+    progress: bool
+    tensorboard: bool
+    metadata: dict[str, Any]
+    on_iteration: Callable[[int, dict[str, float]], None] | None
+    init_meta: Any
+
+
+def _loop(run: _Session) -> dict[str, Any]:
+    collector, actor, critic, opt, shuffle, config = run.collector, run.actor, run.critic, run.opt, run.shuffle, run.config
+    out, space, ckpts, start, N, T = run.out, run.space, run.ckpts, run.start, run.rows, run.epochs
     iterations = config.iterations
     gae = GAE(gamma=config.gamma, lmbda=config.lmbda, value_network=critic, deactivate_vmap=True)
     loss_module = ClipPPOLoss(actor, critic, clip_epsilon=config.clip_epsilon, entropy_coeff=config.entropy_coeff,
                               critic_coeff=config.critic_coeff, loss_critic_type="l2", normalize_advantage=True)
-    params = parameters(actor, critic)
+    params = tamiyo_parameters(actor, critic)
     common, head = actor.module[0], actor.module[1]  # GATv2 trunk, logits/harm head (TensorDictModules)
-    loggers = _Loggers(out, tensorboard)
+    loggers = _Loggers(out, run.tensorboard)
     bar = None
-    if progress:
+    if run.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iterations, initial=start, desc="train-tamiyo", unit="it")
@@ -418,14 +447,14 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, sta
             history.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
             history.flush()
             last = scalars
-            if on_iteration is not None:
-                on_iteration(it + 1, scalars)
+            if run.on_iteration is not None:
+                run.on_iteration(it + 1, scalars)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(ret=f"{scalars['episode_return']:.3f}", acc=f"{scalars['final_val_accuracy']:.3f}",
                                 ev=f"{scalars['explained_variance']:.2f}", ent=f"{scalars['entropy']:.2f}")
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == iterations:
-                _checkpoint(ckpts, it + 1, actor, critic, opt, shuffle, config, init_meta)
+                _checkpoint(ckpts, it + 1, actor, critic, opt, shuffle, config, run.init_meta)
             t_prev = time.perf_counter()
     finally:
         collector.shutdown()
@@ -434,7 +463,7 @@ def _loop(collector, actor, critic, opt, shuffle, config, out, space, ckpts, sta
         if bar is not None:
             bar.close()
     weights = save_tamiyo(out / "tamiyo.safetensors", actor, critic,
-                          metadata={**dict(metadata or {}), "ppo": json.loads(config.model_dump_json()),
+                          metadata={**run.metadata, "ppo": json.loads(config.model_dump_json()),
                                     "iterations": iterations})
     return {"iterations": iterations, "frames": iterations * N * T, "last": last, "weights": str(weights)}
 

@@ -27,7 +27,7 @@ from esper_fn.actions import ActionSpace
 
 from ._net import TamiyoHead, TamiyoTrunk, ValueReduce
 
-__all__ = ["OBS_KEYS", "TamiyoConfig", "TamiyoError", "load_tamiyo", "make_tamiyo", "save_tamiyo"]
+__all__ = ["OBS_KEYS", "TamiyoConfig", "TamiyoError", "load_tamiyo", "make_tamiyo", "save_tamiyo", "tamiyo_parameters"]
 
 OBS_KEYS: tuple[str, ...] = ("node_features", "node_mask", "node_slot", "edge_index", "edge_mask",
                              "global_features", "slot_mask", "slot_blueprint")
@@ -256,7 +256,7 @@ def tamiyo_tensors(actor, critic) -> dict[str, torch.Tensor]:
     return _joint_state(actor, critic)
 
 
-def parameters(actor, critic) -> list[torch.nn.Parameter]:
+def tamiyo_parameters(actor, critic) -> list[torch.nn.Parameter]:
     """Every trainable parameter of actor and critic, each once (the trunk is shared)."""
     seen, out = set(), []
     for p in list(actor.parameters()) + list(critic.parameters()):

@@ -1,5 +1,7 @@
 """Controllers: their gates are GateConfigs, they act on the gated mask, and the runner honours them."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -15,9 +17,13 @@ from esper_fn.controllers import (
     budget_blocked,
     choose_seed,
     manage_seeds,
+    observations_to_tensordict,
+    observe,
 )
+from esper_fn.episode import Episode, start
 from esper_fn.events import Advanced, Fossilized, Germinated, Pruned, read_events
 from esper_fn.run import RunConfig, grow
+from esper_fn.tasks import load
 
 FAST = dict(task="mnist1d", host="mlp-impaired", epochs=8, checkpoint_every=100,
             plateau={"patience": 1, "min_delta": 1.0, "incubate_epochs": 1, "tempo": 2, "hold_epochs": 1,
@@ -33,10 +39,18 @@ def _state(stage_path=(), host=None):
     return s
 
 
+_TASK = load("mnist1d")
+
+
+def _episode(state, metrics=None, budget=None, epoch=5, good=()) -> Episode:
+    """An episode record around `state` at `epoch` (what a driver would hold after that epoch)."""
+    ep = start(_TASK, state.host, seed=0, max_epochs=100, param_budget=budget)
+    m = {"val_accuracy": 0.5, "val_loss": 1.0, **dict(metrics or {})}
+    return replace(ep, state=state, metrics=m, epoch=epoch, good=tuple(good) or (m,))
+
+
 def _obs(state, gates, metrics=None, budget=None, epoch=5):
-    metrics = dict(metrics or {})
-    legal = ef.legal_actions(state, gates=gates, telemetry=metrics)
-    return Observation(epoch, 100, state, metrics, [], legal, budget)
+    return observe(_episode(state, metrics, budget, epoch), gates)
 
 
 def test_controllers_state_their_thresholds_as_gate_configs():
@@ -86,12 +100,51 @@ def test_budget_blocked_names_the_budget_and_the_smallest_seed():
 def test_plateau_reports_a_blocked_germination():
     s = ef.init(ef.hosts.hosts()["mlp-impaired"](), generator=torch.Generator().manual_seed(0))
     p = Plateau(PlateauConfig(patience=1, min_delta=1.0, grow_until=1.0))
-    hist = [{"val_accuracy": 0.4}, {"val_accuracy": 0.4}]
     m = {"val_accuracy": 0.4, "train_loss": 1.5}
-    legal = ef.legal_actions(s, gates=p.gates, telemetry=m)
-    assert p.decide(Observation(3, 100, s, m, hist, legal, 900)) == [] and "budget of 900" in p.blocked
-    (a,) = p.decide(Observation(3, 100, s, m, hist, legal, 1100))
+    good = [{"val_accuracy": 0.4}, {"val_accuracy": 0.4}, m]
+    assert p.decide(observe(_episode(s, m, 900, 3, good), p.gates)) == [] and "budget of 900" in p.blocked
+    (a,) = p.decide(observe(_episode(s, m, 1100, 3, good), p.gates))
     assert a.op == ef.Op.GERMINATE and p.blocked is None
+
+
+def test_controllers_are_functions_of_the_observation():
+    """No memory between calls: the same observation gives the same decision, whatever came before."""
+    s = ef.init(ef.hosts.hosts()["mlp-impaired"](), generator=torch.Generator().manual_seed(0))
+    p = Plateau(PlateauConfig(patience=1, min_delta=1.0, grow_until=1.0, max_seeds=1))
+    m = {"val_accuracy": 0.4, "train_loss": 1.5}
+    obs = observe(_episode(s, m, 1100, 3, [{"val_accuracy": 0.4}, m]), p.gates)
+    first = p.decide(obs)
+    assert first and p.decide(obs) == first
+    # the episode's germination count (not a counter in the controller) caps the seeds
+    assert p.decide(replace(obs, germinated=1)) == []
+
+
+def test_the_observation_round_trips_through_a_tensordict():
+    s = _state(["TRAINING", "BLENDING", "HOLDING"])
+    gates = ef.GateConfig(min_holding_epochs=1)
+    m = {"input/contribution": 0.25, "grad_norm/input": 0.5, "input/dead": 0.1, "train_loss": 0.7}
+    obs = _obs(ef.tick(s), gates, m, budget=1100)
+    blueprints = tuple(ef.blueprints.registry())
+    td = observations_to_tensordict([obs, obs], num_slots=5, blueprints=blueprints, horizon=8)
+    assert td.batch_size == (2,) and td["seed_params"].shape == (2, 5, len(blueprints))
+    back = Observation.from_tensordict(td[1], blueprints)
+    assert back.episode is None
+    # equal but for the slot names, which a TensorDict does not carry
+    assert back == replace(obs, slots=tuple(replace(v, name=str(i)) for i, v in enumerate(obs.slots)))
+    assert back.slots[0].contribution == 0.25 and back.slots[1].contribution is None
+    with pytest.raises(ValueError, match="holds 2"):
+        observations_to_tensordict([obs], num_slots=2, blueprints=blueprints, horizon=8)
+
+
+def test_an_observation_under_stricter_gates_withdraws_what_they_refuse():
+    h = ef.tick(_state(["TRAINING", "BLENDING", "HOLDING"]))
+    lax = _obs(h, ef.GateConfig(), {"input/contribution": 0.001})
+    assert ef.Op.FOSSILIZE in lax.slot("input").ops
+    strict = ef.GateConfig(min_holding_epochs=1, min_contribution=0.01)
+    assert ef.Op.FOSSILIZE not in lax.under(strict).slot("input").ops
+    # built with the same gates, nothing changes
+    same = _obs(h, strict, {"input/contribution": 0.5})
+    assert same.under(strict) == same
 
 
 def test_fixed_schedule_through_grow(tmp_path):

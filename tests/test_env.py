@@ -109,7 +109,7 @@ def test_illegal_action_raises_typed_error():
         with pytest.raises(IllegalActionError):
             step(env, [germinate, bad])
     # A refused step changes nothing, not even the rows whose actions were legal.
-    assert env.state(0).stage("input") == Stage.DORMANT and env._rows[0].germinated == 0
+    assert env.state(0).stage("input") == Stage.DORMANT and env.episode(0).counts.germinated == 0
 
 
 @pytest.mark.parametrize("lifecycle", ["auto", "full"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from esper_fn import GateConfig
-from esper_fn.envs import GLOBAL_FEATURES, SLOT_FEATURES, MorphogenesisEnv
-from esper_fn.policies import Layout, load_rollouts, make_baseline, save_rollouts
+from esper_fn.envs import MorphogenesisEnv
+from esper_fn.policies import load_rollouts, make_baseline, save_rollouts
 from esper_fn.policies._eval import (
     evaluate_controllers,
     mean_ci,
@@ -35,7 +35,7 @@ def make_env(n: int) -> MorphogenesisEnv:
 
 
 def test_eval_harness_on_two_tiny_controllers(tmp_path):
-    layout = Layout.of(make_env(1), SLOT_FEATURES, GLOBAL_FEATURES)
+    layout = make_env(1).action_space
     controllers = {"static": lambda env: make_baseline("static", layout),
                    "schedule": lambda env: make_baseline("schedule", layout, start=1, every=2)}
     seeds = [500, 501, 502]
@@ -76,7 +76,7 @@ def test_parse_seeds():
 
 def test_offline_rollouts_round_trip(tmp_path):
     env = make_env(2)
-    layout = Layout.of(env, SLOT_FEATURES, GLOBAL_FEATURES)
+    layout = env.action_space
     with torch.no_grad():
         data = env.rollout(4, make_baseline("random", layout, wait_prob=0.5))
     save_rollouts(data, tmp_path / "ds")

@@ -1,16 +1,22 @@
 """A learned policy in the core runner: ``esper-fn grow --controller tamiyo`` runs the shipped Tamiyo
 through `esper_fn.envs.PolicyController`, and takes the same decisions and reaches the same accuracy
-as the same policy stepping `MorphogenesisEnv` on the same seed."""
+as the same policy stepping `MorphogenesisEnv` on the same seed (both drive `esper_fn.episode.step`
+and observe with `esper_fn.envs.Observer`)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+
 import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import esper_fn as ef
-from esper_fn.envs import EnvStateError, MorphogenesisEnv, PolicyController
+from esper_fn.actions import ActionSpace, action_mask
+from esper_fn.controllers import observe
+from esper_fn.envs import MorphogenesisEnv, PolicyController, tamiyo_controller
+from esper_fn.episode import start
 from esper_fn.events import Advanced, Germinated, Rollback, read_events
 from esper_fn.policies import SHIPPED_WEIGHTS, load_tamiyo, make_tamiyo, save_tamiyo
 from esper_fn.run import RunConfig, grow, load_config, param_budget
@@ -21,13 +27,17 @@ EPOCHS = 7
 SEED = 1000003
 
 
+def _grow(config, out, **kw):
+    return grow(config, out, controller=tamiyo_controller(config.controller, governor=config.governor),
+                progress=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     out = tmp_path_factory.mktemp("grow-tamiyo")
     config = RunConfig(task="mnist1d", host="mlp-impaired", controller="tamiyo", epochs=EPOCHS, seed=SEED,
                        checkpoint_every=3)
-    summary = grow(config, out, progress=False)
-    return config, summary, out
+    return config, _grow(config, out), out
 
 
 def test_tamiyo_in_grow_matches_tamiyo_in_the_env(grown):
@@ -59,34 +69,31 @@ def test_tamiyo_in_grow_matches_tamiyo_in_the_env(grown):
     assert td["next", "metrics", "params"][0, -1].item() == summary.params_after
     assert evaluate(env.state(0), task.x_test, task.y_test)["accuracy"] == pytest.approx(summary.test_accuracy,
                                                                                          abs=1e-6)
-    # the env's automatic lifecycle shows up as ADVANCE events in grow's log
+    # the automatic lifecycle of the step shows up as ADVANCE events in grow's log
     assert any(isinstance(e, Advanced) and e.to_stage == "TRAINING" for e in events)
 
 
 def test_tamiyo_grow_resumes_bit_identically(grown, tmp_path, crash_at):
     config, full, _ = grown
     with pytest.raises(crash_at.error):
-        grow(config, tmp_path / "r", progress=False, on_epoch_start=crash_at(5))
-    resumed = grow(config, tmp_path / "r", resume=True, progress=False)
+        _grow(config, tmp_path / "r", on_epoch_start=crash_at(5))
+    resumed = _grow(config, tmp_path / "r", resume=True)
     assert (resumed.test_accuracy, resumed.test_loss, resumed.params_after, resumed.germinated) == (
         full.test_accuracy, full.test_loss, full.params_after, full.germinated)
     _, meta = ef.checkpoint.CheckpointManager(tmp_path / "r" / "checkpoints").restore()
-    track = meta["run"]["controller"]["track"]
-    assert track["epoch"] == EPOCHS and len(track["evals"]) == EPOCHS + 1 and track["params0"] == 826
+    ep = meta["episode"]
+    assert ep["epoch"] == EPOCHS and len(ep["evals"]) == EPOCHS + 1 and ep["params0"] == 826
 
 
 def test_a_rollback_is_counted_and_the_policy_goes_on(tmp_path, nan_at):
-    poison = nan_at(3)
-
     config = RunConfig(task="mnist1d", host="mlp-impaired", controller="tamiyo", epochs=5, seed=SEED,
                        checkpoint_every=5)
-    s = grow(config, tmp_path / "rb", progress=False, on_epoch_start=poison)
+    s = _grow(config, tmp_path / "rb", on_epoch_start=nan_at(3))
     assert s.rollbacks == 1 and s.epochs == 5
     assert [e.epoch for e in read_events(tmp_path / "rb" / "events.jsonl") if isinstance(e, Rollback)] == [4]
     _, meta = ef.checkpoint.CheckpointManager(tmp_path / "rb" / "checkpoints").restore()
-    track = meta["run"]["controller"]["track"]
-    assert track["rollbacks"] == 1 and len(track["evals"]) == 6  # the rolled-back epoch repeats epoch 3's metrics
-    assert track["evals"][4] == track["evals"][3]
+    ep = meta["episode"]
+    assert ep["counts"]["rollbacks"] == 1 and len(ep["evals"]) == 6 and len(ep["good"]) == 4
 
 
 def test_tamiyo_path_and_errors(tmp_path):
@@ -96,30 +103,27 @@ def test_tamiyo_path_and_errors(tmp_path):
     actor, critic = make_tamiyo(env.observation_spec, env.action_spec, blueprints=env.action_space.blueprints,
                                 tempos=env.action_space.tempos, hidden=8, heads=1, layers=1, value_heads=2)
     path = save_tamiyo(tmp_path / "t.safetensors", actor, critic)
-    s = grow(RunConfig(controller=f"tamiyo:{path}", epochs=2, seed=0), tmp_path / "run", progress=False)
-    assert s.epochs == 2
+    config = RunConfig(controller=f"tamiyo:{path}", epochs=2, seed=0)
+    assert _grow(config, tmp_path / "run").epochs == 2
     with pytest.raises(ef.ConfigError, match="unknown controller"):
         load_config(controller="tamiyo:")
     with pytest.raises(ef.ConfigError, match="no Tamiyo weights"):
-        grow(RunConfig(controller=f"tamiyo:{tmp_path / 'missing.safetensors'}", epochs=1), tmp_path / "m",
-             progress=False)
-    with pytest.raises(EnvStateError, match="one-row env"):
-        PolicyController(actor, MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=2, max_epochs=2,
-                                                 subset={"train": 300, "val": 200}))
+        tamiyo_controller(f"tamiyo:{tmp_path / 'missing.safetensors'}")
+    with pytest.raises(ef.ConfigError, match="learned policy"):  # the core builds no learned controller
+        grow(config, tmp_path / "core", progress=False)
+    bad = PolicyController(lambda td: td.set("action", torch.full((1,), 5)), blueprints=("conv1d_k3",), tempos=(3,))
+    with pytest.raises(ef.EsperError, match="mask forbids"):
+        grow(RunConfig(epochs=2, seed=0), tmp_path / "bad", controller=bad, progress=False)
 
 
-def test_the_mask_reaches_the_run_budget_exactly(tmp_path):
-    """budget / params0 * params0 can round below the budget (826 and 829); the
-    controller's parameter limit must still admit a network of exactly the budget."""
-    from esper_fn.controllers import Observation
-    from esper_fn.training import telemetry
-
-    env = MorphogenesisEnv(task="mnist1d", host="mlp-impaired", num_envs=1, max_epochs=3,
-                           subset={"train": 300, "val": 200})
-    assert 829 / 826 * 826 < 829
-    ctrl = PolicyController(lambda td: td.set("action", torch.zeros(1, dtype=torch.int64)), env)
-    state = ef.init(env.contexts[0].host, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        m = telemetry(state, env.contexts[0].task, {})
-    assert ctrl.decide(Observation(0, 3, state, m, [], ef.legal_actions(state), 829)) == []
-    assert env.max_param_ratio * 826 >= 829 > env.max_param_ratio * 826 - 1e-9
+def test_the_mask_admits_a_network_of_exactly_the_budget():
+    task = load("mnist1d")
+    ep = start(task, ef.hosts.preset("mlp-impaired"), seed=0, max_epochs=3)
+    space = ActionSpace(3, ("conv1d_k3@1.0.0",), (3,))
+    obs = observe(ep, ef.GateConfig())
+    cost = obs.slot("input").seeds["conv1d_k3@1.0.0"]
+    germ = space.encode(ef.Op.GERMINATE, 0, "conv1d_k3", 3)
+    exact = observe(replace(ep, param_budget=ep.params0 + cost), ef.GateConfig())
+    assert action_mask(space, exact, advance=False, prunable=None)[germ]
+    short = observe(replace(ep, param_budget=ep.params0 + cost - 1), ef.GateConfig())
+    assert not action_mask(space, short, advance=False, prunable=None)[germ]

@@ -10,9 +10,8 @@ from torchrl.objectives.value import GAE
 
 from esper_fn import GateConfig
 from esper_fn._lifecycle import Op
-from esper_fn.envs import GLOBAL_FEATURES, SLOT_FEATURES, MorphogenesisEnv
+from esper_fn.envs import MorphogenesisEnv
 from esper_fn.policies import (
-    Layout,
     TamiyoError,
     dense_to_pyg,
     harm_labels,
@@ -21,7 +20,7 @@ from esper_fn.policies import (
     make_tamiyo,
     save_tamiyo,
 )
-from esper_fn.policies._tamiyo import parameters
+from esper_fn.policies import tamiyo_parameters as parameters
 
 SMALL = {"train": 200, "val": 100}
 BPS = ("conv1d_k5", "conv1d_k3", "mlp_gelu", "lora_r4", "ia3")
@@ -107,7 +106,7 @@ def test_loss_backpropagates_finite_gradients_into_every_parameter():
     out = loss(flat)
     # The auxiliary safety loss and the per-head value loss (as train_ppo adds them).
     again = actor(flat.clone())
-    harm = harm_labels(flat, Layout.of(env, SLOT_FEATURES, GLOBAL_FEATURES))
+    harm = harm_labels(flat, env.action_space)
     logit = again["harm_logits"].gather(-1, flat["action"].unsqueeze(-1)).squeeze(-1)
     aux = torch.nn.functional.binary_cross_entropy_with_logits(logit, harm)
     ens = critic(flat.clone())["value_ensemble"]
@@ -150,7 +149,7 @@ def test_specs_must_match_the_action_layout(env):
 
 
 def test_baselines_choose_only_legal_actions_and_grow_where_the_rule_says(env):
-    layout = Layout.of(env, SLOT_FEATURES, GLOBAL_FEATURES)
+    layout = env.action_space
     conv = env.action_space.encode(Op.GERMINATE, 0, "conv1d_k5", 2)  # tempo 5 -> nearest offered, 2
     for name, kw in (("static", {}), ("random", {"wait_prob": 0.3}), ("schedule", {"start": 1, "every": 2}),
                      ("heuristic", {"patience": 1, "min_train_loss": 0.0, "grow_until": 1.0})):

@@ -12,8 +12,8 @@ import torch
 
 from esper_fn import ConfigError, GateConfig
 from esper_fn.checkpoint import CheckpointManager
-from esper_fn.envs import GLOBAL_FEATURES, SLOT_FEATURES, MorphogenesisEnv
-from esper_fn.policies import Layout, PPOConfig, TamiyoError, _ppo, load_tamiyo, train_ppo
+from esper_fn.envs import MorphogenesisEnv
+from esper_fn.policies import PPOConfig, TamiyoError, _ppo, load_tamiyo, train_ppo
 from esper_fn.policies._tamiyo import tamiyo_tensors
 
 BPS = ("conv1d_k5", "mlp_gelu", "ia3")
@@ -21,8 +21,8 @@ make_env = partial(MorphogenesisEnv, task="mnist1d", host="mlp-impaired", num_en
                    subset={"train": 100, "val": 100}, blueprints=BPS, tempos=(1,), gates=GateConfig(min_training_epochs=1))
 
 
-def layout() -> Layout:
-    return Layout.of(make_env(), SLOT_FEATURES, GLOBAL_FEATURES)
+def layout():
+    return make_env().action_space
 
 
 CONFIG = dict(iterations=3, ppo_epochs=2, minibatch_size=4, checkpoint_every=1, tamiyo={"hidden": 16, "heads": 2})
@@ -109,10 +109,10 @@ def _starting_state(monkeypatch, out, config=WARM, **kw):
     """The weights (and optimizer) train_ppo hands to its training loop, before any collection or update."""
     seen = {}
 
-    def loop(collector, actor, critic, opt, *rest):
-        seen["tensors"] = tamiyo_tensors(actor, critic)
-        seen["optimizer_state"] = dict(opt.state)
-        collector.shutdown()
+    def loop(run):
+        seen["tensors"] = tamiyo_tensors(run.actor, run.critic)
+        seen["optimizer_state"] = dict(run.opt.state)
+        run.collector.shutdown()
         raise _Started
 
     monkeypatch.setattr(_ppo, "_loop", loop)
@@ -154,7 +154,7 @@ def test_init_with_another_hidden_size_raises(tmp_path, donor):
 @pytest.mark.parametrize("env_kw, field", [({"blueprints": BPS[:2]}, "blueprints"), ({"tempos": (1, 2)}, "tempos")])
 def test_init_with_another_action_layout_raises(tmp_path, donor, env_kw, field):
     other = partial(make_env, **env_kw)
-    lay = Layout.of(other(), SLOT_FEATURES, GLOBAL_FEATURES)
+    lay = other().action_space
     with pytest.raises(TamiyoError, match=rf"{field}: file .*this run .*same --blueprints, --tempos"):
         train_ppo(other, PPOConfig(**WARM), tmp_path, lay, progress=False, tensorboard=False,
                   init=donor / "tamiyo.safetensors")
