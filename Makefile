@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,10 @@ demo: install
 	$(BIN)/esper-fn report runs/demo
 
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --durations=25
+
+test-fast: install  # the suite without the tests marked slow (subprocesses, worker processes, compiles)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" --durations=10
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py

@@ -595,6 +595,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_allreduce_shard_over_two_ranks(tmp_path):
     """Each of two processes computes half of the hidden units; the all-reduce gives both the full delta,
     and each rank's gradient covers its own shard (the ranks' gradients together are mlp_gelu's)."""

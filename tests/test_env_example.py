@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_random_rollout_example_runs():
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "random_rollout.py"), "--envs", "2", "--epochs", "3",
                         "--wait", "0", "--train-subset", "200"], capture_output=True, text=True, timeout=600)

@@ -4,6 +4,7 @@ ray is in the `test` extra (pyproject.toml), so CI runs this; it is not skipped 
 
 from __future__ import annotations
 
+import pytest
 import functools
 import sys
 
@@ -31,6 +32,7 @@ def spirals_env(num_envs: int, max_epochs: int) -> MorphogenesisEnv:
                             gates=GateConfig(min_training_epochs=0))
 
 
+@pytest.mark.slow
 def test_ray_collector_two_local_workers():
     policy = TensorDictModule(MaskedUniform(), in_keys=["action_mask"], out_keys=["action"])
     collector = ray_collector(functools.partial(spirals_env, 2, 2), policy, frames_per_batch=8, total_frames=16,

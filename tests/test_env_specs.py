@@ -90,6 +90,7 @@ def spirals_env(num_envs: int = 2, max_epochs: int = 2) -> MorphogenesisEnv:
                             gates=GateConfig(min_training_epochs=0))
 
 
+@pytest.mark.slow
 def test_multi_sync_collector_with_two_workers():
     make = functools.partial(spirals_env, 2, 2)
     collector = MultiSyncCollector([make, make], masked_policy(), frames_per_batch=8, total_frames=8,

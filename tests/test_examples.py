@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_custom_loop_runs_and_exports():
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_loop.py"), "--epochs", "30"],
                        capture_output=True, text=True, timeout=600)
@@ -15,6 +18,7 @@ def test_custom_loop_runs_and_exports():
     assert "germinated conv1d_k5" in r.stdout  # the plateau rule fired within 30 epochs
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     """The README's functional-API example, extracted and executed as written."""
     text = (ROOT / "README.md").read_text()

@@ -73,6 +73,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert strip(ha) == strip(hb)
 
 
+@pytest.mark.slow
 def test_example_script_runs(tmp_path):
     import subprocess
     import sys

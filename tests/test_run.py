@@ -88,6 +88,7 @@ def test_config_errors_name_the_closest_key(tmp_path):
         grow(RunConfig(**FAST), tmp_path / "empty", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_grow_report_blueprints(tmp_path):
     run = tmp_path / "cli"
     cmd = [sys.executable, "-m", "esper_fn.cli"]

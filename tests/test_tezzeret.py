@@ -154,6 +154,7 @@ def test_the_measured_charge_is_positive_without_a_sizer(generator):
     assert info.bytes >= 1 and kc.stats.bytes == info.bytes
 
 
+@pytest.mark.slow
 def test_train_epoch_prepares_at_epoch_start_and_matches_the_eager_epoch():
     """A growth schedule over six epochs: every structure or role change happens between epochs,
     so each epoch's steps all hit one kernel, prepared once at its start."""
@@ -207,6 +208,7 @@ def test_in_float64_the_kernel_tracks_the_eager_step_over_an_epoch():
 
 # torch's inductor imports torch.utils.mkldnn, which uses a deprecated torch.jit API at import time
 # (torch 2.13); the warning is torch's own and says nothing about this code.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_a_compiled_step_equals_the_eager_step(generator):
     """The one test that runs torch.compile (cold compile ~10 s, tens of seconds on a loaded
@@ -268,6 +270,7 @@ def test_a_damaged_cache_file_is_measured_again(tmp_path):
     assert not c.cached and json.loads(path.read_text())["entries"]
 
 
+@pytest.mark.slow
 def test_blueprints_measure_command(tmp_path):
     cmd = [sys.executable, "-m", "esper_fn.cli", "blueprints", "--measure", "--host", "mlp-impaired",
            "--batch-size", "8", "--repeats", "2", "--cache-dir", str(tmp_path)]

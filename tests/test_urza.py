@@ -252,6 +252,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_library_at_once_lose_nothing(tmp_path):
     lib_path, go, n = tmp_path / "lib", tmp_path / "go", 40
     script = tmp_path / "writer.py"
