@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/esper-fn grow --task mnist1d --host mlp-impaired --controller heuristic \
-		--epochs 200 --seed 0 --out runs/demo
+		--epochs 200 --seed 0 --out runs/demo --overwrite
 	$(BIN)/esper-fn report runs/demo
 
 test: install

@@ -67,7 +67,11 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "CompileError": ("._errors", "CompileError"),
     "LibraryError": ("._errors", "LibraryError"),
     "SeedNotFoundError": ("._errors", "SeedNotFoundError"),
+    "LibraryNotFoundError": ("._errors", "LibraryNotFoundError"),
     "WarmStartError": ("._errors", "WarmStartError"),
+    "RunDirError": ("._errors", "RunDirError"),
+    "RunExistsError": ("._errors", "RunExistsError"),
+    "RunWriteError": ("._errors", "RunWriteError"),
 }
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
@@ -116,6 +120,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         HostError,
         IllegalTransitionError,
         LibraryError,
+        LibraryNotFoundError,
+        RunDirError,
+        RunExistsError,
+        RunWriteError,
         SeedNotFoundError,
         TaskError,
         WarmStartError,

@@ -55,6 +55,14 @@ class RunDirError(EsperError, FileNotFoundError):
     """A directory is not a run directory (it lacks the files `esper-fn grow` writes)."""
 
 
+class RunExistsError(ConfigError):
+    """A run directory already holds a run, and the command would mix a second one into it."""
+
+
+class RunWriteError(EsperError, OSError):
+    """A run directory cannot be written (a read-only file system, no space, no permission)."""
+
+
 __all__ = [
     "BlueprintError",
     "CapabilityError",
@@ -67,6 +75,8 @@ __all__ = [
     "HostError",
     "IllegalTransitionError",
     "RunDirError",
+    "RunExistsError",
+    "RunWriteError",
     "TaskError",
 ]
 
@@ -74,6 +84,10 @@ __all__ = [
 class LibraryError(EsperError, OSError):
     """A seed library (`esper_fn.urza`) is missing, unreadable or corrupt: its index, or an artifact
     whose size, SHA-256 or tensors differ from what the index recorded."""
+
+
+class LibraryNotFoundError(LibraryError, FileNotFoundError):
+    """There is no seed library at the path given."""
 
 
 class SeedNotFoundError(LibraryError, LookupError):

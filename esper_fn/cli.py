@@ -1,7 +1,12 @@
-"""The `esper-fn` command: grow, report, blueprints, library.
+"""The `esper-fn` command: grow, report, blueprints, library, train-tamiyo, eval.
 
 Importing this module imports no torch (`esper_fn/__init__` loads its names lazily), so ``--help``
 and argument errors answer at once; each subcommand imports what it needs when it runs.
+
+Errors are one line on stderr, never a traceback. Exit codes: 0 success; 2 a usage or
+configuration error (bad flags or config values, an unknown host or task, a run directory that
+would mix two runs: `USAGE_ERRORS`, and argparse's own errors); 1 a runtime failure (a corrupt
+checkpoint, an unwritable directory, any other `EsperError` or file-system error).
 """
 
 from __future__ import annotations
@@ -10,9 +15,16 @@ import argparse
 import importlib
 import sys
 
-from ._errors import EsperError
+from ._errors import (BlueprintError, ConfigError, EsperError, HostError, LibraryNotFoundError, RunDirError,
+                      SeedNotFoundError, TaskError)
 
-__all__ = ["main"]
+__all__ = ["USAGE_ERRORS", "main"]
+
+USAGE_ERRORS: tuple[type[EsperError], ...] = (ConfigError, HostError, TaskError, BlueprintError, RunDirError,
+                                               LibraryNotFoundError, SeedNotFoundError)
+"""Errors in what the user asked for (exit code 2, like an argparse usage error: a bad value, an
+unknown name, a path that is not what the command needs); every other error is a runtime failure
+(exit code 1)."""
 
 
 def _table(rows: list[list[str]], header: list[str], wrap: int = 72) -> str:
@@ -30,11 +42,20 @@ def _table(rows: list[list[str]], header: list[str], wrap: int = 72) -> str:
 
 
 def _grow(args) -> int:
-    from .run import grow, load_config
+    from pathlib import Path
 
-    config = load_config(args.config, task=args.task, host=args.host, controller=args.controller, epochs=args.epochs,
-                         seed=args.seed, lr=args.lr, param_budget=args.param_budget,
-                         param_budget_ratio=args.param_budget_ratio, library=args.library)
+    from .run import grow, load_config, read_run_config
+
+    flags = dict(task=args.task, host=args.host, controller=args.controller, epochs=args.epochs, seed=args.seed,
+                 lr=args.lr, param_budget=args.param_budget, param_budget_ratio=args.param_budget_ratio,
+                 library=args.library)
+    base = None
+    if args.resume:  # the run's own config.yaml is the base: a bare --resume continues it as it was
+        if args.out is None:
+            raise ConfigError("--resume needs --out, the directory of the run to continue.")
+        on_disk = read_run_config(args.out) if Path(args.out).is_dir() else None
+        base = on_disk.model_dump() if on_disk is not None else None
+    config = load_config(args.config, base=base, **flags)
     label = config.controller.partition(":")[0]  # tamiyo:PATH -> tamiyo
     out = args.out or f"runs/{config.host}-{label}-s{config.seed}"
     controller = None
@@ -43,7 +64,10 @@ def _grow(args) -> int:
         controller = envs.tamiyo_controller(config.controller, governor=config.governor)
     print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
           f"seed {config.seed} -> {out}")
-    s = grow(config, out, controller=controller, resume=args.resume, progress=not args.no_progress)
+    s = grow(config, out, controller=controller, resume=args.resume, overwrite=args.overwrite,
+             progress=not args.no_progress)
+    if s.moved_aside:
+        print(f"moved the run that was in {out} to {s.moved_aside}")
     rows = [
         ["test accuracy", f"{s.test_accuracy:.4f}"],
         ["best validation accuracy", f"{s.best_val_accuracy:.4f}"],
@@ -72,8 +96,15 @@ def _grow(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import plot_run
+    from pathlib import Path
 
+    from .report import plot_run, read_metrics
+
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if metrics.is_file():
+        _, note = read_metrics(metrics)
+        if note:
+            print(f"esper-fn report: {note}", file=sys.stderr)
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
@@ -160,8 +191,16 @@ def _library(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``esper-fn grow: error: argument --epochs: invalid int value:
+    'ten' (see esper-fn grow --help)``, exit code 2 (subcommand parsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="esper-fn", description="Morphogenetic training: grow networks while they train.")
+    p = _Parser(prog="esper-fn", description="Morphogenetic training: grow networks while they train.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grow", help="train a host, letting a controller grow seeds")
     g.add_argument("--config", help="YAML run config (flags override it)")
@@ -178,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--param-budget-ratio", type=float,
                    help="without --param-budget: at most RATIO x the host's parameters (default 1.3)")
     g.add_argument("--out", help="run directory (default runs/HOST-CONTROLLER-sSEED)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (its config.yaml is the config)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="if --out holds a run, move it aside to OUT.old-N and start afresh")
     g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
                                                      "(created if missing; see `esper-fn library`)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -225,8 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except EsperError as e:
-        print(f"esper-fn {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"esper-fn {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
+    except OSError as e:  # the file system refused: a runtime failure, reported in one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"esper-fn {args.cmd}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

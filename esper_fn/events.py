@@ -39,6 +39,7 @@ __all__ = [
     "Germinated",
     "GrowthBlocked",
     "Pruned",
+    "Resumed",
     "Rollback",
     "StuckAtChance",
     "read_events",
@@ -146,6 +147,17 @@ class EpochMetrics(Event):
     metrics: dict[str, float]
 
 
+class Resumed(Event):
+    """The run was resumed in its directory: from checkpoint `from_step` (0: from the start, when the
+    run stopped before its first checkpoint); `skipped` lists checkpoints that could not be used
+    (newest first) and `reason` says why, in words."""
+
+    kind: Literal["resumed"] = "resumed"
+    from_step: int = Field(ge=0)
+    skipped: list[int] = Field(default_factory=list)
+    reason: str
+
+
 class CheckpointSaved(Event):
     """A checkpoint of training step `step` was written to `path`."""
 
@@ -164,11 +176,12 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     GrowthBlocked,
     EpochMetrics,
     CheckpointSaved,
+    Resumed,
 )
 
 AnyEvent = Annotated[
     Germinated | Advanced | Fossilized | Pruned | Rollback | StuckAtChance | GrowthBlocked | EpochMetrics
-    | CheckpointSaved,
+    | CheckpointSaved | Resumed,
     Field(discriminator="kind"),
 ]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ._errors import RunDirError
 from .events import Advanced, Fossilized, Germinated, Pruned, Rollback, read_events
 
-__all__ = ["plot_run", "timeline"]
+__all__ = ["plot_run", "read_metrics", "timeline"]
 
 _COLORS = {"GERMINATED": "#bbbbbb", "TRAINING": "#f4a259", "BLENDING": "#5b8e7d", "HOLDING": "#4d7ea8",
            "FOSSILIZED": "#2d3047", "MERGED": "#2d3047"}
@@ -69,7 +69,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
+    rows, _ = read_metrics(mpath)
     ok = [r for r in rows if not r.get("rolled_back")]
     events = read_events(epath, skip_truncated_tail=True)
     ep = [r["epoch"] for r in ok]
@@ -117,6 +117,33 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], str | None]:
+    """The complete rows of a ``metrics.jsonl`` file, and a note when its last line was cut off by a
+    crash (that partial row is skipped; any other malformed line is an error).
+
+    Raises:
+        RunDirError: a line other than the last is not a JSON object (naming ``file:line``).
+    """
+    path = Path(path)
+    data = path.read_text()
+    lines = data.split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}:{i}: not a metrics row ({e.msg}); the file is corrupt.") from None
+    note = None
+    if tail.strip():
+        note = (f"{path}:{len(lines) + 1}: skipped a partial last row (cut off by a crash); plotted the "
+                f"{len(rows)} complete ones.")
+    return rows, note

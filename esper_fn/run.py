@@ -21,7 +21,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import _host
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints)
-from ._errors import ConfigError
+from ._errors import ConfigError, EsperError, RunExistsError, RunWriteError
 from ._lifecycle import Stage
 from ._state import State
 from .checkpoint import CheckpointManager
@@ -51,7 +51,8 @@ from .episode import (
     step,
     stream_seed,
 )
-from .events import CheckpointSaved, EpochMetrics, EventLog, Fossilized, Germinated, GrowthBlocked, read_events
+from .events import (CheckpointSaved, EpochMetrics, EventLog, Fossilized, Germinated, GrowthBlocked, Resumed,
+                     read_events)
 from .optim import adam
 from .tasks import load
 from .training import TrainConfig, evaluate
@@ -65,6 +66,7 @@ __all__ = [
     "grow",
     "load_config",
     "make_controller",
+    "read_run_config",
     "never_left_chance",
     "param_budget",
     "rng_streams",
@@ -135,8 +137,12 @@ class RunConfig(BaseModel):
     def _known_controller(cls, v: str) -> str:
         if v in ("static", "schedule", "heuristic", "tamiyo") or (v.startswith("tamiyo:") and len(v) > 7):
             return v
+        import difflib
+
+        close = difflib.get_close_matches(v, ["static", "schedule", "heuristic", "tamiyo"], n=1)
         raise ValueError(f"unknown controller {v!r}: use static, schedule, heuristic, tamiyo (the shipped policy) "
-                         "or tamiyo:PATH (Tamiyo weights from `esper-fn train-tamiyo`).")
+                         "or tamiyo:PATH (Tamiyo weights from `esper-fn train-tamiyo`)"
+                         + (f"; closest valid value: {close[0]}" if close else ""))
 
 
 class RunSummary(BaseModel):
@@ -152,6 +158,7 @@ class RunSummary(BaseModel):
             that of an untrained network; do not compare it as a trained result.
         stuck_at_chance_epoch: the epoch of the `StuckAtChance` event, or None. Set with
             ``stuck_at_chance=False`` when a run was flagged and left chance later.
+        moved_aside: where ``overwrite=True`` moved the run that was in the directory, or None.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -176,37 +183,65 @@ class RunSummary(BaseModel):
     growth_blocked_epoch: int | None = None
     stuck_at_chance: bool = False
     stuck_at_chance_epoch: int | None = None
+    moved_aside: str | None = None
 
 
-def load_config(path: str | Path | None = None, **overrides) -> RunConfig:
+def load_config(path: str | Path | None = None, *, base: Mapping | None = None, **overrides) -> RunConfig:
     """Read a YAML run config and apply overrides (None values are ignored).
 
+    Args:
+        path: a YAML file of `RunConfig` keys, or None.
+        base: keys applied before the file's (e.g. a run directory's ``config.yaml`` on resume).
+        overrides: keys applied last (the command-line flags); a key that is None is left alone.
+
     Raises:
-        ConfigError: unreadable YAML, or an unknown or invalid key (naming the closest valid key).
+        ConfigError: unreadable or malformed YAML (with ``file:line:col``), or an unknown or invalid
+            key: one line naming the key, what is wrong, the value given and the closest valid
+            value or key where there is one.
     """
-    data: dict = {}
+    data: dict = dict(base or {})
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}.")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return _validate(data, RunConfig, where=str(path or "flags"))
+        data.update(_read_yaml(Path(path)))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
+    return _validate(data, RunConfig, where=str(path) if path is not None else "",
+                     flags=set(given) - set(_read_yaml(Path(path)) if path is not None else {}))
 
 
-def _validate(data: dict, model: type[BaseModel], where: str):
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}.") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def _validate(data: dict, model: type[BaseModel], where: str, flags: set[str] = frozenset()):
+    """Validate `data` as `model`; every problem becomes a one-line `ConfigError` (keys given as
+    command-line flags are named as flags, ``--param-budget``)."""
     import difflib
 
     from pydantic import ValidationError
 
+    def name(key: str) -> str:
+        top = key.split(".")[0]
+        return f"--{key.replace('_', '-')}" if top in flags and "." not in key else key
+
     def check_keys(d: dict, m: type[BaseModel], prefix: str):
         for k, v in d.items():
             if k not in m.model_fields:
-                close = difflib.get_close_matches(k, list(m.model_fields), n=1)
-                hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
-                raise ConfigError(f"{where}: unknown key {prefix}{k!r}.{hint} Valid keys: {sorted(m.model_fields)}.")
+                close = difflib.get_close_matches(str(k), list(m.model_fields), n=1)
+                hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {sorted(m.model_fields)}"
+                raise ConfigError(f"{where + ': ' if where else ''}unknown key {prefix}{k!r}{hint}")
             ann = m.model_fields[k].annotation
             if isinstance(v, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
                 check_keys(v, ann, f"{prefix}{k}.")
@@ -215,8 +250,27 @@ def _validate(data: dict, model: type[BaseModel], where: str):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{where}: invalid config:\n{e}") from e
+        raise ConfigError((f"{where}: " if where else "") + "; ".join(_one_line(err, name) for err in e.errors())) from None
 
+
+def _one_line(err: Mapping, name) -> str:
+    """One pydantic error as ``key: what is wrong (got value)[; closest valid value: v]``."""
+    key = ".".join(str(p) for p in err["loc"])
+    msg, _, closest = err["msg"].removeprefix("Value error, ").partition("; closest valid value: ")
+    given = err.get("input")
+    out = f"{name(key)}: {msg[0].lower() + msg[1:] if msg else msg} (got {given!r})"
+    ctx = err.get("ctx") or {}
+    if not closest and isinstance(given, (int, float)) and not isinstance(given, bool):
+        for bound in ("ge", "le", "gt", "lt"):
+            v = ctx.get(bound)
+            if v is None:
+                continue
+            if bound in ("ge", "le"):
+                closest = str(v)
+            elif isinstance(v, int) and isinstance(given, int):  # an integer field: the next integer
+                closest = str(v + 1 if bound == "gt" else v - 1)
+            break
+    return out + (f"; closest valid value: {closest}" if closest else "")
 
 
 def param_budget(config: RunConfig, host_params: int) -> int | None:
@@ -249,28 +303,85 @@ def make_controller(config: RunConfig) -> Controller:
     return Plateau(config.plateau)
 
 
+RUN_FILES: tuple[str, ...] = ("config.yaml", "checkpoints", "events.jsonl", "metrics.jsonl", "summary.json")
+"""What makes a directory hold a run: any of these (`grow` refuses to write a second run over them)."""
+
+
+def _holds_run(out: Path) -> list[str]:
+    return [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() else []
+
+
+def _differences(a: RunConfig, b: RunConfig) -> str:
+    """``key: x vs y`` for every differing (flattened) key of two configs."""
+    fa, fb = _flat(a.model_dump()), _flat(b.model_dump())
+    return ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k))
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_run_config(out: str | Path) -> RunConfig | None:
+    """The config a run directory was started with (its ``config.yaml``), or None if it has none.
+
+    Raises:
+        ConfigError: the file is not a valid run config (naming the file and the problem).
+    """
+    path = Path(out) / "config.yaml"
+    return load_config(path) if path.is_file() else None
+
+
+def _move_aside(out: Path) -> Path:
+    n = 1
+    while (dest := out.with_name(f"{out.name}.old-{n}")).exists():
+        n += 1
+    out.rename(dest)
+    return dest
+
+
 def grow(
     config: RunConfig,
     out: str | Path,
     *,
     controller: Controller | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_epoch_start: Callable[[int, State], State] | None = None,
 ) -> RunSummary:
     """Run a morphogenetic training and write its run directory.
 
+    Run directories are never mixed: a directory that already holds a run (any of `RUN_FILES`) is
+    continued with ``resume=True``, moved aside with ``overwrite=True`` (to ``OUT.old-<n>``), or
+    refused. Everything is checked before anything is written, so a refused call creates nothing.
+
     Args:
         config: the run configuration.
         out: run directory (created).
         controller: the controller (default `make_controller(config)`; a learned one must be passed).
-        resume: continue from the latest checkpoint in ``out/checkpoints``.
+        resume: continue the run in `out`: from its latest checkpoint, or from epoch 0 when it
+            stopped before its first checkpoint (a `Resumed` event says which). `config` must be the
+            run's (``out/config.yaml``, unedited since the run started).
+        overwrite: move a run already in `out` aside first (to ``OUT.old-<n>``) and start afresh.
         progress: show a progress bar on stderr.
         on_epoch_start: ``f(epoch, state) -> state`` applied to the state an epoch trains from
             (fault injection: a corrupted state there is rolled back to the uncorrupted one).
 
     Returns:
         The summary, also written to ``out/summary.json``.
+
+    Raises:
+        ConfigError: an unknown host or controller; `out` is a file; it holds a run and neither
+            `resume` nor `overwrite` is given (`RunExistsError`); `resume` with no run in `out`, or
+            with a config that differs from the run's, or after ``config.yaml`` was edited.
+        RunWriteError: the run directory cannot be written (e.g. a read-only file system).
+        CheckpointError: a checkpoint to resume from is corrupt.
     """
     from tqdm import tqdm
 
@@ -279,53 +390,90 @@ def grow(
     if config.host not in _host.HOST_PRESETS:
         raise ConfigError(f"unknown host {config.host!r}; presets are {sorted(_host.HOST_PRESETS)}.")
     ctrl = controller if controller is not None else make_controller(config)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file; a run directory must be a directory: choose another --out.")
+    found = _holds_run(out)
+    if resume and not found:
+        raise ConfigError(f"resume: {out} holds no run to resume (none of {list(RUN_FILES)}); start the run without "
+                          "--resume.")
+    if found and not resume and not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume, start this "
+                             "run in another --out, or pass --overwrite to move the old run aside.")
     task = load(config.task, seed=config.seed)
     # Sized for the task's samples and classes; a host that cannot take them is a HostError here.
     host = _host.preset(config.host, input_shape=task.input_shape, n_classes=task.n_classes)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep)
     rules = Rules(train=config.train, gates=ctrl.gates, governor=config.governor, lifecycle="auto",
                   inject=on_epoch_start)
     history: list[dict[str, float]] = []
     timing = {"train": 0.0, "telemetry": 0.0}
     flags: dict = {"growth_blocked": None, "growth_blocked_epoch": None}
-    library = None
     born: dict[str, int] = {}  # slot -> epoch its seed was germinated (for the library's record)
+    restored = None
+    if resume:
+        on_disk = read_run_config(out)
+        ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep) if (
+            out / "checkpoints").is_dir() else None
+        if ckpts is not None and ckpts.latest_step() is not None:
+            tensors, meta = ckpts.restore()
+            saved = RunConfig.model_validate(meta["run"]["config"])
+            if on_disk is not None and on_disk != saved:
+                raise ConfigError(f"resume: config differs: {out / 'config.yaml'} was edited after the run started "
+                                  f"({_differences(on_disk, saved)}; file vs run); restore it, or start a new run in "
+                                  "another --out.")
+            if config != saved:
+                raise ConfigError(f"resume: config differs from the run's ({_differences(config, saved)}; given vs "
+                                  f"run); resume with the run's config (a bare `esper-fn grow --resume --out {out}` "
+                                  "reads its config.yaml).")
+            restored = (episode_from_tensors(task, host, tensors, meta["episode"]), meta["run"])
+        elif on_disk is not None and config != on_disk:
+            raise ConfigError(f"resume: config differs from the run's ({_differences(config, on_disk)}; given vs run); "
+                              f"resume with the run's config (a bare `esper-fn grow --resume --out {out}` reads its "
+                              "config.yaml).")
+    library = None
     if config.library is not None:
         from .urza import Library
 
         library = Library(config.library)
-    if resume and ckpts.latest_step() is not None:
-        tensors, meta = ckpts.restore()
-        run = meta["run"]
-        saved = RunConfig.model_validate(run["config"])
-        if saved.model_dump() != config.model_dump():
-            raise ConfigError("resume: the config differs from the checkpointed run's; resume with the same config "
-                              f"(saved in {out / 'config.yaml'}).")
-        ep = episode_from_tensors(task, host, tensors, meta["episode"])
-        run_id, history, timing, flags = run["run_id"], run["history"], run["timing"], run["flags"]
-        # Drop what the interrupted run logged after its last checkpoint: the resumed run redoes it.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        kept = read_events(out / "events.jsonl", skip_truncated_tail=True)[: run["n_events"]]
-        kept.append(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(ckpts.step_dir(ep.epoch))))
-        born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
-        (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
-    else:
-        if resume:
-            raise ConfigError(f"resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume.")
-        run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
-        (out / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-        for f in ("events.jsonl", "metrics.jsonl"):
-            (out / f).unlink(missing_ok=True)
-        optimizer = adam({"host": config.lr, "seeds": config.seed_lr or config.lr})
-        ep = start(task, host, seed=config.seed, optimizer=optimizer, max_epochs=config.epochs,
-                   preinstall=config.preinstall, run_id=run_id)
-        ep = replace(ep, param_budget=param_budget(config, ep.params0))
-    log = EventLog(out / "events.jsonl", drop_truncated_tail=True)
-    metrics_log = (out / "metrics.jsonl").open("a")
+    try:
+        moved = _move_aside(out) if overwrite and found and not resume else None
+        out.mkdir(parents=True, exist_ok=True)
+        ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep)
+        if restored is not None:
+            ep, run = restored
+            run_id, history, timing, flags = run["run_id"], run["history"], run["timing"], run["flags"]
+            # Drop what the interrupted run logged after its last checkpoint (the resumed run redoes it),
+            # and put back a checkpoint_saved event lost to a crash just after the checkpoint landed.
+            (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            kept = read_events(out / "events.jsonl", skip_truncated_tail=True)[: run["n_events"]]
+            kept.append(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch,
+                                        path=str(ckpts.step_dir(ep.epoch))))
+            kept.append(Resumed(run_id=run_id, epoch=ep.epoch, from_step=ep.epoch,
+                                reason=f"continued from checkpoint {ckpts.step_dir(ep.epoch).name}"))
+            born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
+            (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
+        else:
+            run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
+            (out / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+            for f in ("events.jsonl", "metrics.jsonl", "summary.json", "metrics.csv"):
+                (out / f).unlink(missing_ok=True)
+            optimizer = adam({"host": config.lr, "seeds": config.seed_lr or config.lr})
+            ep = start(task, host, seed=config.seed, optimizer=optimizer, max_epochs=config.epochs,
+                       preinstall=config.preinstall, run_id=run_id)
+            ep = replace(ep, param_budget=param_budget(config, ep.params0))
+            if resume:  # a run that stopped before its first checkpoint starts again from epoch 0
+                with EventLog(out / "events.jsonl") as first:
+                    first.append(Resumed(run_id=run_id, epoch=0, from_step=0,
+                                         reason="the run stopped before its first checkpoint; started again from "
+                                                "epoch 0"))
+        log = EventLog(out / "events.jsonl", drop_truncated_tail=True)
+        metrics_log = (out / "metrics.jsonl").open("a")
+        n_events = len(read_events(out / "events.jsonl"))
+    except EsperError:
+        raise
+    except OSError as e:
+        raise _write_error(out, e) from None
     bar = tqdm(total=config.epochs, initial=ep.epoch, disable=not progress, desc=f"grow {config.host}", unit="ep",
                dynamic_ncols=True)
-    n_events = len(read_events(out / "events.jsonl")) if resume else 0
 
     def emit(event) -> None:
         nonlocal n_events
@@ -372,13 +520,16 @@ def grow(
                 tensors, ep_meta = episode_to_tensors(ep)
                 path = ckpts.save(ep.epoch, tensors, {"episode": ep_meta, "run": run}, overwrite=True)
                 emit(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(path)))
+    except EsperError:
+        raise
+    except OSError as e:
+        raise _write_error(out, e) from None
     finally:
         bar.close()
         metrics_log.close()
         log.close()
     state = ep.state
     test = evaluate(state, task.x_test, task.y_test)
-    _write_csv(out / "metrics.csv", history)
     threshold = 1.0 / task.n_classes + 3 * config.governor.chance_margin
     stuck = ep.stuck_at_chance_epoch is not None and all(h["val_accuracy"] <= threshold for h in ep.good)
     c = ep.counts
@@ -390,10 +541,19 @@ def grow(
         train_seconds=timing["train"], telemetry_seconds=timing["telemetry"], stopped=ep.stopped,
         param_budget=ep.param_budget, growth_blocked=flags["growth_blocked"],
         growth_blocked_epoch=flags["growth_blocked_epoch"], stuck_at_chance=stuck,
-        stuck_at_chance_epoch=ep.stuck_at_chance_epoch,
+        stuck_at_chance_epoch=ep.stuck_at_chance_epoch, moved_aside=str(moved) if moved else None,
     )
-    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
+    try:
+        _write_csv(out / "metrics.csv", history)
+        (out / "summary.json").write_text(summary.model_dump_json(indent=2))
+    except OSError as e:
+        raise _write_error(out, e) from None
     return summary
+
+
+def _write_error(out: Path, e: OSError) -> RunWriteError:
+    where = f" ({e.filename})" if e.filename else ""
+    return RunWriteError(f"cannot write the run directory {out}: {e.strerror or e}{where}; choose a writable --out.")
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import BlueprintError, CapabilityError, GraftError, LibraryError, SeedNotFoundError, WarmStartError
+from ._errors import (BlueprintError, CapabilityError, GraftError, LibraryError, LibraryNotFoundError, SeedNotFoundError,
+                      WarmStartError)
 
 if TYPE_CHECKING:
     import torch
@@ -257,7 +258,7 @@ class Library:
         self.artifacts_dir = self.path / ARTIFACTS_DIR
         if not self.index_path.exists():
             if not create:
-                raise LibraryError(
+                raise LibraryNotFoundError(
                     f"no seed library at {self.path}: {self.index_path} does not exist. Create one with "
                     f"`esper_fn.urza.Library(path)` or `esper-fn grow --library {self.path}`.")
             try:

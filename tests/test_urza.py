@@ -300,7 +300,7 @@ def test_library_commands(tmp_path, generator, capsys):
     assert main(["library", "verify", str(lib.path)]) == 1
     out = capsys.readouterr().out
     assert f"BAD {rec.id}" in out and "0 ok, 1 bad" in out
-    assert main(["library", "show", str(lib.path), rec.id, "--verify"]) == 2
+    assert main(["library", "show", str(lib.path), rec.id, "--verify"]) == 1  # a runtime failure, not usage
     assert "corrupt" in capsys.readouterr().err
     assert main(["library", "gc", str(lib.path), "--drop-bad"]) == 0
     assert "1 bad entry" in capsys.readouterr().out and len(lib) == 0

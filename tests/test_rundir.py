@@ -1,0 +1,186 @@
+"""Run directories are never mixed, refused commands create nothing, resumes agree with their logs,
+and the command line answers every bad input in one line with the documented exit code."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import esper_fn as ef
+from esper_fn.checkpoint import CheckpointManager
+from esper_fn.cli import main
+from esper_fn.events import CheckpointSaved, Resumed, read_events
+from esper_fn.run import RunConfig, grow
+
+FAST = dict(task="mnist1d", host="mlp-impaired", controller="static", epochs=4, checkpoint_every=2)
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "done"
+    grow(RunConfig(**FAST), out, progress=False)
+    return out
+
+
+def test_a_second_run_into_a_run_directory_is_refused_and_changes_nothing(finished):
+    before = _snapshot(finished)
+    with pytest.raises(ef.RunExistsError, match="--resume.*another --out.*--overwrite"):
+        grow(RunConfig(**{**FAST, "epochs": 2}), finished, progress=False)
+    assert _snapshot(finished) == before
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path, finished):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name, data in _snapshot(finished).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    old = _snapshot(out)
+    s = grow(RunConfig(**{**FAST, "epochs": 2}), out, overwrite=True, progress=False)
+    assert s.moved_aside == str(tmp_path / "r.old-1") and _snapshot(tmp_path / "r.old-1") == old
+    assert CheckpointManager(out / "checkpoints").steps() == [2]  # nothing of the old run's steps 2 and 4 left
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 2
+
+
+def test_refused_commands_create_nothing(tmp_path):
+    with pytest.raises(ef.ConfigError, match="unknown host"):
+        grow(RunConfig(**{**FAST, "host": "nope"}), tmp_path / "a", progress=False)
+    with pytest.raises(ef.ConfigError, match="holds no run to resume"):
+        grow(RunConfig(**FAST), tmp_path / "b", resume=True, progress=False)
+    with pytest.raises(ef.HostError):
+        grow(RunConfig(**{**FAST, "host": "cnn-impaired", "task": "spirals"}), tmp_path / "c", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ef.ConfigError, match="is an existing file"):
+        grow(RunConfig(**FAST), tmp_path / "f", progress=False)
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_from_epoch_0(tmp_path, crash_at):
+    cfg = RunConfig(**{**FAST, "checkpoint_every": 3})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(1))
+    assert CheckpointManager(tmp_path / "r" / "checkpoints").latest_step() is None
+    s = grow(cfg, tmp_path / "r", resume=True, progress=False)
+    fresh = grow(cfg, tmp_path / "fresh", progress=False)
+    assert (s.epochs, s.test_accuracy, s.test_loss) == (fresh.epochs, fresh.test_accuracy, fresh.test_loss)
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    assert isinstance(events[0], Resumed) and events[0].from_step == 0 and "epoch 0" in events[0].reason
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_log_gets_back_a_checkpoint_event_a_crash_cut_off(tmp_path, crash_at):
+    """kill -9 just after a checkpoint landed, before its event was written: resume restores the event."""
+    cfg = RunConfig(**{**FAST, "epochs": 6})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(5))
+    log = tmp_path / "r" / "events.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    cut = max(i for i, line in enumerate(lines) if '"checkpoint_saved"' in line and '"step":4' in line)
+    log.write_text("".join(lines[:cut]))  # as if the process died between the rename and the event
+    grow(cfg, tmp_path / "r", resume=True, progress=False)
+    saved = [e.step for e in read_events(log) if isinstance(e, CheckpointSaved)]
+    assert saved == [2, 4, 6]
+    resumed = [e for e in read_events(log) if isinstance(e, Resumed)]
+    assert [(e.epoch, e.from_step) for e in resumed] == [(4, 4)]
+
+
+@pytest.mark.parametrize("bare", [True, False])
+def test_resume_detects_a_hand_edited_config(tmp_path, crash_at, bare):
+    cfg = RunConfig(**{**FAST, "epochs": 6})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(5))
+    path = tmp_path / "r" / "config.yaml"
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 0.05"))
+    argv = ["grow", "--resume", "--out", str(tmp_path / "r"), "--no-progress"]
+    if not bare:  # the run's original flags
+        argv += ["--controller", "static", "--epochs", "6"]
+    assert main(argv) == 2
+
+
+def test_resume_refuses_other_flags_than_the_runs(tmp_path, crash_at, capsys):
+    cfg = RunConfig(**{**FAST, "epochs": 6})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(5))
+    assert main(["grow", "--resume", "--out", str(tmp_path / "r"), "--epochs", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "config differs" in err and "epochs: 8 vs 6" in err and len(err.strip().splitlines()) == 1
+    assert main(["grow", "--resume", "--out", str(tmp_path / "r"), "--no-progress"]) == 0  # bare: the run's config
+
+
+def test_an_unwritable_run_directory_is_one_typed_error(tmp_path, monkeypatch, capsys):
+    real = Path.mkdir
+
+    def read_only(self, *a, **kw):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ef.RunWriteError, match="Read-only file system.*choose a writable --out"):
+        grow(RunConfig(**FAST), tmp_path / "ro" / "run", progress=False)
+    assert main(["grow", "--controller", "static", "--epochs", "1", "--out", str(tmp_path / "ro" / "x"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esper-fn grow: error: cannot write the run directory") and "\n" not in err
+
+
+BAD = [
+    (["--epochs", "0"], "--epochs: input should be greater than or equal to 1 (got 0); closest valid value: 1"),
+    (["--epochs", "-5"], "--epochs: input should be greater than or equal to 1 (got -5)"),
+    (["--lr", "-1"], "--lr: input should be greater than 0 (got -1.0)"),
+    (["--param-budget", "-5"], "--param-budget: input should be greater than or equal to 1 (got -5)"),
+    (["--controller", "heuristik"], "closest valid value: heuristic"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD)
+def test_bad_flags_are_one_line_with_exit_code_2(tmp_path, argv, expected):
+    r = subprocess.run([sys.executable, "-m", "esper_fn.cli", "grow", *argv, "--out", str(tmp_path / "x"),
+                        "--no-progress"], capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and expected in err and "\n" not in err, err
+    assert "pydantic" not in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("epochs: ten\n", "epochs: input should be a valid integer"),
+    ("lr: fast\n", "lr: input should be a valid number"),
+    ("plateau: 5\n", "plateau: input should be a valid dictionary"),
+    ("epochs: 3\nlr: [1, 2\nseed: 4\n", "c.yaml:3:5: YAML syntax error"),
+    ("epochz: 3\n", "unknown key 'epochz'; did you mean 'epochs'?"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["grow", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "errors.pydantic.dev" not in err
+
+
+def test_report_skips_a_cut_off_metrics_row_and_writes_into_new_directories(finished, tmp_path):
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in ("metrics.jsonl", "events.jsonl", "summary.json"):
+        (run / name).write_bytes((finished / name).read_bytes())
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 5, "val_acc')  # a crash mid-write
+    png = tmp_path / "new" / "dir" / "r.png"
+    r = subprocess.run([sys.executable, "-m", "esper_fn.cli", "report", str(run), "--out", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.stat().st_size > 10_000 and "skipped a partial last row" in r.stderr and "4 complete" in r.stderr
+
+
+def test_metrics_rows_stay_valid_json(finished):
+    rows = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
