@@ -67,6 +67,8 @@ __all__ = [
     "load_config",
     "make_controller",
     "read_run_config",
+    "read_yaml_config",
+    "validate_config",
     "never_left_chance",
     "param_budget",
     "rng_streams",
@@ -201,14 +203,21 @@ def load_config(path: str | Path | None = None, *, base: Mapping | None = None, 
     """
     data: dict = dict(base or {})
     if path is not None:
-        data.update(_read_yaml(Path(path)))
+        data.update(read_yaml_config(Path(path)))
     given = {k: v for k, v in overrides.items() if v is not None}
     data.update(given)
-    return _validate(data, RunConfig, where=str(path) if path is not None else "",
-                     flags=set(given) - set(_read_yaml(Path(path)) if path is not None else {}))
+    return validate_config(data, RunConfig, where=str(path) if path is not None else "",
+                     flags=set(given) - set(read_yaml_config(Path(path)) if path is not None else {}))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_config(path: str | Path) -> dict:
+    """A YAML mapping from a file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML (``file:line:col`` of the problem), or is
+            not a mapping.
+    """
+    path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
@@ -225,7 +234,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _validate(data: dict, model: type[BaseModel], where: str, flags: set[str] = frozenset()):
+def validate_config(data: dict, model: type[BaseModel], where: str = "", flags: set[str] = frozenset()):
     """Validate `data` as `model`; every problem becomes a one-line `ConfigError` (keys given as
     command-line flags are named as flags, ``--param-budget``)."""
     import difflib

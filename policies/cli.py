@@ -88,11 +88,11 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
     make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
     probe = envs.MorphogenesisEnv(num_envs=1, **kw)
     space = probe.action_space
-    fields = {}
-    if args.config:
-        import yaml
+    from esper_fn._errors import ConfigError
+    from esper_fn.run import read_yaml_config, validate_config
 
-        fields = yaml.safe_load(Path(args.config).read_text()) or {}
+    fields = read_yaml_config(args.config) if args.config else {}
+    from_file = set(fields)
     for name in ("iterations", "lr", "entropy_coeff", "ppo_epochs", "minibatch_size", "gamma", "lmbda",
                  "reward_scale", "checkpoint_every"):
         v = getattr(args, name)
@@ -104,9 +104,12 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
         reward["rent"] = args.rent
     if len(reward) > 1:  # options beyond the name: build the reward function here
         opts = {k: v for k, v in reward.items() if k != "name"}
-        kw["reward"] = envs.rewards.REWARDS[reward["name"]](**opts)
+        try:
+            kw["reward"] = envs.rewards.REWARDS[reward["name"]](**opts)
+        except TypeError as e:
+            raise ConfigError(f"reward {reward['name']!r}: {e}") from None
         make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
-    config = PPOConfig(**fields)
+    config = validate_config(fields, PPOConfig, where=args.config or "", flags=set(fields) - from_file)
     print(f"esper-fn train-tamiyo: {[c.name for c in probe.contexts]}, {args.num_envs} rows x {args.epochs} epochs, "
           f"{config.iterations} iterations, {probe.action_space.n} actions, seed {config.seed} -> {args.out}")
     env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
@@ -126,6 +129,8 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     import torch
 
+    from esper_fn._errors import ConfigError
+
     from ._baselines import make_baseline
     from ._eval import evaluate_controllers, plot_runs, summarize, tamiyo_policy, tune_baseline, write_csv
 
@@ -138,7 +143,12 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
 
     probe = make_env(1)
     space = probe.action_space
-    params: dict[str, dict] = json.loads(Path(args.params).read_text()) if args.params else {}
+    params: dict[str, dict] = {}
+    if args.params:
+        try:
+            params = json.loads(Path(args.params).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--params {args.params}: {getattr(e, 'strerror', None) or e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c.strip() for c in args.controllers.split(",") if c.strip()]
