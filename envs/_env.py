@@ -22,7 +22,7 @@ import esper_fn as ef
 from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host
 from esper_fn import blueprints as bpm
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
-from esper_fn.episode import Episode, GovernorConfig, Rules, start, step
+from esper_fn.episode import Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors, start, step
 from esper_fn.events import Fossilized
 from esper_fn.tasks import Task, load
 from esper_fn.tezzeret import KernelCache
@@ -351,7 +351,9 @@ class MorphogenesisEnv(EnvBase):
             f"row {i}: action {index} ({what}) is masked out (stage of the slots: "
             f"{ {n: s.name for n, s in state.stages().items()} }, lifecycle={self.lifecycle!r}); "
             f"{len(legal)} actions are legal now, e.g. {[a.describe(j, state.slot_names) for j in legal[:4]]}. "
-            "Sample from observation['action_mask'] (torchrl.modules.MaskedCategorical).")
+            "Sample from observation['action_mask'] (torchrl.modules.MaskedCategorical); with no policy (rand_action, "
+            "rollout, check_env_specs) put torchrl.envs.ActionMask() on the outermost env: inside a SerialEnv or "
+            "ParallelEnv it masks only its own copy of the action spec.")
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         actions = tensordict.get("action").reshape(self.num_envs).tolist()
@@ -389,6 +391,51 @@ class MorphogenesisEnv(EnvBase):
         out.set("terminated", t(terminated, torch.bool).reshape(N, 1))
         out.set("truncated", t(budget, torch.bool).reshape(N, 1))
         return out
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every row's episode mid-flight, and the seeding state, as named tensors and JSON metadata
+        (`esper_fn.checkpoint.CheckpointManager.save(step, *env.snapshot())` writes them atomically).
+
+        The env's configuration (contexts, action space, rules, reward) is not in it: `restore` into
+        an env built with the same arguments.
+
+        Raises:
+            EnvStateError: a row has not been reset yet.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        rows = []
+        for i in range(self.num_envs):
+            t, meta = episode_to_tensors(self.episode(i))
+            tensors.update({f"row{i}/{k}": v for k, v in t.items()})
+            rows.append(meta)
+        meta = {"format": "esper_fn.env/1", "num_envs": self.num_envs, "contexts": [c.name for c in self.contexts],
+                "actions": self.action_space.n, "seed": self._seed, "episodes_played": list(self._episodes_played),
+                "context": list(self._context), "run_seeds": list(self._run_seeds), "rows": rows}
+        return tensors, meta
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> TensorDictBase:
+        """Put back the rows and seeding state of a `snapshot`; returns the observation, so stepping
+        can go on where the snapshot was taken (bit-identically) or branch from it.
+
+        Raises:
+            EnvStateError: the snapshot is of another env configuration (rows, contexts, actions).
+        """
+        mine = {"num_envs": self.num_envs, "contexts": [c.name for c in self.contexts], "actions": self.action_space.n}
+        theirs = {k: meta.get(k) for k in mine}
+        if meta.get("format") != "esper_fn.env/1" or theirs != mine:
+            raise EnvStateError(f"the snapshot is of another env ({theirs}); this one is {mine}. Build the env with "
+                                "the arguments of the one that took the snapshot.")
+        episodes = []
+        for i, row in enumerate(meta["rows"]):
+            prefix = f"row{i}/"
+            ctx = self.contexts[meta["context"][i]]
+            episodes.append(episode_from_tensors(ctx.task, ctx.host, {k[len(prefix):]: v for k, v in tensors.items()
+                                                                     if k.startswith(prefix)}, row))
+        self._episodes = episodes
+        self._seed, self._episodes_played = meta["seed"], list(meta["episodes_played"])
+        self._context, self._run_seeds = list(meta["context"]), list(meta["run_seeds"])
+        return self._observe()
 
     def describe_action(self, row: int, index: int) -> str:
         """A readable form of an action for a row, with its slot names."""

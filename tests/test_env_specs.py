@@ -99,3 +99,110 @@ def test_multi_sync_collector_with_two_workers():
     collector.shutdown()
     assert sum(b.numel() for b in batches) == 8
     assert torch.isfinite(batches[0]["next", "reward"]).all()
+
+
+# --- TorchRL wrappers, placements and snapshots -------------------------------------------------------
+
+
+def _masked(env):
+    return TransformedEnv(env, Compose(ActionMask(), StepCounter(), RewardSum()))
+
+
+def test_action_mask_on_the_outer_batched_env_passes_check_env_specs():
+    from torchrl.envs import SerialEnv
+
+    torch.manual_seed(0)
+    check_env_specs(_masked(SerialEnv(2, functools.partial(spirals_env, 1, 2))))
+
+
+def test_action_mask_inside_a_serial_env_fails_with_a_typed_error_naming_the_fix():
+    from torchrl.envs import SerialEnv
+
+    from esper_fn.envs import IllegalActionError
+
+    torch.manual_seed(0)
+    inner = SerialEnv(2, lambda: _masked(spirals_env(1, 2)))
+    with pytest.raises(IllegalActionError, match="ActionMask\\(\\) on the outermost env"):
+        for _ in range(20):  # the parent's unmasked spec soon samples an illegal action
+            check_env_specs(inner)
+
+
+@pytest.mark.slow
+def test_action_mask_on_the_outer_parallel_env_passes_check_env_specs():
+    from torchrl.envs import ParallelEnv
+
+    torch.manual_seed(0)
+    env = _masked(ParallelEnv(2, functools.partial(spirals_env, 1, 2)))
+    try:
+        check_env_specs(env)
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["static", "heuristic"])
+def test_baselines_without_parameters_run_in_a_multi_sync_collector(name):
+    from esper_fn.policies import make_baseline
+
+    make = functools.partial(spirals_env, 2, 2)
+    collector = MultiSyncCollector([make, make], make_baseline(name, make().action_space), frames_per_batch=8,
+                                   total_frames=8, auto_register_policy_transforms=False)
+    batches = list(collector)
+    collector.shutdown()
+    assert sum(b.numel() for b in batches) == 8 and (batches[0]["action"] >= 0).all()
+
+
+def test_observation_norm_as_the_torchrl_tutorial_uses_it_on_the_batched_env():
+    from torchrl.envs import ObservationNorm
+
+    torch.manual_seed(0)
+    env = TransformedEnv(spirals_env(2, 3), Compose(ActionMask(), ObservationNorm(in_keys=["global_features"],
+                                                                                  standard_normal=True)))
+    env.transform[1].init_stats(num_iter=6, reduce_dim=(0, 1), cat_dim=1)  # a batched env: [N, T, F]
+    n_features = env.base_env.observation_spec["global_features"].shape[-1]
+    assert env.transform[1].loc.shape == (n_features,)  # one statistic per feature, over rows and steps
+    td = env.rollout(3)
+    assert torch.isfinite(td["global_features"]).all()
+
+
+def test_import_of_the_rewards_module_the_docs_point_to():
+    import importlib
+
+    rewards = importlib.import_module("esper_fn.envs.rewards")
+    assert set(rewards.REWARDS) >= {"delta_accuracy", "sparse_terminal", "contribution"}
+
+
+def test_a_snapshot_restores_rows_mid_episode_bit_exactly(tmp_path):
+    from torchrl.envs.utils import step_mdp
+
+    from esper_fn.checkpoint import CheckpointManager
+
+    g = torch.Generator().manual_seed(0)
+
+    def act(td):
+        td["action"] = torch.stack([m.nonzero().flatten()[torch.randint(int(m.sum()), (), generator=g)]
+                                    for m in td["action_mask"]])
+        return td
+
+    env = make_env(num_envs=3, max_epochs=6, seed=5)
+    td = env.reset()
+    for _ in range(2):
+        td = step_mdp(env.step(act(td)))
+    CheckpointManager(tmp_path).save(2, *env.snapshot())
+    at = g.get_state()
+    ref = []
+    for _ in range(3):
+        td = env.step(act(td))
+        ref.append(td["next"].exclude("controller").clone())
+        td = step_mdp(td)
+    other = make_env(num_envs=3, max_epochs=6, seed=99)
+    other.reset()
+    td = other.restore(*CheckpointManager(tmp_path).restore(2))
+    g.set_state(at)
+    for want in ref:
+        td = other.step(act(td))
+        got = td["next"].exclude("controller")
+        assert all(torch.equal(got[k], want[k]) for k in want.keys(True, True))
+        td = step_mdp(td)
+    with pytest.raises(Exception, match="another env"):
+        make_env(num_envs=2).restore(*CheckpointManager(tmp_path).restore(2))
