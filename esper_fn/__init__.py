@@ -68,6 +68,11 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "LibraryError": ("._errors", "LibraryError"),
     "SeedNotFoundError": ("._errors", "SeedNotFoundError"),
     "WarmStartError": ("._errors", "WarmStartError"),
+    "DonatedStateError": ("._errors", "DonatedStateError"),
+    "MissingTelemetryError": ("._errors", "MissingTelemetryError"),
+    "NonFiniteCheckpointError": ("._errors", "NonFiniteCheckpointError"),
+    "state_from_tensors": ("._serialize", "state_from_tensors"),
+    "state_to_tensors": ("._serialize", "state_to_tensors"),
 }
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
@@ -109,12 +114,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         CheckpointError,
         CompileError,
         ConfigError,
+        DonatedStateError,
         EsperError,
         GateError,
         GraftError,
         HostError,
         IllegalTransitionError,
         LibraryError,
+        MissingTelemetryError,
+        NonFiniteCheckpointError,
         SeedNotFoundError,
         TaskError,
         WarmStartError,
@@ -122,6 +130,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._export import GrownNetwork, export
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
+    from ._serialize import state_from_tensors, state_to_tensors
     from ._state import (
         State,
         advance,
