@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._errors import GateError, GraftError, HostError
+from ._errors import GateError, GraftError, HostError, MissingTelemetryError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
     CURVES,
@@ -369,12 +369,14 @@ def advance(
     BLENDING needs the ramp to be complete (alpha == 1).
 
     Args:
-        gates: thresholds (default `GateConfig()`); telemetry: measurements for the gates.
+        gates: thresholds (default `GateConfig()`: leaving TRAINING checks min_training_epochs only);
+            telemetry: measurements for the gates (`esper_fn.training.telemetry`).
         force: skip the gates (not the transition table); a forced BLENDING -> HOLDING sets alpha 1.
 
     Raises:
         IllegalTransitionError: no ADVANCE from the slot's stage.
         GateError: a gate refused (and not `force`).
+        MissingTelemetryError: a gate that is on (e.g. ``max_grad_norm`` set) lacks its telemetry key.
     """
     i = state.index(slot)
     stage = state.stage(slot)
@@ -453,9 +455,14 @@ def fossilize(
     to DORMANT, free for a new seed. Any other seed stays as permanent structure at alpha 1
     (FOSSILIZED): it can no longer be pruned, and it trains with the host from then on.
 
+    The default gate demands evidence that the seed helps: the lower bound ``<slot>/contribution -
+    1.645 * <slot>/contribution_se`` of the epoch's telemetry must exceed 0 (see `GateConfig`).
+    Pass `telemetry` (`esper_fn.training.telemetry`), other `gates`, or ``force=True``.
+
     Raises:
         IllegalTransitionError: the slot is not HOLDING.
         GateError: a gate refused (and not `force`).
+        MissingTelemetryError: the contribution gate (on by default) lacks its telemetry keys.
     """
     i = state.index(slot)
     stage = state.stage(slot)
@@ -533,6 +540,10 @@ def legal_actions(
 
     An op listed here never raises when requested with the same `gates` and `telemetry` (ADVANCE
     and FOSSILIZE are listed only where their gates pass; ADVANCE from BLENDING only once alpha is 1).
+    Where a gate that is on needs a telemetry key that `telemetry` lacks (or misspells), the mask
+    cannot be known: it raises the `MissingTelemetryError` the op would raise, rather than list or
+    hide the op. With the default gates that is ``"<slot>/contribution"`` and
+    ``"<slot>/contribution_se"`` for a HOLDING seed whose holding time is up.
 
     Args:
         state: a single (unstacked) state.
@@ -549,6 +560,7 @@ def legal_actions(
 
     Raises:
         GraftError: `state` is stacked (masks are per host: `unstack` it first).
+        MissingTelemetryError: a gate that is on cannot find its telemetry key (see above).
     """
     if state.batch:
         raise GraftError(f"legal_actions: the state is stacked (batch {state.batch}); masks are per host. "
@@ -589,6 +601,8 @@ def _gate_refusal(state: State, slot: str, stage: Stage, op: Op, gates: GateConf
     epochs = int(state.slots["epochs"][..., i].min())
     try:
         check_gate(slot, stage, op, epochs, gates, telemetry)
+    except MissingTelemetryError:
+        raise  # a gate that cannot read its input neither passes nor hides the op: the caller must know
     except GateError as e:
         return e
     if stage == Stage.BLENDING and op == Op.ADVANCE:

@@ -54,7 +54,8 @@ def test_manage_seeds_follows_the_gated_mask():
     s = ef.tick(ef.tick(s))
     assert manage_seeds(_obs(s, gates), gates) == [Action(ef.Op.ADVANCE, "input")]
     # a non-finite gradient masks ADVANCE once the incubation time is up: the seed is pruned
-    (a,) = manage_seeds(_obs(s, gates, {"grad_norm/input": float("inf")}), gates)
+    graded = gates.model_copy(update={"max_grad_norm": 1e3})  # the gradient gate is off by default
+    (a,) = manage_seeds(_obs(s, graded, {"grad_norm/input": float("inf")}), graded)
     assert a.op == ef.Op.PRUNE and "grad_norm/input" in a.reason
     # BLENDING: ADVANCE only once alpha is 1 (the mask says so; nothing is re-checked)
     b = ef.advance(s, "input")
@@ -62,13 +63,14 @@ def test_manage_seeds_follows_the_gated_mask():
     b = ef.tick(ef.tick(b))
     assert manage_seeds(_obs(b, gates), gates) == [Action(ef.Op.ADVANCE, "input")]
     h = ef.advance(b, "input")
-    assert manage_seeds(_obs(h, gates, {"input/contribution": 0.5}), gates) == []  # held 0 epochs of 1
+    helps = {"input/contribution": 0.5, "input/contribution_se": 0.05}
+    assert manage_seeds(_obs(h, gates, helps), gates) == []  # held 0 epochs of 1
     h = ef.tick(h)
-    assert manage_seeds(_obs(h, gates, {"input/contribution": 0.5}), gates) == [Action(ef.Op.FOSSILIZE, "input")]
-    (a,) = manage_seeds(_obs(h, gates, {"input/contribution": 0.001}), gates)
+    assert manage_seeds(_obs(h, gates, helps), gates) == [Action(ef.Op.FOSSILIZE, "input")]
+    (a,) = manage_seeds(_obs(h, gates, {"input/contribution": 0.001, "input/contribution_se": 0.0}), gates)
     assert a.op == ef.Op.PRUNE and "min_contribution 0.01" in a.reason
     # every action the controller asks for is one the ops accept with the same gates
-    fossil = ef.fossilize(h, "input", gates=gates, telemetry={"input/contribution": 0.5})
+    fossil = ef.fossilize(h, "input", gates=gates, telemetry=helps)
     assert fossil.stage("input") == ef.Stage.FOSSILIZED
 
 
@@ -123,7 +125,10 @@ def test_a_seed_below_min_contribution_is_pruned_by_the_controller(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"grad_norm/input": float("nan")}, {"grad_norm/input": 1e9}])
 def test_the_gradient_gate_prunes_an_unhealthy_seed(bad):
+    # The gradient gate is off by default (GateConfig.max_grad_norm None) and Plateau's gates do not set
+    # it, so the gate is switched on here (esper_fn.controllers owns whether Plateau sets it).
     p = Plateau(PlateauConfig(incubate_epochs=1))
+    gates = p.gates.model_copy(update={"max_grad_norm": 1e3})
     s = ef.tick(_state(["TRAINING"]))
-    (a,) = p.decide(_obs(s, p.gates, bad))
+    (a,) = manage_seeds(_obs(s, gates, bad), gates)
     assert a.op == ef.Op.PRUNE
