@@ -25,6 +25,7 @@ __all__ = [
     "SeedOut",
     "available_capabilities",
     "get",
+    "offered",
     "register",
     "registry",
 ]
@@ -195,6 +196,24 @@ def available_capabilities() -> frozenset[str]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         caps.add("distributed")  # any backend (gloo on CPU, nccl on GPU)
     return frozenset(caps)
+
+
+def offered(spec: SlotSpec, capabilities: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The blueprints a slot offers: the ids that fit `spec` and whose required capabilities are
+    all present, in registry order. The one rule behind `esper_fn.legal_actions`' blueprint list
+    and the list a `BlueprintError` suggests.
+
+    A design whose capability is absent is left out even if it has a fallback (the fallback is
+    offered under its own id).
+
+    Args:
+        spec: the slot.
+        capabilities: the capabilities to assume; default: this machine's, less "distributed" (a
+            collective seed works only if every rank grafts it in lockstep, which no per-host
+            decision can promise: pass it explicitly where every rank takes the same actions).
+    """
+    caps = available_capabilities() - {"distributed"} if capabilities is None else capabilities
+    return tuple(bid for bid, bp in registry().items() if bp.fits(spec) and set(bp.meta.requires_capability) <= caps)
 
 
 def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = None) -> Blueprint:

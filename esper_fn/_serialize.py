@@ -29,7 +29,7 @@ from . import _blueprint as bpm
 from ._errors import BlueprintError, CheckpointError, NonFiniteCheckpointError
 from ._host import Host
 from ._lifecycle import CURVES, SEEDED_STAGES, Stage
-from ._state import SLOT_FIELDS, State
+from ._state import SLOT_FIELDS, State, check_not_donated
 from .optim import Optimizer, zero_leaf
 
 __all__ = ["state_from_tensors", "state_to_tensors"]
@@ -57,9 +57,11 @@ def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
     Raises:
         CheckpointError: the state is stacked, or a key contains "/".
+        DonatedStateError: the state's tensors were donated to a `train_step`.
     """
     if state.batch:
         raise CheckpointError("state_to_tensors: unstack a stacked state first (`esper_fn.unstack`).")
+    check_not_donated(state, "state_to_tensors")
     out: dict[str, Tensor] = {}
     for prefix, flat in (("params", state.params_flat), ("buffers", state.buffers_flat), ("opt", state.opt_flat)):
         for k, v in flat.items():
@@ -289,7 +291,7 @@ def _check_slots(m: _StateMeta, tensors: dict[str, Tensor], source: str) -> None
 def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str, Tensor], source: str
               ) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """``{prefix: {checkpoint key: (shape, dtype)}}`` that the host and blueprints give the state."""
-    p0, b0 = host.init_fn(torch.Generator().manual_seed(0))  # shapes only; a private generator
+    p0, b0 = host.init_like()
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     growth = _growth_groups(host, p0)

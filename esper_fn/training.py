@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ._apply import INCUBATING, LIVE, _inputs, _make_slot_fn, _on_masks, _plan, _run, roles, train_step, trained_keys
+from ._apply import check_batch
 from ._errors import GraftError
 from ._lifecycle import Stage
 from ._state import State, partition, stack, unstack
@@ -409,6 +410,7 @@ def telemetry(
         The dict, or one dict per host for a stacked state.
     """
     xv, yv = task.split("val") if isinstance(task, Task) else task
+    check_batch(state, xv, shared=True)  # one validation batch serves every host
     nb = len(state.batch)
     rows = list(train_metrics) if nb else [train_metrics]
     n_hosts = state.batch[0] if nb else 1
