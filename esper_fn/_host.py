@@ -150,7 +150,9 @@ class Host:
         ):
             want = " or ".join(fmt(s) for s in self.input_shapes)
             n = math.prod(self.input_shapes[0])
-            hint = (f"reshape it: `x.reshape({'N, B' if batch_dims == 2 else 'B'}, "
+            hint = ("one sample needs its batch dimension: pass `x[None]` (i.e. `x.unsqueeze(0)`)"
+                    if batch_dims == 1 and tuple(x.shape) in self.input_shapes else
+                    f"reshape it: `x.reshape({'N, B' if batch_dims == 2 else 'B'}, "
                     f"{', '.join(map(str, self.input_shapes[0]))})`" if x.dim() >= batch_dims
                     and math.prod(x.shape[batch_dims:]) == n else
                     "a stacked state takes one batch per host: expand a shared one with `x.expand(N, *x.shape)`"

@@ -212,3 +212,37 @@ def test_the_transformer_takes_tokens_or_values():
     with pytest.raises(ef.HostError, match=r"\[3, 7\]"):
         ef.apply(vals, torch.zeros(3, 7))
     assert F.cross_entropy(ef.apply(vals, torch.zeros(3, 6)), torch.zeros(3, dtype=torch.long)).isfinite()
+
+
+def test_a_sweep_of_bad_inputs_raises_typed_errors_only():
+    """Every bad input at the library's boundary is an EsperError of the matching kind, never a raw
+    torch error (the whole sweep runs; each case names what it checks)."""
+    g = _gen(0)
+    mlp = ef.init(ef.hosts.mlp((40, 16, 10)), generator=g)
+    cnn = ef.init(ef.hosts.cnn1d(), generator=g)
+    x, y = torch.randn(8, 40, generator=g), torch.randint(0, 10, (8,), generator=g)
+    holding = ef.advance(ef.advance(ef.advance(ef.germinate(mlp, "fc1", "mlp_gelu", generator=g, tempo=1), "fc1"),
+                                    "fc1", force=True), "fc1", force=True)
+    cases = {
+        "wider samples": (ef.HostError, lambda: ef.apply(mlp, torch.zeros(8, 41))),
+        "one unbatched sample": (ef.HostError, lambda: ef.apply(mlp, torch.zeros(40))),
+        "float64 batch": (ef.HostError, lambda: ef.train_step(mlp, x.double(), y)),
+        "integer batch": (ef.HostError, lambda: ef.train_step(mlp, x.long(), y)),
+        "a list, not a tensor": (ef.HostError, lambda: ef.apply(mlp, x.tolist())),
+        "channels added to a 1D CNN's signal": (ef.HostError, lambda: ef.apply(cnn, x[:, None, :])),
+        "float64 into evaluate": (ef.HostError, lambda: evaluate(cnn, x.double(), y)),
+        "shorter validation samples": (ef.HostError, lambda: telemetry(mlp, (x[:, :39], y), {})),
+        "a stacked state without its host dimension": (ef.GraftError, lambda: ef.apply(ef.stack([mlp, mlp]), x)),
+        "an unknown blueprint": (ef.BlueprintError, lambda: ef.germinate(mlp, "fc1", "lora_r3")),
+        "an unknown slot": (ef.HostError, lambda: ef.germinate(mlp, "fc9", "lora_r4")),
+        "fossilize without telemetry": (ef.MissingTelemetryError, lambda: ef.fossilize(holding, "fc1")),
+        "a misspelled telemetry key": (ef.MissingTelemetryError,
+                                       lambda: ef.legal_actions(holding, telemetry={"fc1/contrib": 1.0})),
+    }
+    for what, (kind, call) in cases.items():
+        with pytest.raises(ef.EsperError) as e:
+            call()
+        assert isinstance(e.value, kind), (what, e.value)
+        assert len(str(e.value)) > 40, (what, str(e.value))  # says what, why and how to fix
+    with pytest.raises(ef.HostError, match=r"x\[None\]"):
+        ef.apply(mlp, torch.zeros(40))

@@ -325,3 +325,21 @@ def test_a_corrupted_checkpoint_raises_checkpoint_error_and_nothing_else(kind, p
         assert kind == "metadata", f"{kind} of {key} was restored silently"
         r.slot_specs()  # whatever was accepted is a usable state
         ef.apply(r, X)
+
+
+@pytest.mark.parametrize("damage", ["float64", "nan"])
+def test_resuming_a_run_from_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, crash_at, damage):
+    """`esper-fn grow --resume`'s path (`esper_fn.run.grow`) goes through the same verification."""
+    from esper_fn.run import RunConfig, grow
+
+    cfg = RunConfig(task="mnist1d", host="mlp-impaired", controller="static", epochs=3, checkpoint_every=1)
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "run", progress=False, on_epoch_start=crash_at(2))
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints")
+    tensors, _ = mgr.restore(2)
+    key = "state/params/host/fc1/weight"
+    tensors[key] = tensors[key].double() if damage == "float64" else torch.full_like(tensors[key], float("nan"))
+    _rewrite(mgr, 2, tensors)
+    kind = ef.NonFiniteCheckpointError if damage == "nan" else ef.CheckpointError
+    with pytest.raises(kind, match="params/host/fc1/weight"):
+        grow(cfg, tmp_path / "run", resume=True, progress=False)
