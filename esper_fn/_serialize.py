@@ -163,7 +163,8 @@ def state_from_tensors(
     if missing:
         raise CheckpointError(f"{source} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that "
                               "its metadata lists. The file is damaged or incomplete: restore another checkpoint.")
-    extra = [k for k in tensors if k not in set(wanted)]
+    wanted_set = set(wanted)
+    extra = [k for k in tensors if k not in wanted_set]
     if extra:
         raise CheckpointError(f"{source} holds tensor(s) {extra[:5]} that its metadata does not list; it is not a "
                               "state written by `state_to_tensors` (or its metadata was edited).")
@@ -202,7 +203,9 @@ def state_from_tensors(
     def take(prefix: str) -> dict[tuple[str, ...], Tensor]:
         return {k: tensors[_SEP.join((prefix, *k))] for k in names[prefix]}
 
-    slots = TensorDict({f: tensors[f"slots{_SEP}{f}"] for f in SLOT_FIELDS}, batch_size=[len(m.slot_names)])
+    # the slot records in their saved order (a state's own order), so the round trip is exact
+    slots = TensorDict({k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith("slots" + _SEP)},
+                       batch_size=[len(m.slot_names)])
     return State(host, optimizer, take("params"), take("buffers"), take("opt"), slots, tuple(m.slot_names),
                  tuple(m.blueprints), m.n_seeds)
 
@@ -221,7 +224,10 @@ def _parse_meta(meta: Any, source: str) -> _StateMeta:
 
 def _optimizer(o: _OptimizerMeta, source: str) -> Optimizer:
     want_hyper = _HYPER[o.name]
-    mirrors = ("step", "mu", "nu") if o.name != "sgd" else ("step", "momentum") if o.hyper.get("momentum") else ("step",)
+    if o.name == "sgd":
+        mirrors: tuple[str, ...] = ("step", "momentum") if o.hyper.get("momentum") else ("step",)
+    else:
+        mirrors = ("step", "mu", "nu")
     problems = []
     if set(o.lr) != {"host", "seeds"} or any(isinstance(v, bool) or v < 0 for v in o.lr.values()):
         problems.append(f"lr {o.lr} (expected non-negative numbers for 'host' and 'seeds')")
@@ -328,7 +334,8 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
         specs = host.slots(shapes)
     except (KeyError, IndexError, ValueError, TypeError) as err:  # a slots_fn reading a missing or odd shape
         raise CheckpointError(f"{source}: the host's slots cannot be derived from the checkpoint's parameter "
-                              f"shapes ({type(err).__name__}: {err}); restore it into the host it was saved from.") from None
+                              f"shapes ({type(err).__name__}: {err}); restore it into the host it was saved "
+                              "from.") from None
     if [s.name for s in specs] != list(m.slot_names):
         raise CheckpointError(f"{source}: the checkpoint's slots are {list(m.slot_names)}, host {host.name!r} has "
                               f"{[s.name for s in specs]}; restore it into the host it was saved from.")
@@ -342,12 +349,13 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
                                   "this process; register it (`esper_fn.blueprints.register`) before restoring.")
         why = bp.misfit(spec)
         if why is not None:
-            raise CheckpointError(f"{source}: slot {spec.name!r} holds blueprint {bid!r}, which does not fit it on this "
-                                  f"host: {why}. Restore it into the host it was saved from.")
+            raise CheckpointError(f"{source}: slot {spec.name!r} holds blueprint {bid!r}, which does not fit it on "
+                                  f"this host: {why}. Restore it into the host it was saved from.")
         try:
             sp, sb = bp.init(spec, torch.Generator().manual_seed(0))
         except BlueprintError as err:
-            raise CheckpointError(f"{source}: slot {spec.name!r}: blueprint {bid!r} cannot be built there: {err}") from None
+            raise CheckpointError(f"{source}: slot {spec.name!r}: blueprint {bid!r} cannot be built there: "
+                                  f"{err}") from None
         for k, v in sp.items():
             params[_SEP.join(("params", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
         for k, v in sb.items():

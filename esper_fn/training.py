@@ -27,8 +27,8 @@ from .tasks import Task
 if TYPE_CHECKING:
     from .tezzeret import KernelCache
 
-__all__ = ["TrainConfig", "contribution_stats", "contributions", "evaluate", "flops_per_sample", "grad_norms", "telemetry",
-           "train_epoch", "train_epochs"]
+__all__ = ["TrainConfig", "contribution_stats", "contributions", "evaluate", "flops_per_sample", "grad_norms",
+           "telemetry", "train_epoch", "train_epochs"]
 
 
 class TrainConfig(BaseModel):
