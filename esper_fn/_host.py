@@ -149,17 +149,8 @@ class Host:
             x.dim() < batch_dims or tuple(x.shape[batch_dims:]) not in self.input_shapes
         ):
             want = " or ".join(fmt(s) for s in self.input_shapes)
-            n = math.prod(self.input_shapes[0])
-            hint = ("one sample needs its batch dimension: pass `x[None]` (i.e. `x.unsqueeze(0)`)"
-                    if batch_dims == 1 and tuple(x.shape) in self.input_shapes else
-                    f"reshape it: `x.reshape({'N, B' if batch_dims == 2 else 'B'}, "
-                    f"{', '.join(map(str, self.input_shapes[0]))})`" if x.dim() >= batch_dims
-                    and math.prod(x.shape[batch_dims:]) == n else
-                    "a stacked state takes one batch per host: expand a shared one with `x.expand(N, *x.shape)`"
-                    if batch_dims == 2 and x.dim() >= 1 and tuple(x.shape[1:]) in self.input_shapes
-                    else "pass batches of the samples the host was built for")
-            raise HostError(f"host {self.name!r} takes batches of shape {want}; got {list(x.shape)}. {hint[0].upper()}"
-                            f"{hint[1:]}.")
+            raise HostError(f"host {self.name!r} takes batches of shape {want}; got {list(x.shape)}. "
+                            f"{self._shape_hint(x, batch_dims)}.")
         dtypes = self.input_dtypes
         if dtypes is not None and float_dtype is not None and all(d.is_floating_point for d in dtypes):
             dtypes = (float_dtype,)
@@ -171,6 +162,18 @@ class Host:
                     else "the host reads token ids")
             raise HostError(f"host {self.name!r} takes {want} input, got {str(x.dtype).removeprefix('torch.')}; "
                             f"convert the batch with `x{conv}` ({what}).")
+
+    def _shape_hint(self, x: Tensor, batch_dims: int) -> str:
+        """How to turn `x` into a batch the host takes, for `check_input`'s message."""
+        sample = self.input_shapes[0]
+        if batch_dims == 1 and tuple(x.shape) in self.input_shapes:
+            return "One sample needs its batch dimension: pass `x[None]` (i.e. `x.unsqueeze(0)`)"
+        if x.dim() >= batch_dims and math.prod(x.shape[batch_dims:]) == math.prod(sample):
+            lead = "N, B" if batch_dims == 2 else "B"
+            return f"Reshape it: `x.reshape({lead}, {', '.join(map(str, sample))})`"
+        if batch_dims == 2 and tuple(x.shape[1:]) in self.input_shapes:
+            return "A stacked state takes one batch per host: expand a shared one with `x.expand(N, *x.shape)`"
+        return "Pass batches of the samples the host was built for"
 
     def slots(self, params: TensorDict | Mapping[str, Tensor] | None = None) -> tuple[SlotSpec, ...]:
         """Slot specs for the given host parameters (default: the freshly initialised shapes).
