@@ -119,7 +119,8 @@ class MorphogenesisEnv(EnvBase):
         lr, seed_lr: Adam learning rates of the host and the seeds (seed_lr default: lr).
         train: batch size and incubation mode.
         gates: lifecycle gate thresholds (the mask includes them); default
-            ``GateConfig(min_training_epochs=3)``.
+            ``GateConfig(min_training_epochs=3, max_grad_norm=1e3)`` (and GateConfig's contribution
+            gate: fossilize only a seed whose measured contribution is significantly above 0).
         governor: rollback thresholds; more than ``governor.max_rollbacks`` rollbacks end the
             episode (terminated, with the reward's failure penalty).
         max_param_ratio: the episode's parameter budget is ``floor(max_param_ratio x`` the host's
@@ -205,7 +206,7 @@ class MorphogenesisEnv(EnvBase):
         self.max_param_ratio = max_param_ratio
         self.terminal_at_budget = terminal_at_budget
         self.optimizer = ef.optim.adam({"host": lr, "seeds": seed_lr or lr})
-        self.rules = Rules(train=train or TrainConfig(), gates=gates or GateConfig(min_training_epochs=3),
+        self.rules = Rules(train=train or TrainConfig(), gates=gates or GateConfig(min_training_epochs=3, max_grad_norm=1e3),
                            governor=governor or GovernorConfig(), lifecycle=lifecycle, kernels=kernels)
 
         tasks: dict[str, Task] = {}

@@ -38,7 +38,7 @@ class PolicyController:
         policy: ``policy(td) -> td`` writing ``"action"`` (e.g. Tamiyo's actor).
         blueprints, tempos: the policy's action space.
         gates: the lifecycle gates it was trained under (the env's default
-            ``GateConfig(min_training_epochs=3)``); the run uses them.
+            ``GateConfig(min_training_epochs=3, max_grad_norm=1e3)``); the run uses them.
         governor: the run's governor (a global feature reads its rollback limit).
         max_slots: slot padding of the observation (at least the host's slot count; per-slot heads
             make the policy independent of it).
@@ -51,7 +51,7 @@ class PolicyController:
     def __init__(self, policy, *, blueprints, tempos, gates: GateConfig | None = None,
                  governor: GovernorConfig | None = None, max_slots: int = 8, curve: str = "linear"):
         self.policy = policy
-        self.gates = gates or GateConfig(min_training_epochs=3)
+        self.gates = gates or GateConfig(min_training_epochs=3, max_grad_norm=1e3)
         self.governor = governor or GovernorConfig()
         self.space = ActionSpace(max_slots, tuple(blueprints), tuple(int(t) for t in tempos))
         self.curve = curve

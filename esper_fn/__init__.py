@@ -72,6 +72,11 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "RunDirError": ("._errors", "RunDirError"),
     "RunExistsError": ("._errors", "RunExistsError"),
     "RunWriteError": ("._errors", "RunWriteError"),
+    "DonatedStateError": ("._errors", "DonatedStateError"),
+    "MissingTelemetryError": ("._errors", "MissingTelemetryError"),
+    "NonFiniteCheckpointError": ("._errors", "NonFiniteCheckpointError"),
+    "state_from_tensors": ("._serialize", "state_from_tensors"),
+    "state_to_tensors": ("._serialize", "state_to_tensors"),
 }
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
@@ -114,6 +119,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         CheckpointError,
         CompileError,
         ConfigError,
+        DonatedStateError,
         EsperError,
         GateError,
         GraftError,
@@ -124,6 +130,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         RunDirError,
         RunExistsError,
         RunWriteError,
+        MissingTelemetryError,
+        NonFiniteCheckpointError,
         SeedNotFoundError,
         TaskError,
         WarmStartError,
@@ -131,6 +139,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._export import GrownNetwork, export
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
+    from ._serialize import state_from_tensors, state_to_tensors
     from ._state import (
         State,
         advance,

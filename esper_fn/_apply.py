@@ -24,9 +24,9 @@ from . import _blueprint as bpm
 from ._errors import ConfigError, GraftError
 from ._host import SlotSpec, identity_slot
 from ._lifecycle import Stage
-from ._state import Key, State, _derive
+from ._state import Key, State, _derive, check_not_donated
 
-__all__ = ["apply", "train_step", "trained_keys", "INCUBATION"]
+__all__ = ["apply", "check_batch", "train_step", "trained_keys", "INCUBATION"]
 
 INCUBATION = ("shadow", "none")
 
@@ -75,6 +75,8 @@ class _Plan:
 
 
 def _plan(state: State) -> _Plan:
+    if state._own.donated:
+        check_not_donated(state, "using a state")
     cached = state._cache.get("plan")
     if cached is not None and cached[0] is state.slots and cached[1] == state.blueprints:
         return cached[2]
@@ -224,6 +226,25 @@ def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None, sh
     return y, aux, hb, sb
 
 
+def check_batch(state: State, x: Tensor, *, shared: bool = False) -> None:
+    """`Host.check_input` for a batch given to `state`: one comparison of shape and dtype.
+
+    Args:
+        state: a single or stacked state; floating-point input must have its parameters' dtype.
+        x: ``[B, ...]``, or ``[N, B, ...]`` for a state stacked over N hosts (unless `shared`).
+        shared: `x` is one batch that serves every stacked host (``[B, ...]``).
+
+    Raises:
+        HostError: the per-sample shape or the dtype is not the host's input. (A stacked state
+            given a batch without its host dimension is left to the forward's `GraftError`.)
+    """
+    nb = 0 if shared else len(state.batch)
+    if nb and (not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != state.batch[0]):
+        return
+    dtype = next((v.dtype for k, v in state.params_flat.items() if k[0] == "host"), None)  # host keys come first
+    state.host.check_input(x, 1 + nb, float_dtype=dtype)
+
+
 def apply(state: State, x: Tensor, *, train: bool = False) -> Tensor:
     """The network's output for input `x` (eval mode unless `train`; buffers are not updated).
 
@@ -233,7 +254,12 @@ def apply(state: State, x: Tensor, *, train: bool = False) -> Tensor:
 
     Returns:
         The host's output, e.g. logits [B, n_classes] ([N, B, n_classes] stacked).
+
+    Raises:
+        HostError: `x`'s per-sample shape or dtype is not the host's input (`check_batch`).
+        DonatedStateError: `state` was donated to a `train_step`.
     """
+    check_batch(state, x)
     plan = _plan(state)
     return _run(state, plan, plan.live, state.params_flat, x, train)[0]
 
@@ -275,13 +301,20 @@ def train_step(
             `dataclasses.replace`, ... all revoke it). Everything else is copied, so donation never
             changes another state; after a donating call, `state` itself must not be used again.
             `train_epoch` donates the intermediate states it creates itself, never the caller's.
+            Using `state` again after a call that gave up any of its tensors raises
+            `DonatedStateError`.
 
     Returns:
         ``(new_state, metrics)``; metrics holds detached tensors "loss" (live loss per host, 0-d or
         [N]) and, while seeds incubate, "shadow_loss".
+
+    Raises:
+        HostError: `x`'s per-sample shape or dtype is not the host's input (`check_batch`).
+        DonatedStateError: `state` was donated to an earlier `train_step`.
     """
     if incubation not in INCUBATION:
         raise ConfigError(f"incubation must be one of {INCUBATION}, got {incubation!r}.")
+    check_batch(state, x)
     plan = _plan(state)
     shadow = incubation == "shadow" and bool(plan.incubating)
     keys = plan.trainable(shadow)
@@ -324,7 +357,10 @@ def train_step(
             for name in mirrors:
                 old = states[name][j]
                 new_s[name][j] = torch.where(m.view(m.shape + (1,) * (old.dim() - m.dim())), new_s[name][j], old)
-    return _stepped(state, keys, new_p, new_s, host_buf, seed_buf), metrics
+    new_state = _stepped(state, keys, new_p, new_s, host_buf, seed_buf)
+    if any(give):
+        own.donated = True  # its tensors now hold the new state's values
+    return new_state, metrics
 
 
 def per_host_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], batched: bool) -> Callable[[Tensor, Tensor], Tensor]:

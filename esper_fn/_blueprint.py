@@ -25,6 +25,7 @@ __all__ = [
     "SeedOut",
     "available_capabilities",
     "get",
+    "offered",
     "register",
     "registry",
 ]
@@ -210,6 +211,24 @@ def resolve(name: str, ids: Iterable[str] | None = None) -> str | None:
     if not same:
         return None
     return max(same, key=lambda i: tuple(int(v) for v in i.split("@")[1].split(".")))
+
+
+def offered(spec: SlotSpec, capabilities: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The blueprints a slot offers: the ids that fit `spec` and whose required capabilities are
+    all present, in registry order. The one rule behind `esper_fn.legal_actions`' blueprint list
+    and the list a `BlueprintError` suggests.
+
+    A design whose capability is absent is left out even if it has a fallback (the fallback is
+    offered under its own id).
+
+    Args:
+        spec: the slot.
+        capabilities: the capabilities to assume; default: this machine's, less "distributed" (a
+            collective seed works only if every rank grafts it in lockstep, which no per-host
+            decision can promise: pass it explicitly where every rank takes the same actions).
+    """
+    caps = available_capabilities() - {"distributed"} if capabilities is None else capabilities
+    return tuple(bid for bid, bp in registry().items() if bp.fits(spec) and set(bp.meta.requires_capability) <= caps)
 
 
 def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = None) -> Blueprint:

@@ -104,3 +104,30 @@ class CompileError(EsperError, RuntimeError):
 
 
 __all__ += ["CompileError", "LibraryError", "SeedNotFoundError", "WarmStartError"]
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint holds a NaN or an infinity in a parameter, buffer or optimizer moment.
+
+    Attributes:
+        key: the checkpoint key of the first such tensor, e.g. ``"params/host/fc1/weight"``.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # keep `key` through pickling (e.g. out of a worker process)
+        return type(self), (str(self), self.key)
+
+
+class MissingTelemetryError(GateError):
+    """A lifecycle gate whose threshold is active cannot find its measurement in the telemetry
+    (the key is absent or misspelled); the gate refuses rather than pass blind."""
+
+
+class DonatedStateError(EsperError, RuntimeError):
+    """A state whose tensors were donated (`train_step(..., donate=True)`) was used again."""
+
+
+__all__ += ["DonatedStateError", "MissingTelemetryError", "NonFiniteCheckpointError"]

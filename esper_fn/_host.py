@@ -104,6 +104,9 @@ class Host:
         slots_fn: ``slots_fn(shapes) -> tuple[SlotSpec, ...]`` from a map of parameter name to
             shape (slot shapes follow the parameters, so width growth changes them).
         config: the constructor arguments, recorded in checkpoints and exports.
+        input_shapes: the per-sample shapes (without the batch dimension) the forward accepts, e.g.
+            ``((40,),)``; `check_input` holds every batch to them. None: not checked.
+        input_dtypes: the dtypes the forward accepts (e.g. ``(torch.float32,)``); None: not checked.
     """
 
     name: str
@@ -113,6 +116,64 @@ class Host:
     config: Mapping[str, Any] = field(default_factory=dict)
     _slot_cache: dict = field(default_factory=dict, repr=False)
     _plan_cache: dict = field(default_factory=dict, repr=False)  # esper_fn._apply's per-structure plans
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
+    input_dtypes: tuple[torch.dtype, ...] | None = None
+
+    def init_like(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Parameters and buffers with the keys, shapes and dtypes of a fresh init (values are
+        unspecified), for shape queries: nothing is drawn from the global random generator, and a
+        wrapped module is not re-initialised."""
+        _SHAPE_PROBE.manual_seed(0)
+        return self.init_fn(_SHAPE_PROBE)
+
+    def check_input(self, x: Tensor, batch_dims: int = 1, float_dtype: torch.dtype | None = None) -> None:
+        """Raise `HostError` unless `x` is a batch the host's forward accepts.
+
+        Args:
+            x: the input, ``[*batch, *sample_shape]``.
+            batch_dims: leading dimensions before the sample shape: 1 (``[B, ...]``), or 2 for a
+                state stacked over N hosts (``[N, B, ...]``).
+            float_dtype: for a host that takes floating-point input, the dtype it must have (that of
+                the state's parameters, which may have been cast, e.g. to float64); default: the
+                host's declared `input_dtypes`.
+
+        Raises:
+            HostError: `x` is not a tensor, or its per-sample shape or dtype is not one the host
+                takes (naming the expected and the given shape or dtype, and the fix).
+        """
+        if not isinstance(x, Tensor):
+            raise HostError(f"host {self.name!r}: the input must be a torch.Tensor batch, got {type(x).__name__}.")
+        lead = "[N, B, " if batch_dims == 2 else "[B, "
+        fmt = lambda shape: lead + ", ".join(map(str, shape)) + "]"  # noqa: E731
+        if self.input_shapes is not None and (
+            x.dim() < batch_dims or tuple(x.shape[batch_dims:]) not in self.input_shapes
+        ):
+            want = " or ".join(fmt(s) for s in self.input_shapes)
+            raise HostError(f"host {self.name!r} takes batches of shape {want}; got {list(x.shape)}. "
+                            f"{self._shape_hint(x, batch_dims)}.")
+        dtypes = self.input_dtypes
+        if dtypes is not None and float_dtype is not None and all(d.is_floating_point for d in dtypes):
+            dtypes = (float_dtype,)
+        if dtypes is not None and x.dtype not in dtypes:
+            want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            conv = {torch.float32: ".float()", torch.float64: ".double()", torch.int64: ".long()",
+                    torch.float16: ".half()", torch.bfloat16: ".bfloat16()"}.get(dtypes[0], ".to(dtype)")
+            what = ("the state's parameters are " + str(dtypes[0]).removeprefix("torch.") if dtypes[0].is_floating_point
+                    else "the host reads token ids")
+            raise HostError(f"host {self.name!r} takes {want} input, got {str(x.dtype).removeprefix('torch.')}; "
+                            f"convert the batch with `x{conv}` ({what}).")
+
+    def _shape_hint(self, x: Tensor, batch_dims: int) -> str:
+        """How to turn `x` into a batch the host takes, for `check_input`'s message."""
+        sample = self.input_shapes[0]
+        if batch_dims == 1 and tuple(x.shape) in self.input_shapes:
+            return "One sample needs its batch dimension: pass `x[None]` (i.e. `x.unsqueeze(0)`)"
+        if x.dim() >= batch_dims and math.prod(x.shape[batch_dims:]) == math.prod(sample):
+            lead = "N, B" if batch_dims == 2 else "B"
+            return f"Reshape it: `x.reshape({lead}, {', '.join(map(str, sample))})`"
+        if batch_dims == 2 and tuple(x.shape[1:]) in self.input_shapes:
+            return "A stacked state takes one batch per host: expand a shared one with `x.expand(N, *x.shape)`"
+        return "Pass batches of the samples the host was built for"
 
     def slots(self, params: TensorDict | Mapping[str, Tensor] | None = None) -> tuple[SlotSpec, ...]:
         """Slot specs for the given host parameters (default: the freshly initialised shapes).
@@ -122,7 +183,7 @@ class Host:
                 dotted names to tensors or to shapes.
         """
         if params is None:
-            params = self.init_fn(torch.Generator().manual_seed(0))[0]
+            params = self.init_like()[0]
         if isinstance(params, TensorDict):
             shapes = {".".join(k): tuple(v.shape) for k, v in params.items(True, True)}
         else:
@@ -143,6 +204,10 @@ class Host:
             f"host {self.name!r} has no slot {name!r}; its slots are "
             f"{[s.name for s in self.slots(params)]}."
         )
+
+
+_SHAPE_PROBE = torch.Generator()
+"""The generator `Host.init_like` passes to ``init_fn``: shape queries, not initialisation."""
 
 
 def _uniform(shape: Sequence[int], bound: float, g: torch.Generator | None) -> Tensor:
@@ -215,7 +280,8 @@ def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: st
         return tuple(specs)
 
     cfg = {"kind": "mlp", "widths": list(widths), "activation": activation}
-    return Host(name or "mlp-" + "-".join(map(str, widths)), init_fn, forward_fn, slots_fn, cfg)
+    return Host(name or "mlp-" + "-".join(map(str, widths)), init_fn, forward_fn, slots_fn, cfg,
+                input_shapes=((widths[0],),), input_dtypes=(torch.float32,))
 
 
 # --- 1D CNN ------------------------------------------------------------------------------------
@@ -278,7 +344,8 @@ def cnn1d(
 
     cfg = {"kind": "cnn1d", "channels": list(channels), "kernels": list(kernels), "length": length,
            "n_classes": n_classes, "stride": stride, "padding": padding}
-    return Host(name or "cnn1d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg)
+    return Host(name or "cnn1d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg,
+                input_shapes=((length,),), input_dtypes=(torch.float32,))
 
 
 # --- transformer -------------------------------------------------------------------------------
@@ -363,7 +430,13 @@ def transformer(
     cfg = {"kind": "transformer", "seq_len": seq_len, "d_model": d_model, "n_heads": n_heads,
            "n_layers": n_layers, "n_classes": n_classes, "in_features": in_features,
            "vocab_size": vocab_size, "mlp_ratio": mlp_ratio}
-    return Host(name or f"transformer-{d_model}x{n_layers}", init_fn, forward_fn, slots_fn, cfg)
+    if vocab_size is not None:
+        shapes, dtypes = ((seq_len,),), (torch.int64, torch.int32)
+    else:
+        shapes = ((seq_len,), (seq_len, 1)) if in_features == 1 else ((seq_len, in_features),)
+        dtypes = (torch.float32,)
+    return Host(name or f"transformer-{d_model}x{n_layers}", init_fn, forward_fn, slots_fn, cfg,
+                input_shapes=shapes, input_dtypes=dtypes)
 
 
 # --- wrap an arbitrary nn.Module -----------------------------------------------------------------
@@ -406,9 +479,19 @@ def wrap(
     Each slot records the shape and dtype the example forward gives it; a slot on integer tokens
     (the input of a model that starts with `nn.Embedding`) accepts no seed.
 
+    `esper_fn.init(host)` starts from the module's own weights; ``init(host, generator=g)`` draws
+    fresh ones from `g`, each parameter by the reset rule of the layer that owns it (what its
+    `reset_parameters` does: kaiming-uniform Linear and conv weights with U(+-1/sqrt(fan_in))
+    biases, norms at 1 and 0 with their running statistics reset, N(0, 1) embeddings, xavier
+    attention projections, ...; in `named_parameters` order, so deterministic given `g`), and
+    refuses with `HostError` a module holding a parameter no known rule covers.
+
     Args:
-        module: the network. Its parameters become the initial host parameters.
-        example_input: one batch (any batch size >= 1) used to record slot shapes and dtypes.
+        module: the network. Its parameters are the initial host parameters when `init` gets no
+            generator.
+        example_input: one batch (any batch size >= 1) used to record slot shapes and dtypes; its
+            per-sample shape and dtype are the host's input (`apply` and `train_step` check every
+            batch against them).
         slots: submodule paths ("encoder.fc1") and/or submodule types (`nn.Linear`, `nn.Conv1d`,
             `nn.Conv2d`, `nn.MultiheadAttention`, `nn.TransformerEncoderLayer`, `nn.LayerNorm`,
             `nn.BatchNorm1d`, `nn.BatchNorm2d`); a slot follows each matching submodule's output.
@@ -417,8 +500,8 @@ def wrap(
 
     Raises:
         HostError: an unknown submodule path (listing the valid ones), an unsupported type
-            (listing the supported ones), a type with no match, or a `MultiheadAttention`
-            without ``batch_first=True``.
+            (listing the supported ones), a type with no match, a `MultiheadAttention`
+            without ``batch_first=True``, or an unbatched `example_input`.
     """
     template = copy.deepcopy(module)
     named = dict(template.named_modules())
@@ -522,6 +605,12 @@ def wrap(
     recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None, torch.dtype]] = {}
 
     def recorder(sname, h, x_in=None):
+        if (h.dtype.is_floating_point or h.dtype.is_complex) and h.dim() < 2:
+            raise HostError(
+                f"wrap: slot {sname!r} got a tensor of shape {list(h.shape)} from example_input of shape "
+                f"{list(example_input.shape)}: the example must be a batch, [B, *sample_shape] (for one sample "
+                "pass x[None], i.e. x.unsqueeze(0)); slot shapes are recorded without the batch dimension."
+            )
         if sname in recorded:
             raise HostError(f"wrap: slot {sname!r} was reached twice in one forward (a submodule called more "
                             "than once); a slot must follow a submodule that runs once per forward.")
@@ -564,12 +653,120 @@ def wrap(
                                   activation=cons[1] if cons else None, dtype=dtype))
         return tuple(specs)
 
+    rules, unsupported = _reset_rules(template)
+    reset_buffers = _reset_buffers(template)
+
     def init_fn(g):
-        return ({k: v.clone() for k, v in init_params.items()}, {k: v.clone() for k, v in init_buffers.items()})
+        if g is None or g is _SHAPE_PROBE:  # the module's own weights
+            return ({k: v.clone() for k, v in init_params.items()}, {k: v.clone() for k, v in init_buffers.items()})
+        if unsupported:
+            raise HostError(
+                f"init: cannot draw the weights of wrapped host {name or type(module).__name__!r} from a generator: "
+                f"parameter(s) {[n for n, _ in unsupported]} belong to module type(s) "
+                f"{sorted({t for _, t in unsupported})}, which have no known reset rule (rules exist for "
+                f"{', '.join(_RULE_TYPES)}). Call `esper_fn.init(host)` without a generator to start from the "
+                "module's own weights (for a seed sweep, build and wrap the module once per seed)."
+            )
+        params = {n: rule(init_params[n], g) for n, rule in rules.items()}
+        buffers = {n: reset_buffers[n](v) if n in reset_buffers else v.clone() for n, v in init_buffers.items()}
+        return params, buffers
 
     cfg = {"kind": "wrap", "module": type(module).__name__, "slots": sorted(chosen), "input_slot": input_slot,
            "param_names": param_names}
-    return Host(name or type(module).__name__, init_fn, forward_fn, slots_fn, cfg)
+    x_dtype = example_input.dtype
+    dtypes = (x_dtype,) if x_dtype.is_floating_point or x_dtype.is_complex or x_dtype == torch.bool else (
+        (torch.int64, torch.int32) if x_dtype in (torch.int64, torch.int32) else (x_dtype,))
+    return Host(name or type(module).__name__, init_fn, forward_fn, slots_fn, cfg,
+                input_shapes=(tuple(example_input.shape[1:]),), input_dtypes=dtypes)
+
+
+_RULE_TYPES = ("nn.Linear", "nn.Conv1d/2d/3d", "nn.ConvTranspose1d/2d/3d", "nn.LayerNorm", "nn.GroupNorm",
+               "nn.RMSNorm", "nn.BatchNorm1d/2d/3d", "nn.InstanceNorm1d/2d/3d", "nn.Embedding",
+               "nn.MultiheadAttention", "nn.RNN/LSTM/GRU and their cells", "nn.PReLU")
+_LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+Rule = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def _fan_in(weight: Tensor) -> int:
+    # torch.nn.init's fan-in of a Linear or conv weight: size(1) times the receptive field.
+    return weight.shape[1] * math.prod(weight.shape[2:]) if weight.dim() >= 2 else weight.shape[0]
+
+
+def _rule(m: nn.Module, local: str) -> Rule | None:
+    """How `m.reset_parameters()` draws its parameter `local`, with an explicit generator; None if unknown."""
+    init = nn.init
+    if isinstance(m, _LINEAR_LIKE):
+        if local == "weight":
+            return lambda like, g: init.kaiming_uniform_(torch.empty_like(like), a=math.sqrt(5), generator=g)
+        if local == "bias":
+            fan_in = _fan_in(m.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            return lambda like, g: init.uniform_(torch.empty_like(like), -bound, bound, generator=g)
+    if isinstance(m, _NORMS):
+        if local == "weight":
+            return lambda like, g: torch.ones_like(like)
+        if local == "bias":
+            return lambda like, g: torch.zeros_like(like)
+    if isinstance(m, nn.Embedding) and local == "weight":
+        pad = m.padding_idx
+
+        def embedding(like, g):
+            w = init.normal_(torch.empty_like(like), generator=g)
+            if pad is not None:
+                w[pad] = 0
+            return w
+
+        return embedding
+    if isinstance(m, nn.MultiheadAttention):
+        if local in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            return lambda like, g: init.xavier_uniform_(torch.empty_like(like), generator=g)
+        if local == "in_proj_bias":
+            return lambda like, g: torch.zeros_like(like)
+        if local in ("bias_k", "bias_v"):
+            return lambda like, g: init.xavier_normal_(torch.empty_like(like), generator=g)
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        stdv = 1.0 / math.sqrt(m.hidden_size) if m.hidden_size > 0 else 0.0
+        return lambda like, g: init.uniform_(torch.empty_like(like), -stdv, stdv, generator=g)
+    if isinstance(m, nn.PReLU) and local == "weight":
+        return lambda like, g: torch.full_like(like, m.init)
+    return None
+
+
+def _reset_rules(template: nn.Module) -> tuple[dict[str, Rule], list[tuple[str, str]]]:
+    """Per parameter (in `named_parameters` order, the order the draws are made): the reset rule of
+    the module that owns it; and the (parameter, module type) pairs that have none."""
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    overrides: dict[int, Rule] = {}
+    for _, m in template.named_modules():
+        for local, p in m.named_parameters(recurse=False):
+            owner.setdefault(id(p), (m, local))
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
+            overrides[id(m.out_proj.bias)] = lambda like, g: torch.zeros_like(like)  # as its _reset_parameters
+    rules: dict[str, Rule] = {}
+    unsupported: list[tuple[str, str]] = []
+    for name, p in template.named_parameters():
+        m, local = owner[id(p)]
+        rule = overrides.get(id(p)) or _rule(m, local)
+        if rule is None:
+            unsupported.append((name, type(m).__name__))
+        else:
+            rules[name] = rule
+    return rules, unsupported
+
+
+def _reset_buffers(template: nn.Module) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Buffers a fresh init resets (BatchNorm and InstanceNorm running statistics); others are kept."""
+    out: dict[str, Callable[[Tensor], Tensor]] = {}
+    for path, m in template.named_modules():
+        if isinstance(m, _NORMS):
+            pre = f"{path}." if path else ""
+            for local, _ in m.named_buffers(recurse=False):
+                fill = 1.0 if local == "running_var" else 0.0
+                out[pre + local] = lambda v, fill=fill: torch.full_like(v, fill)
+    return out
 
 
 def hosts() -> dict[str, functools.partial]:

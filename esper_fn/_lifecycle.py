@@ -6,13 +6,14 @@ ops check it, `legal_ops` derives action masks from it, and error messages quote
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import GateError, GraftError, IllegalTransitionError
+from ._errors import GateError, GraftError, IllegalTransitionError, MissingTelemetryError
 
 
 class Stage(enum.IntEnum):
@@ -119,12 +120,26 @@ def alpha_at(curve: str, progress: float) -> float:
 class GateConfig(BaseModel):
     """Thresholds for the lifecycle gates. Every field is checked by a pure predicate in `check_gate`.
 
+    Which gates are on by default: the epoch counts (0, so they pass), the contribution gate
+    (``min_contribution=0.0`` with ``contribution_z=1.645``: fossilize only a seed whose measured
+    help is significantly above zero) and the embargo. The gradient gate is off
+    (``max_grad_norm=None``). A gate that is on reads its measurement from the telemetry and refuses
+    with `MissingTelemetryError` (naming the key) when it is absent: it never passes blind. Set a
+    threshold to None to switch its gate off.
+
     Attributes:
         min_training_epochs: epochs a seed must incubate (TRAINING) before it may blend.
         min_holding_epochs: epochs at alpha 1 (HOLDING) before it may be fossilized.
-        max_grad_norm: the seed's gradient norm must be finite and below this to leave TRAINING.
-        min_contribution: the seed's measured contribution (validation accuracy with it minus
-            without it, in accuracy points [0, 1]) must reach this to be fossilized.
+        max_grad_norm: leaving TRAINING needs the seed's gradient norm (telemetry
+            ``grad_norm/<slot>``) finite and <= this; None (the default) switches the gate off.
+        min_contribution: fossilizing needs the lower confidence bound of the seed's measured
+            contribution, ``<slot>/contribution - contribution_z * <slot>/contribution_se``
+            (validation accuracy with the seed minus without it, and the standard error of that
+            paired per-sample difference; accuracy points in [-1, 1]), to be strictly above this.
+            None switches the gate off. The default 0.0 keeps only seeds that measurably help: a
+            seed measured at exactly 0 (no sample changed) is refused.
+        contribution_z: the z of that bound: 1.645 (default) is a one-sided 95% bound for large
+            validation sets; 0 compares the measured contribution alone (and reads no standard error).
         embargo_epochs: epochs a pruned slot stays EMBARGOED before it is DORMANT again.
     """
 
@@ -132,9 +147,34 @@ class GateConfig(BaseModel):
 
     min_training_epochs: int = Field(default=0, ge=0)
     min_holding_epochs: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1e3, gt=0)
-    min_contribution: float = Field(default=0.0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    min_contribution: float | None = Field(default=0.0)
+    contribution_z: float = Field(default=1.645, ge=0)
     embargo_epochs: int = Field(default=2, ge=0)
+
+
+def _measure(telemetry: Mapping[str, float] | None, key: str, slot: str, what: str) -> float:
+    """``telemetry[key]`` as a float, or `MissingTelemetryError` naming the key and the keys given."""
+    if telemetry is None or key not in telemetry:
+        if not telemetry:
+            got = "got no telemetry"
+        else:
+            keys = sorted(telemetry)
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            got = (f"got keys {keys[:12]}{' ...' if len(keys) > 12 else ''}"
+                   + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise MissingTelemetryError(
+            f"slot {slot!r}: the {what} gate reads telemetry key {key!r}, and {got}. Pass the epoch's telemetry "
+            "(`esper_fn.training.telemetry(state, task, train_metrics)`, with train metrics from `train_epoch` or "
+            "`esper_fn.training.grad_norms`), switch the gate off in GateConfig (its threshold None), or pass "
+            "force=True."
+        )
+    v = telemetry[key]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise GateError(f"slot {slot!r}: telemetry {key!r} is {v!r}, not a number; the {what} gate cannot read it."
+                        ) from None
 
 
 def check_gate(
@@ -147,6 +187,9 @@ def check_gate(
 ) -> None:
     """Raise `GateError` if `gates` refuse `op` on a slot in `stage`; return None if it passes.
 
+    The epoch counts are checked first; a gate that then reads telemetry raises
+    `MissingTelemetryError` where its key is absent (never passes blind).
+
     Args:
         slot: slot name, for the message.
         stage: current stage.
@@ -154,31 +197,43 @@ def check_gate(
         epochs_in_stage: epochs the slot has spent in `stage`.
         gates: thresholds.
         telemetry: the telemetry dict as `esper_fn.training.telemetry` emits it; the gates read
-            ``"grad_norm/<slot>"`` (the seed's gradient norm) and ``"<slot>/contribution"``
-            (accuracy points in [-1, 1]). A gate whose measurement is absent is not checked.
+            ``"grad_norm/<slot>"`` (the seed's gradient norm, when ``max_grad_norm`` is set),
+            ``"<slot>/contribution"`` and ``"<slot>/contribution_se"`` (accuracy points; the
+            standard error only when ``contribution_z > 0``).
+
+    Raises:
+        GateError: a gate refused (the message names the condition and the measured value).
+        MissingTelemetryError: a gate that is on cannot find its key.
     """
-    telemetry = telemetry or {}
     if stage == Stage.TRAINING and op == Op.ADVANCE:
         if epochs_in_stage < gates.min_training_epochs:
             raise GateError(
                 f"slot {slot!r} has incubated {epochs_in_stage} epoch(s); blending needs "
                 f"min_training_epochs={gates.min_training_epochs}. Wait, or pass force=True."
             )
-        g = telemetry.get(f"grad_norm/{slot}")
-        if g is not None and not (math.isfinite(g) and g <= gates.max_grad_norm):
-            raise GateError(
-                f"slot {slot!r} gradient norm is {g}; blending needs a finite norm <= "
-                f"max_grad_norm={gates.max_grad_norm}. Prune the seed or pass force=True."
-            )
+        if gates.max_grad_norm is not None:
+            g = _measure(telemetry, f"grad_norm/{slot}", slot, f"gradient (max_grad_norm={gates.max_grad_norm})")
+            if not (math.isfinite(g) and g <= gates.max_grad_norm):
+                raise GateError(
+                    f"slot {slot!r} gradient norm is {g}; blending needs a finite norm <= "
+                    f"max_grad_norm={gates.max_grad_norm}. Prune the seed or pass force=True."
+                )
     if stage == Stage.HOLDING and op == Op.FOSSILIZE:
         if epochs_in_stage < gates.min_holding_epochs:
             raise GateError(
                 f"slot {slot!r} has held {epochs_in_stage} epoch(s); fossilizing needs "
                 f"min_holding_epochs={gates.min_holding_epochs}. Wait, or pass force=True."
             )
-        c = telemetry.get(f"{slot}/contribution")
-        if c is not None and c < gates.min_contribution:
-            raise GateError(
-                f"slot {slot!r} contributes {c:+.4f} accuracy; fossilizing needs "
-                f"min_contribution={gates.min_contribution}. Prune it instead, or pass force=True."
-            )
+        if gates.min_contribution is not None:
+            what = f"contribution (min_contribution={gates.min_contribution}, contribution_z={gates.contribution_z})"
+            c = _measure(telemetry, f"{slot}/contribution", slot, what)
+            se = _measure(telemetry, f"{slot}/contribution_se", slot, what) if gates.contribution_z > 0 else 0.0
+            bound = c - gates.contribution_z * se if gates.contribution_z > 0 else c
+            if not bound > gates.min_contribution:  # NaN refuses too
+                detail = (f"its lower bound {bound:+.4f} (contribution {c:+.4f} - {gates.contribution_z} x standard "
+                          f"error {se:.4f})" if gates.contribution_z > 0 else f"its measured contribution {c:+.4f}")
+                raise GateError(
+                    f"slot {slot!r}: fossilizing needs evidence that the seed helps: {detail} must exceed "
+                    f"min_contribution={gates.min_contribution}. Prune it instead, measure on more validation "
+                    "samples, or pass force=True."
+                )

@@ -1,26 +1,67 @@
-"""A `State` as a flat map of named tensors plus JSON metadata (for safetensors checkpoints)."""
+"""A `State` as a flat map of named tensors plus JSON metadata (for safetensors checkpoints).
+
+`state_to_tensors` flattens a state; `state_from_tensors` rebuilds it and verifies every tensor
+against the state it restores into before returning anything: the key set (host parameters and
+buffers, seed parameters and buffers, every optimizer mirror, the slot records), each tensor's shape
+and dtype, the slot records' values, and that no parameter, buffer or optimizer moment holds a NaN or
+an infinity. What is expected is derived from the host and the blueprints, never from the
+checkpoint itself:
+
+* host parameters and buffers: the host's freshly initialised ones (same keys, dtypes and shapes).
+  Width growth (a fossilized Net2Net seed) widens a Linear and its consumer together; such a
+  growth is accepted when it is the same on all the tensors it widens and the state has grafted a
+  seed (``n_seeds > 0``);
+* seed parameters and buffers: what the slot's blueprint initialises at that slot;
+* optimizer mirrors: one leaf per parameter and mirror (`esper_fn.optim.zero_leaf`'s shapes).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from tensordict import TensorDict
 from torch import Tensor
 
-from ._errors import CheckpointError
+from . import _blueprint as bpm
+from ._errors import BlueprintError, CheckpointError, NonFiniteCheckpointError
 from ._host import Host
-from ._state import State
-from .optim import Optimizer
+from ._lifecycle import CURVES, SEEDED_STAGES, Stage
+from ._state import SLOT_FIELDS, State, check_not_donated
+from .optim import Optimizer, zero_leaf
 
 __all__ = ["state_from_tensors", "state_to_tensors"]
 
 _SEP = "/"
 
+SLOT_DTYPES: dict[str, torch.dtype] = {
+    "stage": torch.int64, "alpha": torch.float32, "curve": torch.int64, "tempo": torch.int64,
+    "epochs": torch.int64, "seed_id": torch.int64,
+}  # fmt: skip
+"""dtype of every slot-record field (`State.slots`), one entry per `SLOT_FIELDS`."""
+
 
 def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Flatten a state into ``{"params/host/fc1/weight": tensor, ...}`` and JSON-able metadata."""
+    """Flatten a state into ``{"params/host/fc1/weight": tensor, ...}`` and JSON-able metadata.
+
+    Args:
+        state: a single (unstacked) state.
+
+    Returns:
+        ``(tensors, metadata)``: tensors keyed ``params/<key>``, ``buffers/<key>``,
+        ``opt/<mirror>/<key>`` and ``slots/<field>`` (the state's own tensors, not copies), in the
+        state's key order; metadata holds the host name and config, the optimizer, the slot names,
+        blueprints, seed count and the key order of every tree. `state_from_tensors` inverts it.
+
+    Raises:
+        CheckpointError: the state is stacked, or a key contains "/".
+        DonatedStateError: the state's tensors were donated to a `train_step`.
+    """
     if state.batch:
         raise CheckpointError("state_to_tensors: unstack a stacked state first (`esper_fn.unstack`).")
+    check_not_donated(state, "state_to_tensors")
     out: dict[str, Tensor] = {}
     for prefix, flat in (("params", state.params_flat), ("buffers", state.buffers_flat), ("opt", state.opt_flat)):
         for k, v in flat.items():
@@ -44,40 +85,302 @@ def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return out, meta
 
 
-def state_from_tensors(host: Host, tensors: dict[str, Tensor], meta: dict[str, Any]) -> State:
-    """Rebuild a state saved by `state_to_tensors` (key order included, so resumes are bit-exact).
+# --- the metadata, as `state_to_tensors` writes it (strict: nothing is coerced) ------------------
+
+
+class _OptimizerMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Literal["adam", "adamw", "sgd"]
+    lr: dict[str, int | float]
+    mirrors: list[str]
+    hyper: dict[str, bool | int | float]
+
+
+class _StateMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    host: str
+    host_config: dict[str, Any]
+    optimizer: _OptimizerMeta
+    slot_names: list[str]
+    blueprints: list[str | None]
+    n_seeds: int
+    param_keys: list[list[str]]
+    buffer_keys: list[list[str]]
+    opt_keys: list[list[str]]
+
+
+# The optimizer constructors' hyperparameters and mirrors (esper_fn.optim.adam / adamw / sgd).
+_HYPER = {"adam": ("beta1", "beta2", "eps", "weight_decay"), "adamw": ("beta1", "beta2", "eps", "weight_decay"),
+          "sgd": ("momentum", "weight_decay", "nesterov")}
+
+
+def state_from_tensors(
+    host: Host, tensors: dict[str, Tensor], meta: dict[str, Any], *, source: str = "checkpoint"
+) -> State:
+    """Rebuild a state saved by `state_to_tensors` (key order included, so resumes are bit-exact),
+    after verifying every tensor against the state it restores into.
+
+    Args:
+        host: the host the state was made with (same module, layer sizes and dtypes).
+        tensors: ``{key: tensor}`` as `state_to_tensors` returned them (e.g. from
+            `esper_fn.checkpoint.CheckpointManager.restore`, with any prefix removed).
+        meta: the metadata `state_to_tensors` returned.
+        source: where the tensors come from, for error messages (e.g. a checkpoint directory).
+
+    Returns:
+        The state; its tensors are the given ones (not copied).
 
     Raises:
-        CheckpointError: the host or optimizer differ from the checkpoint's, or a tensor is missing.
+        CheckpointError: the metadata is malformed; the host or optimizer differ from the
+            checkpoint's; a tensor is missing or unexpected, or its shape or dtype differs from the
+            one the host and blueprints give it; a blueprint is not registered; a slot record holds
+            an impossible value. The message names the tensor, what was expected and what was found.
+        NonFiniteCheckpointError: a parameter, buffer or optimizer moment holds a NaN or an
+            infinity (``err.key`` names it). Restore an earlier checkpoint instead.
     """
-    if meta.get("host") != host.name or meta.get("host_config") != _jsonable(host.config):
+    m = _parse_meta(meta, source)
+    if m.host != host.name or m.host_config != _jsonable(host.config):
         raise CheckpointError(
-            f"checkpoint was written for host {meta.get('host')!r} ({meta.get('host_config')}); "
+            f"{source} was written for host {m.host!r} ({m.host_config}); "
             f"restoring into {host.name!r} ({dict(host.config)}). Pass the host the run was made with."
         )
-    o = meta["optimizer"]
-    optimizer = Optimizer(o["name"], o["lr"], tuple(o["mirrors"]), o["hyper"])
-
-    def take(prefix: str, keys: list[list[str]]) -> dict[tuple[str, ...], Tensor]:
-        flat = {}
+    optimizer = _optimizer(m.optimizer, source)
+    listed = {"params": m.param_keys, "buffers": m.buffer_keys, "opt": m.opt_keys}
+    names: dict[str, list[tuple[str, ...]]] = {}
+    for prefix, keys in listed.items():
+        seen = set()
         for k in keys:
-            name = _SEP.join((prefix, *k))
-            if name not in tensors:
-                raise CheckpointError(f"checkpoint lacks tensor {name!r} listed in its metadata.")
-            flat[tuple(k)] = tensors[name]
-        return flat
+            if not k or tuple(k) in seen:
+                raise CheckpointError(f"{source}: metadata {prefix}_keys lists {k!r} {'twice' if k else ''}; "
+                                      "the metadata was edited or damaged. Restore another checkpoint.")
+            seen.add(tuple(k))
+        names[prefix] = [tuple(k) for k in keys]
+    wanted = [_SEP.join((p, *k)) for p, keys in names.items() for k in keys]
+    wanted += [f"slots{_SEP}{f}" for f in SLOT_FIELDS]
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{source} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that "
+                              "its metadata lists. The file is damaged or incomplete: restore another checkpoint.")
+    wanted_set = set(wanted)
+    extra = [k for k in tensors if k not in wanted_set]
+    if extra:
+        raise CheckpointError(f"{source} holds tensor(s) {extra[:5]} that its metadata does not list; it is not a "
+                              "state written by `state_to_tensors` (or its metadata was edited).")
 
-    S = len(meta["slot_names"])
+    _check_slots(m, tensors, source)
+    expected = _expected(host, optimizer, m, tensors, source)
+    for prefix, keys in names.items():
+        want = expected[prefix]
+        have = {_SEP.join((prefix, *k)) for k in keys}
+        if have != set(want):
+            lack = sorted(set(want) - have)
+            more = sorted(have - set(want))
+            raise CheckpointError(
+                f"{source} does not hold the {prefix} the state needs: "
+                + "; ".join(filter(None, (f"lacks {lack}" if lack else "", f"has unexpected {more}" if more else "")))
+                + f" (slots {list(m.slot_names)}, blueprints {list(m.blueprints)}). It was saved from another "
+                "state or its metadata was edited: restore it into the host it was saved from."
+            )
+        for name in (_SEP.join((prefix, *k)) for k in keys):
+            shape, dtype = want[name]
+            _check_tensor(name, tensors[name], shape, dtype, source)
+    for prefix in ("params", "buffers", "opt"):
+        for k in names[prefix]:
+            name = _SEP.join((prefix, *k))
+            t = tensors[name]
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise NonFiniteCheckpointError(
+                    f"{source}: tensor {name!r} holds {n_nan} NaN and {n_inf} infinite value(s) of {t.numel()}; "
+                    "a state with non-finite values is never restored. The run diverged before this checkpoint "
+                    "was written (or the file was edited): restore an earlier step (`CheckpointManager.steps()` "
+                    "lists them; `restore_state(host, step)` restores one).",
+                    key=name,
+                )
+
+    def take(prefix: str) -> dict[tuple[str, ...], Tensor]:
+        return {k: tensors[_SEP.join((prefix, *k))] for k in names[prefix]}
+
+    # the slot records in their saved order (a state's own order), so the round trip is exact
     slots = TensorDict({k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith("slots" + _SEP)},
-                       batch_size=[S])
-    return State(
-        host, optimizer, take("params", meta["param_keys"]), take("buffers", meta["buffer_keys"]),
-        take("opt", meta["opt_keys"]), slots, tuple(meta["slot_names"]), tuple(meta["blueprints"]), meta["n_seeds"],
-    )
+                       batch_size=[len(m.slot_names)])
+    return State(host, optimizer, take("params"), take("buffers"), take("opt"), slots, tuple(m.slot_names),
+                 tuple(m.blueprints), m.n_seeds)
+
+
+def _parse_meta(meta: Any, source: str) -> _StateMeta:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: the state metadata must be a dict as `state_to_tensors` returns it, got "
+                              f"{type(meta).__name__}.")
+    try:
+        return _StateMeta.model_validate(meta)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()[:4])
+        raise CheckpointError(f"{source}: the state metadata is malformed ({problems}). It was not written by "
+                              "`state_to_tensors` or was edited: restore another checkpoint.") from None
+
+
+def _optimizer(o: _OptimizerMeta, source: str) -> Optimizer:
+    want_hyper = _HYPER[o.name]
+    if o.name == "sgd":
+        mirrors: tuple[str, ...] = ("step", "momentum") if o.hyper.get("momentum") else ("step",)
+    else:
+        mirrors = ("step", "mu", "nu")
+    problems = []
+    if set(o.lr) != {"host", "seeds"} or any(isinstance(v, bool) or v < 0 for v in o.lr.values()):
+        problems.append(f"lr {o.lr} (expected non-negative numbers for 'host' and 'seeds')")
+    if set(o.hyper) != set(want_hyper):
+        problems.append(f"hyperparameters {sorted(o.hyper)} (a {o.name} optimizer has {list(want_hyper)})")
+    elif any(isinstance(v, bool) != (k == "nesterov") for k, v in o.hyper.items()):
+        problems.append(f"hyperparameters {o.hyper} (numbers, and a bool 'nesterov' for sgd)")
+    if tuple(o.mirrors) != mirrors:
+        problems.append(f"mirrors {o.mirrors} (a {o.name} optimizer with these hyperparameters keeps {list(mirrors)})")
+    if problems:
+        raise CheckpointError(f"{source}: the optimizer metadata is inconsistent: {'; '.join(problems)}. The metadata "
+                              "was edited or damaged: restore another checkpoint.")
+    return Optimizer(o.name, o.lr, tuple(o.mirrors), o.hyper)
+
+
+def _check_tensor(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, source: str,
+                  note: str = "") -> None:
+    if not isinstance(t, Tensor):
+        raise CheckpointError(f"{source}: {name!r} is a {type(t).__name__}, not a tensor.")
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is {_fmt(t.dtype, t.shape)}, but the state it restores into needs "
+            f"{_fmt(dtype, shape)}{note}. The checkpoint was saved from a host with other layer sizes or dtypes, or "
+            "the file was rewritten: restore it into the host it was saved from (same module, widths and dtype), "
+            "or restore another checkpoint."
+        )
+
+
+def _fmt(dtype: torch.dtype, shape) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
+def _check_slots(m: _StateMeta, tensors: dict[str, Tensor], source: str) -> None:
+    """The slot records: one entry per slot, field dtypes, and values a state can hold."""
+    S = len(m.slot_names)
+    if len(m.blueprints) != S:
+        raise CheckpointError(f"{source}: metadata lists {S} slots {m.slot_names} but {len(m.blueprints)} "
+                              f"blueprints {m.blueprints}; the metadata was edited or damaged.")
+    for f in SLOT_FIELDS:
+        _check_tensor(f"slots{_SEP}{f}", tensors[f"slots{_SEP}{f}"], (S,), SLOT_DTYPES[f], source)
+    rec = {f: tensors[f"slots{_SEP}{f}"].tolist() for f in SLOT_FIELDS}
+    valid = {s.value for s in Stage}
+    for i, name in enumerate(m.slot_names):
+        st, bid = rec["stage"][i], m.blueprints[i]
+        bad = None
+        if st not in valid:
+            bad = f"slots/stage is {st} (stages are {sorted(valid)})"
+        elif not 0 <= rec["curve"][i] < len(CURVES):
+            bad = f"slots/curve is {rec['curve'][i]} (curves are 0..{len(CURVES) - 1}: {CURVES})"
+        elif not 0.0 <= rec["alpha"][i] <= 1.0:  # NaN fails too
+            bad = f"slots/alpha is {rec['alpha'][i]} (alpha lies in [0, 1])"
+        elif rec["tempo"][i] < 0 or rec["epochs"][i] < 0 or rec["seed_id"][i] < -1:
+            bad = (f"slots/tempo, epochs, seed_id are {rec['tempo'][i]}, {rec['epochs'][i]}, {rec['seed_id'][i]} "
+                   "(tempo and epochs >= 0, seed_id >= -1)")
+        elif rec["seed_id"][i] >= m.n_seeds:
+            bad = f"slots/seed_id is {rec['seed_id'][i]}, but only {m.n_seeds} seeds were ever germinated (n_seeds)"
+        elif (bid is not None) != (Stage(st) in SEEDED_STAGES):
+            bad = (f"the slot is {Stage(st).name} and holds blueprint {bid!r} (a slot holds a seed exactly when it is "
+                   f"one of {sorted(s.name for s in SEEDED_STAGES)})")
+        if bad is not None:
+            raise CheckpointError(f"{source}: slot {name!r} (index {i}) has an impossible record: {bad}. The file or "
+                                  "its metadata was edited or damaged: restore another checkpoint.")
+    if m.n_seeds < 0:
+        raise CheckpointError(f"{source}: n_seeds is {m.n_seeds}; it counts the seeds germinated so far (>= 0).")
+
+
+def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str, Tensor], source: str
+              ) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """``{prefix: {checkpoint key: (shape, dtype)}}`` that the host and blueprints give the state."""
+    p0, b0 = host.init_like()
+    params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    growth = _growth_groups(host, p0)
+    fresh = {_SEP.join(("params", "host", *n.split("."))): v for n, v in p0.items()}
+    deltas: dict[int, dict[str, int]] = {}  # growth group -> {checkpoint key: units added}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n, v in p0.items():
+        key = _SEP.join(("params", "host", *n.split(".")))
+        shape = list(v.shape)
+        t = tensors.get(key)
+        if isinstance(t, Tensor) and t.dim() == v.dim():
+            for d in range(v.dim()):
+                g = growth.get((n, d))
+                if g is not None:
+                    deltas.setdefault(g, {})[key] = t.shape[d] - v.shape[d]
+                    shape[d] = t.shape[d]
+        params[key] = (tuple(shape), v.dtype)
+        shapes[n] = tuple(shape)
+    for g, added in deltas.items():
+        units = set(added.values())
+        if units == {0}:
+            continue
+        members = [_SEP.join(("params", "host", *n.split("."))) for (n, _), gg in growth.items() if gg == g]
+        if len(added) == len(members) and len(units) == 1 and min(units) > 0 and m.n_seeds > 0:
+            continue  # a width growth: every tensor it widens, by the same number of units
+        why = ("no seed was ever grafted, so the host cannot have grown" if m.n_seeds == 0 and min(units) > 0
+               else f"a width growth widens {members} together, by the same number of units")
+        for key in members:
+            if added.get(key, 0) != 0:
+                _check_tensor(key, tensors[key], tuple(fresh[key].shape), fresh[key].dtype, source, note=f" ({why})")
+    for n, v in b0.items():
+        buffers[_SEP.join(("buffers", "host", *n.split(".")))] = (tuple(v.shape), v.dtype)
+    try:
+        specs = host.slots(shapes)
+    except (KeyError, IndexError, ValueError, TypeError) as err:  # a slots_fn reading a missing or odd shape
+        raise CheckpointError(f"{source}: the host's slots cannot be derived from the checkpoint's parameter "
+                              f"shapes ({type(err).__name__}: {err}); restore it into the host it was saved "
+                              "from.") from None
+    if [s.name for s in specs] != list(m.slot_names):
+        raise CheckpointError(f"{source}: the checkpoint's slots are {list(m.slot_names)}, host {host.name!r} has "
+                              f"{[s.name for s in specs]}; restore it into the host it was saved from.")
+    reg = bpm.registry()
+    for spec, bid in zip(specs, m.blueprints):
+        if bid is None:
+            continue
+        bp = reg.get(bid)
+        if bp is None:
+            raise CheckpointError(f"{source}: slot {spec.name!r} holds blueprint {bid!r}, which is not registered in "
+                                  "this process; register it (`esper_fn.blueprints.register`) before restoring.")
+        why = bp.misfit(spec)
+        if why is not None:
+            raise CheckpointError(f"{source}: slot {spec.name!r} holds blueprint {bid!r}, which does not fit it on "
+                                  f"this host: {why}. Restore it into the host it was saved from.")
+        try:
+            sp, sb = bp.init(spec, torch.Generator().manual_seed(0))
+        except BlueprintError as err:
+            raise CheckpointError(f"{source}: slot {spec.name!r}: blueprint {bid!r} cannot be built there: "
+                                  f"{err}") from None
+        for k, v in sp.items():
+            params[_SEP.join(("params", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
+        for k, v in sb.items():
+            buffers[_SEP.join(("buffers", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
+    opt = {}
+    for mirror in optimizer.mirrors:
+        for key, (shape, dtype) in params.items():
+            leaf = zero_leaf(mirror, torch.empty(shape, dtype=dtype, device="meta"))
+            opt[_SEP.join(("opt", mirror, key.split(_SEP, 1)[1]))] = (tuple(leaf.shape), leaf.dtype)
+    return {"params": params, "buffers": buffers, "opt": opt}
+
+
+def _growth_groups(host: Host, p0: dict[str, Tensor]) -> dict[tuple[str, int], int]:
+    """``{(host parameter, dim): group}`` for the dimensions width growth may widen: at every slot
+    with a consumer Linear, the producer's output rows (weight dim 0, bias) and the consumer's input
+    columns, all by the same number of units (one group per slot)."""
+    out: dict[tuple[str, int], int] = {}
+    for g, spec in enumerate(host.slots(p0)):
+        if spec.consumer_layer is None or spec.layer is None:
+            continue
+        for name, dim in ((f"{spec.layer}.weight", 0), (f"{spec.layer}.bias", 0), (f"{spec.consumer_layer}.weight", 1)):
+            if name in p0:
+                out[(name, dim)] = g
+    return out
 
 
 def _jsonable(x):
-    import json
-
     return json.loads(json.dumps(dict(x)))
-

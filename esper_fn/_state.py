@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._errors import GateError, GraftError, HostError
+from ._errors import DonatedStateError, GateError, GraftError, HostError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
     CURVES,
@@ -71,11 +71,27 @@ class _Ownership:
     `train_step` gives the child a claim on the fresh tensors it wrote.
     """
 
-    __slots__ = ("holder", "keys")
+    __slots__ = ("holder", "keys", "donated")
 
     def __init__(self, keys: frozenset = frozenset()):
         self.holder = 0  # id() of the state holding the claim; 0 until a state adopts it
         self.keys = keys
+        self.donated = False  # set once `train_step(..., donate=True)` gave up some of its tensors
+
+
+def check_not_donated(state: State, what: str) -> None:
+    """Raise `DonatedStateError` if `state` gave up tensors to a donating `train_step`.
+
+    Args:
+        state: the state about to be used.
+        what: the operation, for the message (e.g. "apply").
+    """
+    if state._own.donated:
+        raise DonatedStateError(
+            f"{what}: this state was given to `train_step(..., donate=True)`, which updated its tensors in place "
+            "to build the next state, so its values are no longer its own. Use the state that call returned, or "
+            "call train_step without donate=True to keep this one."
+        )
 
 
 def _from_td(td: TensorDict) -> Flat:
@@ -116,6 +132,8 @@ class State:
 
     def __post_init__(self):
         own = self._own
+        if own.donated:
+            check_not_donated(self, "copying a state")
         if own.holder not in (0, id(self)):
             # Built by copying another state's fields (e.g. `dataclasses.replace`): both now share
             # every tensor, so neither may donate any.
@@ -217,7 +235,12 @@ def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Gen
     Args:
         host: the host definition.
         optimizer: functional optimizer (default ``esper_fn.optim.adam(1e-2)``).
-        generator: source of randomness for the host's initial weights.
+        generator: source of randomness for the host's initial weights. A wrapped host
+            (`esper_fn.wrap`) is re-drawn from it, each layer by its own reset rule; without one it
+            starts from the module's weights.
+
+    Raises:
+        HostError: a wrapped host has a parameter no known reset rule covers, and `generator` is set.
     """
     optimizer = optimizer or adam(1e-2)
     p, b = host.init_fn(generator)
@@ -244,6 +267,7 @@ def _derive(state: State, *, _owned: frozenset = frozenset(), _keep_cache: bool 
     """A state derived from `state`. The parent loses its donation claims (the child shares its
     tensors); the child claims `_owned`, the keys of fresh tensors written for it alone.
     `_keep_cache` shares the per-structure cache (only for changes that keep the structure)."""
+    check_not_donated(state, "deriving a state (a lifecycle op, replace, stack)")
     state._own.keys = frozenset()
     return _dc_replace(state, **changes, _cache=state._cache if _keep_cache else {}, _own=_Ownership(_owned))
 
@@ -319,11 +343,11 @@ def germinate(
     spec = state.spec(slot)
     why = bp.misfit(spec)
     if why is not None:
-        fitting = [bid for bid, b in bpm.registry().items() if b.fits(spec)]
+        fitting = list(bpm.offered(spec))
         raise bpm.BlueprintError(
             f"blueprint {bp.id!r} does not fit slot {slot!r}: {why}. Blueprints that fit {slot!r}: "
-            f"{fitting or 'none'}; `esper_fn.legal_actions(state)[{slot!r}]['blueprints']` lists them with "
-            "capabilities checked."
+            f"{fitting or 'none'} (as `esper_fn.legal_actions(state)[{slot!r}]['blueprints']` lists them: "
+            "capabilities checked, `esper_fn.blueprints.offered`)."
         )
     if curve not in CURVES:
         raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
@@ -369,12 +393,14 @@ def advance(
     BLENDING needs the ramp to be complete (alpha == 1).
 
     Args:
-        gates: thresholds (default `GateConfig()`); telemetry: measurements for the gates.
+        gates: thresholds (default `GateConfig()`: leaving TRAINING checks min_training_epochs only);
+            telemetry: measurements for the gates (`esper_fn.training.telemetry`).
         force: skip the gates (not the transition table); a forced BLENDING -> HOLDING sets alpha 1.
 
     Raises:
         IllegalTransitionError: no ADVANCE from the slot's stage.
         GateError: a gate refused (and not `force`).
+        MissingTelemetryError: a gate that is on (e.g. ``max_grad_norm`` set) lacks its telemetry key.
     """
     i = state.index(slot)
     stage = state.stage(slot)
@@ -453,9 +479,14 @@ def fossilize(
     to DORMANT, free for a new seed. Any other seed stays as permanent structure at alpha 1
     (FOSSILIZED): it can no longer be pruned, and it trains with the host from then on.
 
+    The default gate demands evidence that the seed helps: the lower bound ``<slot>/contribution -
+    1.645 * <slot>/contribution_se`` of the epoch's telemetry must exceed 0 (see `GateConfig`).
+    Pass `telemetry` (`esper_fn.training.telemetry`), other `gates`, or ``force=True``.
+
     Raises:
         IllegalTransitionError: the slot is not HOLDING.
         GateError: a gate refused (and not `force`).
+        MissingTelemetryError: the contribution gate (on by default) lacks its telemetry keys.
     """
     i = state.index(slot)
     stage = state.stage(slot)
@@ -533,11 +564,17 @@ def legal_actions(
 
     An op listed here never raises when requested with the same `gates` and `telemetry` (ADVANCE
     and FOSSILIZE are listed only where their gates pass; ADVANCE from BLENDING only once alpha is 1).
+    Where a gate that is on needs a telemetry key that `telemetry` lacks (or misspells), the gate
+    cannot pass, so the op is not listed; the op itself, asked for anyway, raises the
+    `MissingTelemetryError` that names the key. (With the default gates that is
+    ``"<slot>/contribution"`` and ``"<slot>/contribution_se"`` for a HOLDING seed whose holding time
+    is up; with ``max_grad_norm`` set, ``"grad_norm/<slot>"`` for a seed that has not trained yet.)
 
     Args:
         state: a single (unstacked) state.
         capabilities: the capabilities to assume (default: this machine's, less "distributed":
-            pass it explicitly where every rank takes the same lifecycle actions).
+            pass it explicitly where every rank takes the same lifecycle actions); the blueprints
+            listed are `esper_fn.blueprints.offered(spec, capabilities)`.
         gates: thresholds (default `GateConfig()`, as `advance` and `fossilize` use).
         telemetry: the epoch's telemetry (`esper_fn.training.telemetry`), read by the gates.
 
@@ -553,9 +590,6 @@ def legal_actions(
     if state.batch:
         raise GraftError(f"legal_actions: the state is stacked (batch {state.batch}); masks are per host. "
                          "Call it on each of `unstack(state)`.")
-    # "distributed" only by explicit request: a collective seed works only if every rank grafts it
-    # in lockstep, which no per-host mask can promise.
-    caps = bpm.available_capabilities() - {"distributed"} if capabilities is None else capabilities
     gates = gates or GateConfig()
     out = {}
     for name in state.slot_names:
@@ -571,11 +605,7 @@ def legal_actions(
         if Op.ADVANCE in ops and _gate_refusal(state, name, stage, Op.ADVANCE, gates, telemetry) is not None:
             refused.add(Op.ADVANCE)
         if Op.GERMINATE in ops:
-            spec = state.spec(name)
-            bps = tuple(
-                bid for bid, bp in bpm.registry().items()
-                if bp.fits(spec) and set(bp.meta.requires_capability) <= caps
-            )
+            bps = bpm.offered(state.spec(name), capabilities)
             if not bps:
                 refused.add(Op.GERMINATE)
         out[name] = {"stage": stage, "ops": tuple(o for o in ops if o not in refused), "blueprints": bps}
@@ -589,7 +619,7 @@ def _gate_refusal(state: State, slot: str, stage: Stage, op: Op, gates: GateConf
     epochs = int(state.slots["epochs"][..., i].min())
     try:
         check_gate(slot, stage, op, epochs, gates, telemetry)
-    except GateError as e:
+    except GateError as e:  # a gate that cannot read its input (MissingTelemetryError) refuses too
         return e
     if stage == Stage.BLENDING and op == Op.ADVANCE:
         a = float(state.slots["alpha"][..., i].min())

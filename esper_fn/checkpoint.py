@@ -13,8 +13,16 @@ a crash at any point leaves either the old set of checkpoints or the new one, ne
 `restore` re-hashes every file and checks every tensor against the manifest before returning
 anything. Nothing is pickled: safetensors and JSON only.
 
-The manager is generic; converting a training state to and from ``(tensors, metadata)`` is the
-caller's job. One process writes to a directory at a time.
+The manager stores any mapping of named tensors, and a training `State` directly:
+``save(step, state, metadata)`` writes the state as ``state/<key>`` tensors (`state_to_tensors`, the
+layout `esper_fn.run` uses) and `restore_state(host, step)` rebuilds it, verified against the host
+(`state_from_tensors`: every key, shape and dtype, and no NaN or infinity). One process writes to a
+directory at a time.
+
+    mgr = CheckpointManager("ckpts")
+    mgr.save(epoch, state, {"epoch": epoch})
+    state, meta = mgr.restore_state(host)            # the latest step
+    state, meta = mgr.restore_state(host, step=20)   # a given one
 """
 
 from __future__ import annotations
@@ -37,9 +45,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, NonFiniteCheckpointError
+from ._host import Host
+from ._serialize import state_from_tensors, state_to_tensors
+from ._state import State
 
-__all__ = ["CheckpointManager", "FileEntry", "Manifest", "TensorEntry"]
+__all__ = [
+    "CheckpointManager", "FileEntry", "Manifest", "NonFiniteCheckpointError", "TensorEntry", "state_from_tensors",
+    "state_to_tensors",
+]  # fmt: skip
+
+STATE_PREFIX = "state/"
+"""Key prefix of a `State`'s tensors in a checkpoint (``state/params/host/fc1/weight``); its
+`state_to_tensors` metadata is stored under the metadata key "state"."""
 
 SCHEMA_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -172,9 +190,10 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        tensors: Mapping[str, Tensor],
-        metadata: Mapping[str, Any],
+        tensors: Mapping[str, Tensor] | State,
+        metadata: Mapping[str, Any] | None = None,
         *,
+        extra: Mapping[str, Tensor] | None = None,
         overwrite: bool = False,
     ) -> Path:
         """Write checkpoint `step` atomically, then apply the retention policy.
@@ -184,9 +203,15 @@ class CheckpointManager:
             tensors: key -> dense tensor of any shape (0-d included) and a dtype safetensors stores
                 (floats, ints, uints, bool, complex64, float8). Tensors on other devices are copied
                 to the CPU; non-contiguous ones are packed. The inputs are not modified.
+                Or a single (unstacked) `State`: its tensors are stored as ``state/<key>``
+                (`state_to_tensors`) and its structure as ``metadata["state"]``; restore it with
+                `restore_state`. This is the layout `esper_fn.run` writes.
             metadata: JSON data (str keys; dicts, lists, str, numbers, bool, None) that must come
                 back unchanged, so tuples and non-str keys are refused. NaN and inf are kept (written
-                as the JSON extensions ``NaN`` / ``Infinity``, which Python's json reads).
+                as the JSON extensions ``NaN`` / ``Infinity``, which Python's json reads). None is {}.
+                With a `State`, the key "state" is reserved.
+            extra: with a `State` only: more tensors to store beside it (e.g. ``{"rng/data":
+                generator.get_state()}``), keyed outside ``state/``; `restore` returns them.
             overwrite: replace an existing checkpoint of the same step. The old one stays in place
                 until the new one is complete.
 
@@ -200,6 +225,11 @@ class CheckpointManager:
         """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise CheckpointError(f"step must be an int >= 0, got {step!r}.")
+        metadata = {} if metadata is None else metadata
+        if isinstance(tensors, State):
+            tensors, metadata = _state_entry(tensors, metadata, extra)
+        elif extra is not None:
+            raise CheckpointError("save: `extra` tensors go beside a State; with a mapping of tensors, put them in it.")
         flat = _prepare_tensors(tensors)
         meta = _check_metadata(metadata)
         final = self.step_dir(step)
@@ -368,7 +398,72 @@ class CheckpointManager:
         return tensors, dict(manifest.metadata)
 
 
+    def restore_state(self, host: Host, step: int | None = None) -> tuple[State, dict[str, Any]]:
+        """Load, verify and rebuild a `State` saved with ``save(step, state, metadata)`` (or by
+        `esper_fn.run.grow`).
+
+        The checkpoint is verified as `restore` does (hashes, manifest), then the state against
+        `host` as `state_from_tensors` does: every tensor the state needs is present with the shape
+        and dtype the host and blueprints give it, nothing else is there, the slot records are
+        possible, and no parameter, buffer or optimizer moment is NaN or infinite.
+
+        To resume from the latest checkpoint without non-finite values (a run that diverged just
+        before it was saved), walk back through `steps`::
+
+            for step in reversed(mgr.steps()):
+                try:
+                    state, meta = mgr.restore_state(host, step)
+                    break
+                except NonFiniteCheckpointError as err:  # err.key names the tensor
+                    print(f"step {step} holds a non-finite {err.key}; trying an earlier one")
+
+        Args:
+            host: the host the state was made with.
+            step: the step to restore; None means the latest.
+
+        Returns:
+            ``(state, metadata)``: the state, and the metadata saved with it (without its "state"
+            entry). Tensors saved with ``extra`` are read with `restore`.
+
+        Raises:
+            CheckpointError: as `restore`; the checkpoint holds no State; or it does not fit `host`
+                (the message names the tensor, the expected and the found shape and dtype).
+            NonFiniteCheckpointError: a parameter, buffer or optimizer moment is NaN or infinite.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint to restore in {self.directory}: it holds no step_* directory.")
+        tensors, meta = self.restore(step)
+        where = str(self.step_dir(step))
+        if "state" not in meta:
+            raise CheckpointError(f"checkpoint {where} holds no State (it was saved from a mapping of tensors, whose "
+                                  "metadata has no 'state' entry); read it with `restore`.")
+        n = len(STATE_PREFIX)
+        state = state_from_tensors(host, {k[n:]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)},
+                                   meta["state"], source=f"checkpoint {where}")
+        return state, {k: v for k, v in meta.items() if k != "state"}
+
+
 # --------------------------------------------------------------------------------- helpers
+
+
+def _state_entry(state: State, metadata: Mapping[str, Any], extra: Mapping[str, Tensor] | None
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata that store `state` (and `extra` tensors) in one checkpoint."""
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"metadata must be a mapping with str keys, got {type(metadata).__name__}.")
+    if "state" in metadata:
+        raise CheckpointError("save: the metadata key 'state' is reserved for the State's structure; rename yours.")
+    flat, state_meta = state_to_tensors(state)
+    tensors = {STATE_PREFIX + k: v for k, v in flat.items()}
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str) or k.startswith(STATE_PREFIX):
+            raise CheckpointError(f"save: extra tensor key {k!r} must be a str outside {STATE_PREFIX!r}, which holds "
+                                  "the State.")
+        tensors[k] = v
+    return tensors, {"state": state_meta, **metadata}
+
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

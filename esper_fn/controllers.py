@@ -54,8 +54,9 @@ __all__ = [
     "observations_to_tensordict",
 ]
 
-NO_CONTRIBUTION_GATE = -1.0
-"""A `GateConfig.min_contribution` that every measured contribution (in [-1, 1]) passes."""
+MAX_GRAD_NORM = 1e3
+"""The gradient gate of the heuristics: a seed whose incubation gradient norm is not finite or above
+this does not blend (and `manage_seeds` prunes it once its incubation time is up)."""
 
 SIGNAL_FAMILY = ("conv1d_k5", "conv1d_k3")
 """The blueprints `choose_seed` grows on a signal slot (the raw input vector, a conv feature map)."""
@@ -76,6 +77,8 @@ class SlotView:
         health: dead + saturated fraction of its activations (0 where unmeasured).
         contribution: the live seed's measured contribution (validation accuracy with it minus
             without it), or None.
+        contribution_se: the standard error of that paired difference over the validation samples,
+            or None.
         grad_norm: the seed's gradient norm over the last epoch, or None.
         ops: the ops legal now under the driver's gates (`esper_fn.legal_actions`).
         seeds: blueprint id -> trainable parameters it would add here, for every blueprint GERMINATE
@@ -89,6 +92,7 @@ class SlotView:
     output: bool
     health: float = 0.0
     contribution: float | None = None
+    contribution_se: float | None = None
     grad_norm: float | None = None
     ops: tuple[Op, ...] = ()
     seeds: Mapping[str, int] = field(default_factory=dict)
@@ -146,6 +150,8 @@ class Observation:
                 telemetry[f"grad_norm/{v.name}"] = v.grad_norm
             if v.contribution is not None:
                 telemetry[f"{v.name}/contribution"] = v.contribution
+            if v.contribution_se is not None:
+                telemetry[f"{v.name}/contribution_se"] = v.contribution_se
             ops = []
             for op in v.ops:
                 if op in (Op.ADVANCE, Op.FOSSILIZE):
@@ -171,10 +177,12 @@ class Observation:
         stage, epochs = td["stage"].tolist(), td["epochs"].tolist()
         signal, output, health = td["signal"].tolist(), td["output"].tolist(), td["health"].tolist()
         contribution, grad_norm = td["contribution"].tolist(), td["grad_norm"].tolist()
+        contribution_se = td["contribution_se"].tolist()
         ops, seed_params = td["ops"].tolist(), td["seed_params"].tolist()
         slots = tuple(
             SlotView(name=str(s), stage=Stage(stage[s]), epochs=epochs[s], signal=signal[s], output=output[s],
-                     health=health[s], contribution=f(contribution[s]), grad_norm=f(grad_norm[s]),
+                     health=health[s], contribution=f(contribution[s]), contribution_se=f(contribution_se[s]),
+                     grad_norm=f(grad_norm[s]),
                      ops=tuple(o for o in Op if ops[s][int(o)]),
                      seeds={b: seed_params[s][j] for j, b in enumerate(blueprints) if seed_params[s][j] >= 0})
             for s in range(n))
@@ -206,7 +214,8 @@ def observe(episode: Episode, gates: GateConfig) -> Observation:
         slots.append(SlotView(
             name=name, stage=entry["stage"], epochs=int(epochs[i]), signal=_signal(spec), output=i == len(names) - 1,
             health=m.get(f"{name}/dead", 0.0) + m.get(f"{name}/saturation", 0.0),
-            contribution=m.get(f"{name}/contribution"), grad_norm=m.get(f"grad_norm/{name}"),
+            contribution=m.get(f"{name}/contribution"), contribution_se=m.get(f"{name}/contribution_se"),
+            grad_norm=m.get(f"grad_norm/{name}"),
             ops=tuple(entry["ops"]), seeds=seeds))
     accs = [g["val_accuracy"] for g in episode.good]
     if episode.epoch == 0 or episode.rolled_back:
@@ -232,8 +241,8 @@ def observations_to_tensordict(observations: Sequence[Observation], *, num_slots
         TensorDict [N] with int64 ``epoch``, ``max_epochs``, ``params``, ``param_budget`` (-1: none),
         ``germinated``, ``last_germinated`` (-1: none), ``val_count``; float64 ``train_loss``,
         ``val_accuracy`` [N, H]; bool ``rolled_back``; per slot [N, S]: bool ``slot_valid``, ``signal``,
-        ``output``, int64 ``stage``, ``epochs``, float64 ``health``, ``contribution`` and ``grad_norm``
-        (NaN: unmeasured); bool ``ops`` [N, S, len(Op)]; int64 ``seed_params`` [N, S, B] (-1: not offered).
+        ``output``, int64 ``stage``, ``epochs``, float64 ``health``, ``contribution``, ``contribution_se``
+        and ``grad_norm`` (NaN: unmeasured); bool ``ops`` [N, S, len(Op)]; int64 ``seed_params`` [N, S, B] (-1: not offered).
     """
     N, S, B, H = len(observations), num_slots, len(blueprints), horizon
     col = {b: j for j, b in enumerate(blueprints)}
@@ -243,7 +252,7 @@ def observations_to_tensordict(observations: Sequence[Observation], *, num_slots
     slot_i = {k: torch.zeros(N, S, dtype=i64) for k in ("stage", "epochs")}
     slot_b = {k: torch.zeros(N, S, dtype=torch.bool) for k in ("slot_valid", "signal", "output")}
     slot_f = {k: torch.full((N, S), math.nan if k != "health" else 0.0, dtype=f64)
-              for k in ("health", "contribution", "grad_norm")}
+              for k in ("health", "contribution", "contribution_se", "grad_norm")}
     val = torch.zeros(N, H, dtype=f64)
     for i, o in enumerate(observations):
         if len(o.slots) > S or len(o.val_accuracy) > H:
@@ -256,6 +265,8 @@ def observations_to_tensordict(observations: Sequence[Observation], *, num_slots
             slot_f["health"][i, s] = v.health
             if v.contribution is not None:
                 slot_f["contribution"][i, s] = v.contribution
+            if v.contribution_se is not None:
+                slot_f["contribution_se"][i, s] = v.contribution_se
             if v.grad_norm is not None:
                 slot_f["grad_norm"][i, s] = v.grad_norm
             for o_ in v.ops:
@@ -380,7 +391,7 @@ class FixedSchedule:
         max_seeds: germinations per episode (None: no limit).
 
     Its gates (``self.gates``): ``min_training_epochs=incubate_epochs``,
-    ``min_holding_epochs=hold_epochs``, and no contribution threshold.
+    ``min_holding_epochs=hold_epochs``, ``max_grad_norm=MAX_GRAD_NORM``, and no contribution gate.
     """
 
     every: int = 20
@@ -395,7 +406,7 @@ class FixedSchedule:
     @property
     def gates(self) -> GateConfig:
         return GateConfig(min_training_epochs=self.incubate_epochs, min_holding_epochs=self.hold_epochs,
-                          min_contribution=NO_CONTRIBUTION_GATE)
+                          max_grad_norm=MAX_GRAD_NORM, min_contribution=None)
 
     def decide(self, obs: Observation) -> list[Action]:
         self.blocked = None
@@ -435,7 +446,9 @@ class PlateauConfig(BaseModel):
         incubate_epochs: epochs in TRAINING before blending.
         tempo: blending ramp length in epochs.
         hold_epochs: epochs at alpha 1 before the fossilize/prune decision.
-        min_contribution: fossilize only if the seed's measured contribution reaches this.
+        min_contribution: fossilize only if the lower confidence bound of the seed's measured
+            contribution (`GateConfig.min_contribution`, with ``contribution_z``) is above this.
+        contribution_z: the z of that bound (0: the measured contribution alone).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -449,6 +462,7 @@ class PlateauConfig(BaseModel):
     tempo: int = Field(default=5, ge=1)
     hold_epochs: int = Field(default=3, ge=0)
     min_contribution: float = 0.005
+    contribution_z: float = Field(default=1.645, ge=0)
 
 
 class Plateau:
@@ -457,7 +471,8 @@ class Plateau:
     `min_contribution`, prunes it otherwise.
 
     Its gates (``self.gates``): ``min_training_epochs=incubate_epochs``,
-    ``min_holding_epochs=hold_epochs``, ``min_contribution=min_contribution``.
+    ``min_holding_epochs=hold_epochs``, ``min_contribution`` and ``contribution_z``, and
+    ``max_grad_norm=MAX_GRAD_NORM``.
     """
 
     name = "heuristic"
@@ -470,7 +485,8 @@ class Plateau:
     def gates(self) -> GateConfig:
         c = self.config
         return GateConfig(min_training_epochs=c.incubate_epochs, min_holding_epochs=c.hold_epochs,
-                          min_contribution=c.min_contribution)
+                          max_grad_norm=MAX_GRAD_NORM, min_contribution=c.min_contribution,
+                          contribution_z=c.contribution_z)
 
     def decide(self, obs: Observation) -> list[Action]:
         c = self.config
@@ -529,8 +545,17 @@ def manage_seeds(obs: Observation, gates: GateConfig) -> list[Action]:
         elif Op.FOSSILIZE in v.ops:
             out.append(Action(Op.FOSSILIZE, v.name))
         elif v.epochs >= gates.min_holding_epochs and Op.PRUNE in v.ops:
-            c = v.contribution
-            why = (f"contribution {c:+.4f} < min_contribution {gates.min_contribution}"
-                   if c is not None and c < gates.min_contribution else "the fossilize gate refused")
-            out.append(Action(Op.PRUNE, v.name, reason=f"{why} after {v.epochs} epochs at alpha 1"))
+            out.append(Action(Op.PRUNE, v.name, reason=f"{_refusal(v, gates)} after {v.epochs} epochs at alpha 1"))
     return out
+
+
+def _refusal(v: SlotView, gates: GateConfig) -> str:
+    """Why FOSSILIZE was refused at HOLDING, in words (for the `Pruned` event)."""
+    c, se, z = v.contribution, v.contribution_se, gates.contribution_z
+    if gates.min_contribution is None or c is None:
+        return "the fossilize gate refused"
+    bound = c - z * se if z > 0 and se is not None else c
+    if not bound > gates.min_contribution:
+        shown = f"contribution {c:+.4f}" + (f" - {z} x standard error {se:.4f} = {bound:+.4f}" if bound != c else "")
+        return f"{shown} is not above min_contribution {gates.min_contribution}"
+    return "the fossilize gate refused"

@@ -204,11 +204,12 @@ def auto_advances(legal: Mapping[str, Mapping]) -> list[str]:
 
 def verdict_due(stage: Stage, ops: Sequence[Op], epochs: int, gates: GateConfig) -> bool:
     """Whether a seed awaits its verdict, fossilize or prune: it is HOLDING (at alpha 1), or it has
-    incubated ``gates.min_training_epochs`` and its gradient gate still refuses to let it blend.
-    Under the automatic lifecycle these are the only seeds a controller may prune."""
+    incubated ``gates.min_training_epochs`` (and at least one epoch, so its gradient was measured)
+    and its gradient gate still refuses to let it blend. Under the automatic lifecycle these are the
+    only seeds a controller may prune."""
     if stage == Stage.HOLDING:
         return True
-    return stage == Stage.TRAINING and Op.ADVANCE not in ops and epochs >= gates.min_training_epochs
+    return stage == Stage.TRAINING and Op.ADVANCE not in ops and epochs >= max(gates.min_training_epochs, 1)
 
 
 # --- the episode record --------------------------------------------------------------------------
@@ -528,8 +529,10 @@ _EPISODE_FORMAT = "esper_fn.episode/1"
 
 
 def episode_to_tensors(ep: Episode) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An episode as named tensors (its state and generator states) and JSON metadata (the rest but
-    the task, which the caller restores from its own config)."""
+    """An episode as named tensors (``state/...``: its state; ``rng/<stream>``: its generators) and
+    JSON metadata (the rest but the task, which the caller restores from its own config; the state's
+    metadata under ``"state"``, so `esper_fn.checkpoint.CheckpointManager.restore_state` reads the
+    state of a checkpoint written from it)."""
     tensors, state_meta = state_to_tensors(ep.state)
     out = {f"state/{k}": v for k, v in tensors.items()}
     for name in RNG_STREAMS:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import _host
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints)
-from ._errors import ConfigError, EsperError, RunExistsError, RunWriteError
+from ._errors import CheckpointError, ConfigError, EsperError, NonFiniteCheckpointError, RunExistsError, RunWriteError
 from ._lifecycle import Stage
 from ._state import State
 from .checkpoint import CheckpointManager
@@ -374,8 +374,9 @@ def grow(
         config: the run configuration.
         out: run directory (created).
         controller: the controller (default `make_controller(config)`; a learned one must be passed).
-        resume: continue the run in `out`: from its latest checkpoint, or from epoch 0 when it
-            stopped before its first checkpoint (a `Resumed` event says which). `config` must be the
+        resume: continue the run in `out`: from its latest checkpoint without NaN or infinite values
+            (later ones that hold some are skipped), or from epoch 0 when it stopped before its first
+            checkpoint (a `Resumed` event says which, and what it skipped). `config` must be the
             run's (``out/config.yaml``, unedited since the run started).
         overwrite: move a run already in `out` aside first (to ``OUT.old-<n>``) and start afresh.
         progress: show a progress bar on stderr.
@@ -422,8 +423,21 @@ def grow(
         on_disk = read_run_config(out)
         ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep) if (
             out / "checkpoints").is_dir() else None
-        if ckpts is not None and ckpts.latest_step() is not None:
-            tensors, meta = ckpts.restore()
+        skipped: list[tuple[int, str | None]] = []
+        found_ckpt = None
+        for step_no in reversed(ckpts.steps() if ckpts is not None else []):
+            tensors, meta = ckpts.restore(step_no)
+            try:
+                found_ckpt = (episode_from_tensors(task, host, tensors, meta), meta)
+                break
+            except NonFiniteCheckpointError as err:  # diverged just before it was saved: try an earlier one
+                skipped.append((step_no, err.key))
+        if skipped and found_ckpt is None:
+            raise CheckpointError(f"resume: every checkpoint in {out / 'checkpoints'} holds non-finite values "
+                                  f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
+                                  "--out.")
+        if found_ckpt is not None:
+            ep_restored, meta = found_ckpt
             saved = RunConfig.model_validate(meta["run"]["config"])
             if on_disk is not None and on_disk != saved:
                 raise ConfigError(f"resume: config differs: {out / 'config.yaml'} was edited after the run started "
@@ -433,7 +447,7 @@ def grow(
                 raise ConfigError(f"resume: config differs from the run's ({_differences(config, saved)}; given vs "
                                   f"run); resume with the run's config (a bare `esper-fn grow --resume --out {out}` "
                                   "reads its config.yaml).")
-            restored = (episode_from_tensors(task, host, tensors, meta["episode"]), meta["run"])
+            restored = (ep_restored, meta["run"])
         elif on_disk is not None and config != on_disk:
             raise ConfigError(f"resume: config differs from the run's ({_differences(config, on_disk)}; given vs run); "
                               f"resume with the run's config (a bare `esper-fn grow --resume --out {out}` reads its "
@@ -456,8 +470,12 @@ def grow(
             kept = read_events(out / "events.jsonl", skip_truncated_tail=True)[: run["n_events"]]
             kept.append(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch,
                                         path=str(ckpts.step_dir(ep.epoch))))
-            kept.append(Resumed(run_id=run_id, epoch=ep.epoch, from_step=ep.epoch,
-                                reason=f"continued from checkpoint {ckpts.step_dir(ep.epoch).name}"))
+            why = f"continued from checkpoint {ckpts.step_dir(ep.epoch).name}"
+            if skipped:
+                why += ("; skipped the later checkpoint(s) holding non-finite values: "
+                        + ", ".join(f"{ckpts.step_dir(n).name} ({k})" for n, k in skipped))
+            kept.append(Resumed(run_id=run_id, epoch=ep.epoch, from_step=ep.epoch, skipped=[n for n, _ in skipped],
+                                reason=why))
             born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
             (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
         else:
@@ -527,7 +545,7 @@ def grow(
                 run = {"config": json.loads(config.model_dump_json()), "run_id": run_id, "history": history,
                        "timing": timing, "flags": flags, "n_events": n_events}
                 tensors, ep_meta = episode_to_tensors(ep)
-                path = ckpts.save(ep.epoch, tensors, {"episode": ep_meta, "run": run}, overwrite=True)
+                path = ckpts.save(ep.epoch, tensors, {**ep_meta, "run": run}, overwrite=True)
                 emit(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(path)))
     except EsperError:
         raise

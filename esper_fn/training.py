@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ._apply import INCUBATING, LIVE, _inputs, _make_slot_fn, _on_masks, _plan, _run, roles, train_step, trained_keys
+from ._apply import check_batch
 from ._errors import GraftError
 from ._lifecycle import Stage
 from ._state import State, partition, stack, unstack
@@ -26,7 +27,8 @@ from .tasks import Task
 if TYPE_CHECKING:
     from .tezzeret import KernelCache
 
-__all__ = ["TrainConfig", "contributions", "evaluate", "flops_per_sample", "telemetry", "train_epoch", "train_epochs"]
+__all__ = ["TrainConfig", "contribution_stats", "contributions", "evaluate", "flops_per_sample", "grad_norms",
+           "telemetry", "train_epoch", "train_epochs"]
 
 
 class TrainConfig(BaseModel):
@@ -229,6 +231,31 @@ def contributions(state: State, x: Tensor, y: Tensor, *, logits: Tensor | None =
     Returns:
         ``{slot: accuracy with the seed - accuracy without it}`` in accuracy points [-1, 1]; for a
         stacked state, one such dict per host (each with the seeds live on that host).
+        `contribution_stats` adds the standard error the fossilize gate reads.
+    """
+    stats = contribution_stats(state, x, y, logits=logits)
+    rows = stats if state.batch else [stats]
+    out = [{slot: v["contribution"] for slot, v in row.items()} for row in rows]
+    return out if state.batch else out[0]
+
+
+@torch.no_grad()
+def contribution_stats(state: State, x: Tensor, y: Tensor, *, logits: Tensor | None = None
+                       ) -> dict[str, dict[str, float]] | list[dict[str, dict[str, float]]]:
+    """`contributions`, with the standard error of each: the evidence the fossilize gate reads.
+
+    Per validation sample i, ``d_i = correct_i(with the seed) - correct_i(without it)`` is -1, 0 or
+    +1; the contribution is their mean (the accuracy difference) and its standard error is
+    ``stdev(d) / sqrt(B)`` (sample standard deviation, B - 1 in its denominator), the standard error
+    of a paired difference. It is 0 where every sample changed the same way (or none did), and
+    infinite for B < 2 (one sample is no evidence).
+
+    Args:
+        state, x, y, logits: as `contributions`.
+
+    Returns:
+        ``{slot: {"contribution": float, "se": float}}`` (one dict per host when stacked);
+        "contribution" equals `contributions`'.
     """
     plan = _plan(state)
     entries = plan.live
@@ -239,21 +266,55 @@ def contributions(state: State, x: Tensor, y: Tensor, *, logits: Tensor | None =
     if not entries:
         return [{} for _ in range(n_hosts)] if nb else {}
 
-    def accuracy(out: Tensor) -> Tensor:
-        return (out.reshape(*y.shape, -1).argmax(-1) == y).float().mean(-1).reshape(n_hosts)
+    def correct(out: Tensor) -> Tensor:
+        return out.reshape(*y.shape, -1).argmax(-1) == y
+
+    def accuracy(right: Tensor) -> Tensor:
+        return right.float().mean(-1).reshape(n_hosts)
 
     if logits is None:
         logits = _run(state, plan, entries, state.params_flat, x, False)[0]
-    live = accuracy(logits)
+    right = correct(logits)
+    live = accuracy(right)
+    n = y.shape[-1]
     r = roles(state).reshape(n_hosts, -1)
-    out: list[dict[str, float]] = [{} for _ in range(n_hosts)]
+    out: list[dict[str, dict[str, float]]] = [{} for _ in range(n_hosts)]
     for name, entry in entries.items():
-        without = {n: e for n, e in entries.items() if n != name}
-        acc = accuracy(_run(state, plan, without, state.params_flat, x, False)[0])
+        without = {k: e for k, e in entries.items() if k != name}
+        right_without = correct(_run(state, plan, without, state.params_flat, x, False)[0])
+        acc = accuracy(right_without)
+        d = (right.double() - right_without.double()).reshape(n_hosts, n)  # paired per-sample differences
+        se = (d.std(-1, correction=1) / math.sqrt(n)).tolist() if n > 1 else [math.inf] * n_hosts
         for h in range(n_hosts):
             if r[h, entry[2]] == LIVE:
-                out[h][name] = float(live[h] - acc[h])
+                out[h][name] = {"contribution": float(live[h] - acc[h]), "se": float(se[h])}
     return out if nb else out[0]
+
+
+def grad_norms(state: State, grad_sq: Tensor, incubation: str = "shadow") -> dict[str, float]:
+    """The ``grad_norm/<group>`` train metrics (what the gradient gate reads) from a custom loop.
+
+    Args:
+        state: the single state the steps trained (its structure gives the trained keys).
+        grad_sq: float32 [K], the "grad_sq" metric of ``train_step(..., grad_stats=True)``, aligned
+            with `trained_keys(state, incubation)`; one step's, or the mean over an epoch's steps
+            (then the result equals `train_epoch`'s: the root mean square over steps of the norm).
+        incubation: the train steps' incubation mode.
+
+    Returns:
+        ``{"grad_norm/host": float, "grad_norm/<slot>": float, ...}`` for the host and every
+        trained seed slot.
+    """
+    keys = trained_keys(state, incubation)
+    if state.batch or tuple(grad_sq.shape) != (len(keys),):
+        raise GraftError(f"grad_norms: a single state's {len(keys)} trained keys need grad_sq of shape "
+                         f"[{len(keys)}], got {tuple(grad_sq.shape)} (batch {state.batch}); pass the \"grad_sq\" "
+                         "metric of train_step(..., grad_stats=True) on this state (unstack a stacked one).")
+    per_group: dict[str, float] = {}
+    for k, v in zip(keys, grad_sq.tolist()):
+        g = "host" if k[0] == "host" else k[1]
+        per_group[g] = per_group.get(g, 0.0) + v
+    return {f"grad_norm/{g}": math.sqrt(v) for g, v in per_group.items()}
 
 
 @torch.no_grad()
@@ -326,24 +387,30 @@ def flops_per_sample(state: State, example: Tensor) -> int:
 
 
 def telemetry(
-    state: State, task: Task, train_metrics: Mapping[str, float] | Sequence[Mapping[str, float]]
+    state: State, task: Task | tuple[Tensor, Tensor],
+    train_metrics: Mapping[str, float] | Sequence[Mapping[str, float]],
 ) -> dict[str, float] | list[dict[str, float]]:
     """Health signals for one epoch, as a flat dict of floats (see docs/telemetry.md).
 
     Keys: "val_loss", "val_accuracy", "params", "flops"; per slot ``<slot>/<signal>`` for the
     activation statistics; ``<layer>/weight_norm`` per host layer; "grad_norm/<group>" and
     ``<slot>/grad_ratio`` (seed / host gradient norm) copied from `train_metrics`; and
-    ``<slot>/contribution`` for every live seed.
+    ``<slot>/contribution`` with its standard error ``<slot>/contribution_se``
+    (`contribution_stats`) for every live seed. The lifecycle gates read "grad_norm/<slot>",
+    "<slot>/contribution" and "<slot>/contribution_se".
 
     Args:
         state: a single state, or a stacked one (all hosts measured in one vectorised pass).
-        task: the data (its validation split is measured).
-        train_metrics: the epoch's `train_epoch` metrics; one dict per host when stacked.
+        task: the data (its validation split is measured), or the validation tensors ``(x, y)``
+            themselves (x float32 [B, *input_shape], y int64 [B]).
+        train_metrics: the epoch's `train_epoch` metrics (or, from a loop of `train_step`s,
+            `grad_norms`'s); one dict per host when stacked; ``{}`` for none.
 
     Returns:
         The dict, or one dict per host for a stacked state.
     """
-    xv, yv = task.split("val")
+    xv, yv = task.split("val") if isinstance(task, Task) else task
+    check_batch(state, xv, shared=True)  # one validation batch serves every host
     nb = len(state.batch)
     rows = list(train_metrics) if nb else [train_metrics]
     n_hosts = state.batch[0] if nb else 1
@@ -354,7 +421,7 @@ def telemetry(
         logits = logits.reshape(n_hosts, *logits.shape[-2:])
         val_loss = F.cross_entropy(logits.transpose(1, 2), yv.expand(n_hosts, -1), reduction="none").mean(-1)
         val_acc = (logits.argmax(-1) == yv).float().mean(-1)
-        contrib = contributions(state, xv, yv, logits=logits)
+        contrib = contribution_stats(state, xv, yv, logits=logits)
         norms = {".".join(k[1:-1]): v.reshape(n_hosts, -1).norm(dim=-1).tolist()
                  for k, v in state.params_flat.items() if k[0] == "host" and k[-1] == "weight"}
     stats = stats if nb else [stats]
@@ -377,7 +444,8 @@ def telemetry(
                 if g != "host":
                     out[f"{g}/grad_ratio"] = v / host_g if host_g > 0 else math.inf
         for slot, c in contrib[h].items():
-            out[f"{slot}/contribution"] = c
+            out[f"{slot}/contribution"] = c["contribution"]
+            out[f"{slot}/contribution_se"] = c["se"]
         out["params"] = n_params
         out["flops"] = float(flops_per_sample(host, xv))
         out["seeds_live"] = float(sum(host.stage(n) in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import esper_fn as ef
 from esper_fn.tasks import load
+from esper_fn.training import telemetry
 
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=60)
@@ -34,6 +35,9 @@ def accuracy(state, x, y):
     return (ef.apply(state, x).argmax(-1) == y).float().mean().item()
 
 
+# Our fossilize rule as a gate: keep the seed only if its measured contribution on the validation
+# split, less 1.645 standard errors of the per-sample difference, exceeds one accuracy point.
+gates = ef.GateConfig(min_contribution=0.01)
 best, stall, slot = 0.0, 0, "input"
 for epoch in range(args.epochs):
     for xb, yb in task.batches("train", 100, generator=g):
@@ -52,13 +56,16 @@ for epoch in range(args.epochs):
     elif stage == ef.Stage.BLENDING and state.slots["alpha"][0] >= 1:
         state = ef.advance(state, slot)  # -> HOLDING at alpha 1
     elif stage == ef.Stage.HOLDING:
-        without = accuracy(ef.prune(state, slot), task.x_val, task.y_val)  # counterfactual: pure, cheap
-        if val - without > 0.01:
-            state = ef.fossilize(state, slot)
-            print(f"epoch {epoch:3d}: seed adds {val - without:+.3f} accuracy; fossilized")
+        # The telemetry the gates read: "<slot>/contribution" (validation accuracy with the seed minus
+        # without it) and "<slot>/contribution_se" (its standard error), measured on the validation split.
+        tel = telemetry(state, task, {})
+        c, se = tel[f"{slot}/contribution"], tel[f"{slot}/contribution_se"]
+        if ef.Op.FOSSILIZE in ef.legal_actions(state, gates=gates, telemetry=tel)[slot]["ops"]:
+            state = ef.fossilize(state, slot, gates=gates, telemetry=tel)
+            print(f"epoch {epoch:3d}: seed adds {c:+.3f} +- {se:.3f} accuracy; fossilized")
         else:
             state = ef.prune(state, slot)
-            print(f"epoch {epoch:3d}: seed adds {val - without:+.3f}; pruned")
+            print(f"epoch {epoch:3d}: seed adds {c:+.3f} +- {se:.3f}; pruned")
     state = ef.tick(state)  # one epoch passes: alpha ramps, embargoes count down
 
     stall = 0 if val > best + 0.005 else stall + 1

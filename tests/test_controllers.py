@@ -7,7 +7,7 @@ import torch
 
 import esper_fn as ef
 from esper_fn.controllers import (
-    NO_CONTRIBUTION_GATE,
+    MAX_GRAD_NORM,
     Action,
     FixedSchedule,
     Observation,
@@ -55,9 +55,11 @@ def _obs(state, gates, metrics=None, budget=None, epoch=5):
 
 def test_controllers_state_their_thresholds_as_gate_configs():
     p = Plateau(PlateauConfig(incubate_epochs=4, hold_epochs=2, min_contribution=0.01))
-    assert p.gates == ef.GateConfig(min_training_epochs=4, min_holding_epochs=2, min_contribution=0.01)
+    assert p.gates == ef.GateConfig(min_training_epochs=4, min_holding_epochs=2, min_contribution=0.01,
+                                    max_grad_norm=MAX_GRAD_NORM)
     f = FixedSchedule(incubate_epochs=2, hold_epochs=3)
-    assert f.gates == ef.GateConfig(min_training_epochs=2, min_holding_epochs=3, min_contribution=NO_CONTRIBUTION_GATE)
+    assert f.gates == ef.GateConfig(min_training_epochs=2, min_holding_epochs=3, max_grad_norm=MAX_GRAD_NORM,
+                                    min_contribution=None)
     assert Static().gates == ef.GateConfig()
 
 
@@ -68,7 +70,8 @@ def test_manage_seeds_follows_the_gated_mask():
     s = ef.tick(ef.tick(s))
     assert manage_seeds(_obs(s, gates), gates) == [Action(ef.Op.ADVANCE, "input")]
     # a non-finite gradient masks ADVANCE once the incubation time is up: the seed is pruned
-    (a,) = manage_seeds(_obs(s, gates, {"grad_norm/input": float("inf")}), gates)
+    graded = gates.model_copy(update={"max_grad_norm": 1e3})  # the gradient gate is off by default
+    (a,) = manage_seeds(_obs(s, graded, {"grad_norm/input": float("inf")}), graded)
     assert a.op == ef.Op.PRUNE and "grad_norm/input" in a.reason
     # BLENDING: ADVANCE only once alpha is 1 (the mask says so; nothing is re-checked)
     b = ef.advance(s, "input")
@@ -76,13 +79,14 @@ def test_manage_seeds_follows_the_gated_mask():
     b = ef.tick(ef.tick(b))
     assert manage_seeds(_obs(b, gates), gates) == [Action(ef.Op.ADVANCE, "input")]
     h = ef.advance(b, "input")
-    assert manage_seeds(_obs(h, gates, {"input/contribution": 0.5}), gates) == []  # held 0 epochs of 1
+    helps = {"input/contribution": 0.5, "input/contribution_se": 0.05}
+    assert manage_seeds(_obs(h, gates, helps), gates) == []  # held 0 epochs of 1
     h = ef.tick(h)
-    assert manage_seeds(_obs(h, gates, {"input/contribution": 0.5}), gates) == [Action(ef.Op.FOSSILIZE, "input")]
-    (a,) = manage_seeds(_obs(h, gates, {"input/contribution": 0.001}), gates)
+    assert manage_seeds(_obs(h, gates, helps), gates) == [Action(ef.Op.FOSSILIZE, "input")]
+    (a,) = manage_seeds(_obs(h, gates, {"input/contribution": 0.001, "input/contribution_se": 0.0}), gates)
     assert a.op == ef.Op.PRUNE and "min_contribution 0.01" in a.reason
     # every action the controller asks for is one the ops accept with the same gates
-    fossil = ef.fossilize(h, "input", gates=gates, telemetry={"input/contribution": 0.5})
+    fossil = ef.fossilize(h, "input", gates=gates, telemetry=helps)
     assert fossil.stage("input") == ef.Stage.FOSSILIZED
 
 
@@ -122,7 +126,8 @@ def test_controllers_are_functions_of_the_observation():
 def test_the_observation_round_trips_through_a_tensordict():
     s = _state(["TRAINING", "BLENDING", "HOLDING"])
     gates = ef.GateConfig(min_holding_epochs=1)
-    m = {"input/contribution": 0.25, "grad_norm/input": 0.5, "input/dead": 0.1, "train_loss": 0.7}
+    m = {"input/contribution": 0.25, "input/contribution_se": 0.01, "grad_norm/input": 0.5, "input/dead": 0.1,
+         "train_loss": 0.7}
     obs = _obs(ef.tick(s), gates, m, budget=1100)
     blueprints = tuple(ef.blueprints.registry())
     td = observations_to_tensordict([obs, obs], num_slots=5, blueprints=blueprints, horizon=8)
@@ -131,16 +136,17 @@ def test_the_observation_round_trips_through_a_tensordict():
     assert back.episode is None
     # equal but for the slot names, which a TensorDict does not carry
     assert back == replace(obs, slots=tuple(replace(v, name=str(i)) for i, v in enumerate(obs.slots)))
-    assert back.slots[0].contribution == 0.25 and back.slots[1].contribution is None
+    assert back.slots[0].contribution == 0.25 and back.slots[0].contribution_se == 0.01
+    assert back.slots[1].contribution is None
     with pytest.raises(ValueError, match="holds 2"):
         observations_to_tensordict([obs], num_slots=2, blueprints=blueprints, horizon=8)
 
 
 def test_an_observation_under_stricter_gates_withdraws_what_they_refuse():
     h = ef.tick(_state(["TRAINING", "BLENDING", "HOLDING"]))
-    lax = _obs(h, ef.GateConfig(), {"input/contribution": 0.001})
+    lax = _obs(h, ef.GateConfig(contribution_z=0), {"input/contribution": 0.001})
     assert ef.Op.FOSSILIZE in lax.slot("input").ops
-    strict = ef.GateConfig(min_holding_epochs=1, min_contribution=0.01)
+    strict = ef.GateConfig(min_holding_epochs=1, min_contribution=0.01, contribution_z=0)
     assert ef.Op.FOSSILIZE not in lax.under(strict).slot("input").ops
     # built with the same gates, nothing changes
     same = _obs(h, strict, {"input/contribution": 0.5})
@@ -168,7 +174,7 @@ def test_a_seed_below_min_contribution_is_pruned_by_the_controller(tmp_path):
     s = grow(cfg, tmp_path / "prune", progress=False)
     events = read_events(tmp_path / "prune" / "events.jsonl")
     pruned = [e for e in events if isinstance(e, Pruned)]
-    assert len(pruned) == 1 and pruned[0].slot == "input" and "min_contribution 1.0" in pruned[0].reason
+    assert len(pruned) == 1 and pruned[0].slot == "input" and "not above min_contribution 1.0" in pruned[0].reason
     assert s.pruned == 1 and s.fossilized == 0 and s.params_after == 826
     holding = next(e for e in events if isinstance(e, Advanced) and e.to_stage == "HOLDING")
     assert pruned[0].epoch - holding.epoch == 1  # hold_epochs=1, then the gate refused FOSSILIZE
@@ -176,7 +182,7 @@ def test_a_seed_below_min_contribution_is_pruned_by_the_controller(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"grad_norm/input": float("nan")}, {"grad_norm/input": 1e9}])
 def test_the_gradient_gate_prunes_an_unhealthy_seed(bad):
-    p = Plateau(PlateauConfig(incubate_epochs=1))
+    p = Plateau(PlateauConfig(incubate_epochs=1))  # its gates switch the gradient gate on (MAX_GRAD_NORM)
     s = ef.tick(_state(["TRAINING"]))
     (a,) = p.decide(_obs(s, p.gates, bad))
-    assert a.op == ef.Op.PRUNE
+    assert a.op == ef.Op.PRUNE and "grad_norm/input" in a.reason

@@ -81,7 +81,7 @@ def test_tamiyo_grow_resumes_bit_identically(grown, tmp_path, crash_at):
     assert (resumed.test_accuracy, resumed.test_loss, resumed.params_after, resumed.germinated) == (
         full.test_accuracy, full.test_loss, full.params_after, full.germinated)
     _, meta = ef.checkpoint.CheckpointManager(tmp_path / "r" / "checkpoints").restore()
-    ep = meta["episode"]
+    ep = meta
     assert ep["epoch"] == EPOCHS and len(ep["evals"]) == EPOCHS + 1 and ep["params0"] == 826
 
 
@@ -92,7 +92,7 @@ def test_a_rollback_is_counted_and_the_policy_goes_on(tmp_path, nan_at):
     assert s.rollbacks == 1 and s.epochs == 5
     assert [e.epoch for e in read_events(tmp_path / "rb" / "events.jsonl") if isinstance(e, Rollback)] == [4]
     _, meta = ef.checkpoint.CheckpointManager(tmp_path / "rb" / "checkpoints").restore()
-    ep = meta["episode"]
+    ep = meta
     assert ep["counts"]["rollbacks"] == 1 and len(ep["evals"]) == 6 and len(ep["good"]) == 4
 
 

@@ -34,7 +34,7 @@ def _state_in(stage: Stage, generator) -> ef.State:
         elif step == "ramp":
             s = ef.tick(ef.tick(s))
         elif step == "f":
-            s = ef.fossilize(s, "fc1")
+            s = ef.fossilize(s, "fc1", force=True)  # the path, not the contribution gate, is under test
         elif step == "p":
             s = ef.prune(s, "fc1")
         elif step == "t":
@@ -74,7 +74,7 @@ def test_transition_table_exhaustive(stage, op, generator):
 @pytest.mark.parametrize("stage", list(Stage))
 def test_legal_actions_follow_table(stage, generator):
     s = _state_in(stage, generator)
-    legal = ef.legal_actions(s)["fc1"]
+    legal = ef.legal_actions(s, gates=ef.GateConfig(min_contribution=None))["fc1"]  # the table alone
     table_ops = {op for (st, op) in ef.TRANSITIONS if st == stage}
     if stage == Stage.BLENDING:  # alpha is 0 here: the ramp gate masks ADVANCE until alpha reaches 1
         table_ops.discard(Op.ADVANCE)
@@ -92,7 +92,8 @@ def test_a_masked_action_never_raises_and_an_unmasked_one_does(steps):
     g = torch.Generator().manual_seed(0)
     s = ef.init(HOST, generator=g)
     for op, slot, contribution, grad in steps:
-        tel = {f"{slot}/contribution": contribution, f"grad_norm/{slot}": grad}
+        tel = {k: v for n in ("fc1", "fc2") for k, v in
+               ((f"{n}/contribution", contribution), (f"{n}/contribution_se", 0.01), (f"grad_norm/{n}", grad))}
         legal = ef.legal_actions(s, gates=GATES, telemetry=tel)[slot]
         kwargs = {"gates": GATES, "telemetry": tel}
         def run():
@@ -145,15 +146,17 @@ def test_gates_refuse_with_reason_and_force_overrides(generator):
     with pytest.raises(ef.GateError, match="min_training_epochs=2"):
         ef.advance(s, "fc1", gates=gates)
     with pytest.raises(ef.GateError, match="gradient norm"):
-        ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates, telemetry={"grad_norm/fc1": float("nan")})
+        ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates.model_copy(update={"max_grad_norm": 1e3}),
+                   telemetry={"grad_norm/fc1": float("nan")})
     assert ef.advance(ef.tick(ef.tick(s)), "fc1", gates=gates).stage("fc1") == Stage.BLENDING
     assert ef.advance(s, "fc1", gates=gates, force=True).stage("fc1") == Stage.BLENDING
     h = _state_in(Stage.HOLDING, generator)
     with pytest.raises(ef.GateError, match="min_holding_epochs"):
         ef.fossilize(h, "fc1", gates=gates)
     with pytest.raises(ef.GateError, match="Prune it instead"):
-        ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"fc1/contribution": 0.0})
-    assert ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"fc1/contribution": 0.05}).stage("fc1") == Stage.FOSSILIZED
+        ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry={"fc1/contribution": 0.0, "fc1/contribution_se": 0.0})
+    tel = {"fc1/contribution": 0.05, "fc1/contribution_se": 0.01}  # lower bound 0.05 - 1.645 * 0.01 > 0.01
+    assert ef.fossilize(ef.tick(h), "fc1", gates=gates, telemetry=tel).stage("fc1") == Stage.FOSSILIZED
 
 
 def test_blending_cannot_be_left_before_the_ramp_ends(generator):

@@ -184,3 +184,29 @@ def test_report_skips_a_cut_off_metrics_row_and_writes_into_new_directories(fini
 def test_metrics_rows_stay_valid_json(finished):
     rows = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_skips_a_checkpoint_with_a_nan_and_says_so(tmp_path, finished):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name, data in _snapshot(finished).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    mgr = CheckpointManager(out / "checkpoints")
+    tensors, meta = mgr.restore(4)
+    key = "state/params/host/fc1/weight"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    mgr.save(4, tensors, meta, overwrite=True)  # a checkpoint that would resume a ruined network
+    s = grow(RunConfig(**FAST), out, resume=True, progress=False)
+    full = json.loads((finished / "summary.json").read_text())
+    assert (s.epochs, s.test_accuracy, s.test_loss) == (full["epochs"], full["test_accuracy"], full["test_loss"])
+    (resumed,) = [e for e in read_events(out / "events.jsonl") if isinstance(e, Resumed)]
+    assert resumed.from_step == 2 and resumed.skipped == [4] and "params/host/fc1/weight" in resumed.reason
+    assert all(r == r for row in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+               for r in row.values() if isinstance(r, float))
+
+
+def test_a_run_checkpoint_restores_as_a_state(finished):
+    state, meta = CheckpointManager(finished / "checkpoints").restore_state(ef.hosts.preset("mlp-impaired"), 4)
+    assert state.num_params() == 826 and meta["epoch"] == 4 and meta["run"]["config"]["epochs"] == 4
