@@ -872,6 +872,7 @@ def _aeon_task(name: str, aeon_name: str, protocol: str, seed: int, val_fraction
     test size is drawn with `seed` (the rest is the training split), then validation as above.
     Multivariate sets are standardised per channel with the final training split's statistics.
     """
+    _aeon_data_root(name)  # a TaskError naming this task if aeon is missing
     x_tr, y_tr, x_te, y_te = _aeon_arrays(aeon_name)
     if protocol == "resample":
         x_pool, y_pool = np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te])
