@@ -874,8 +874,8 @@ def cnn1d_width_preset(width: int, *, layers: int = 2, name: str | None = None, 
             (length,) or (length, channels), or a series too short for the kernels (naming both
             shapes).
     """
-    name = name or (f"cnn1d-w{width}" if layers == 2 else "cnn1d-shallow-w{width}" if layers == 1
-                    else f"cnn1d-l{layers}-w{width}").format(width=width)
+    if name is None:
+        name = {1: f"cnn1d-shallow-w{width}", 2: f"cnn1d-w{width}"}.get(layers, f"cnn1d-l{layers}-w{width}")
     _check_width(name, width)
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise HostError(f"host preset {name!r}: layers must be a positive int, got {layers!r}.")

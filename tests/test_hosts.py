@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import esper_fn as ef
-from esper_fn._host import cnn1d_width_preset, cnn2d_width_preset, mlp_width_preset
+
+cnn1d_width_preset = ef.hosts.cnn1d_width_preset
+cnn2d_width_preset = ef.hosts.cnn2d_width_preset
+mlp_width_preset = ef.hosts.mlp_width_preset
 
 # Sample layouts (see esper_fn.tasks): flat vector, univariate series, multivariate series
 # [length, channels], image [channels, height, width].
