@@ -78,7 +78,7 @@ from torch import Tensor
 
 from ._errors import TaskError
 
-__all__ = ["TASK_NAMES", "Split", "Task", "load"]
+__all__ = ["AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -92,7 +92,8 @@ CSV_PREFIX = "csv:"
 """``load("csv:<path>")`` loads a CSV file: one sample per row, numeric features, the label last."""
 
 TEST_FRACTION = 0.2
-"""Fraction of every task's samples kept for test (MNIST-1D: its standard 1000 of 5000)."""
+"""Fraction of the samples kept for test by the pooled tasks, CSV files and `Task.from_arrays`'s default
+(MNIST-1D: its standard 1000 of 5000). The aeon tasks keep a shipped-size test split instead."""
 
 _MNIST1D_SEED = 42  # the mnist1d package's default; fixes the standard data set.
 _SPIRALS_N = 2000
