@@ -5,7 +5,7 @@ given parameters and a *slot function*, and where its slots are. The forward pas
 ``slot(name, h, x_in)`` at every slot point; the slot function returns ``h`` unchanged for a dormant
 slot (a dict lookup, nothing computed) or ``h + alpha * seed(h)`` for a live one.
 
-Built-in hosts (`mlp`, `cnn1d`, `transformer`) are written directly with `torch.nn.functional`;
+Built-in hosts (`mlp`, `cnn1d`, `cnn2d`, `transformer`) are written directly with `torch.nn.functional`;
 `wrap(module, example_input, slots=...)` turns any `nn.Module` into a host through forward hooks on
 a private copy of the module and `torch.func.functional_call`.
 """
@@ -26,7 +26,10 @@ from torch import Tensor, nn
 
 from ._errors import HostError
 
-__all__ = ["Host", "SlotSpec", "SlotFn", "mlp", "cnn1d", "transformer", "wrap", "hosts", "preset"]
+__all__ = [
+    "Host", "SlotSpec", "SlotFn", "mlp", "cnn1d", "cnn2d", "transformer", "wrap", "hosts", "preset",
+    "mlp_width_preset", "cnn1d_width_preset", "cnn2d_width_preset",
+]  # fmt: skip
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -228,21 +231,48 @@ def _conv_init(out_c: int, in_c: int, k: int, g: torch.Generator | None) -> tupl
 # --- MLP ---------------------------------------------------------------------------------------
 
 
-def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: str | None = None) -> Host:
+def mlp(
+    widths: Sequence[int] = (40, 16, 10),
+    activation: str = "relu",
+    name: str | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+) -> Host:
     """A multi-layer perceptron host: Linear layers ``fc1..fcL`` with `activation` between them.
 
-    Slots: "input" on the raw features, and "fc<i>" after every Linear (pre-activation; the last
+    Slots: "input" on the raw sample, and "fc<i>" after every Linear (pre-activation; the last
     one is the logits). Hidden slots declare their consumer, so width growth applies there.
 
+    Samples are flat vectors [features] by default. With a multi-dimensional `input_shape` the
+    MLP reads the raw sample and flattens it after the "input" slot, so a convolutional seed can
+    attach on the raw signal or image: a series [length, channels] (time first) is viewed
+    channels-first, [channels, length], at a "conv1d" input slot and flattened channel by channel;
+    an image [channels, height, width] has a "conv2d" input slot.
+
     Args:
-        widths: layer widths including input and output, e.g. (40, 16, 10) (826 parameters).
+        widths: layer widths including input and output, e.g. (40, 16, 10) (826 parameters);
+            ``widths[0]`` is the number of elements of one sample.
         activation: one of "relu", "gelu", "tanh", "silu".
+        input_shape: the shape of one sample when it is not a flat vector: (length, channels) or
+            (channels, height, width); None (or ``(widths[0],)``) for flat vectors.
+
+    Raises:
+        HostError: widths that are not >= 2 positive ints, an unknown activation, or an
+            `input_shape` of another rank or whose element count is not ``widths[0]``.
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2 or min(widths) < 1:
         raise HostError(f"mlp widths must be >= 2 positive ints, got {widths}.")
     if activation not in ACTIVATIONS:
         raise HostError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+    raw = None if input_shape is None else _sample_shape(input_shape)
+    if raw is not None and (len(raw) > 3 or math.prod(raw) != widths[0]):
+        raise HostError(
+            f"mlp: input_shape {raw} must be (features,), (length, channels) or (channels, height, width) with "
+            f"widths[0] = {widths[0]} elements; it has {len(raw)} dimensions and {math.prod(raw)} elements."
+        )
+    if raw is not None and len(raw) == 1:
+        raw = None  # a flat vector: the plain MLP
     act = ACTIVATIONS[activation]
     n = len(widths) - 1
     names = [f"fc{i + 1}" for i in range(n)]
@@ -254,7 +284,12 @@ def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: st
         return p, {}
 
     def forward_fn(flat, x, slot, train):
-        h = slot("input", x, None)
+        if raw is None:
+            h = slot("input", x, None)
+        elif len(raw) == 2:  # [B, length, channels] -> [B, channels, length] at the slot, then flat
+            h = slot("input", x.transpose(-1, -2), None).flatten(-2)
+        else:  # [B, channels, height, width]
+            h = slot("input", x, None).flatten(-3)
         for i, nm in enumerate(names):
             x_in = h
             h = F.linear(x_in, flat[nm + ".weight"], flat[nm + ".bias"])
@@ -264,7 +299,12 @@ def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: st
         return h, {}
 
     def slots_fn(shapes):
-        specs = [SlotSpec("input", "vector", (shapes["fc1.weight"][1],))]
+        if raw is None:
+            specs = [SlotSpec("input", "vector", (shapes["fc1.weight"][1],))]
+        elif len(raw) == 2:
+            specs = [SlotSpec("input", "conv1d", (raw[1], raw[0]))]
+        else:
+            specs = [SlotSpec("input", "conv2d", raw)]
         for i, nm in enumerate(names):
             out_f, in_f = shapes[nm + ".weight"]
             hidden = i < n - 1
@@ -279,9 +319,11 @@ def mlp(widths: Sequence[int] = (40, 16, 10), activation: str = "relu", name: st
             )
         return tuple(specs)
 
-    cfg = {"kind": "mlp", "widths": list(widths), "activation": activation}
+    cfg: dict[str, Any] = {"kind": "mlp", "widths": list(widths), "activation": activation}
+    if raw is not None:  # only then: the configs (and checkpoints) of flat-vector MLPs are unchanged
+        cfg["input_shape"] = list(raw)
     return Host(name or "mlp-" + "-".join(map(str, widths)), init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=((widths[0],),), input_dtypes=(torch.float32,))
+                input_shapes=((widths[0],) if raw is None else tuple(raw),), input_dtypes=(torch.float32,))
 
 
 # --- 1D CNN ------------------------------------------------------------------------------------
@@ -295,24 +337,32 @@ def cnn1d(
     stride: int = 2,
     padding: int = 1,
     name: str | None = None,
+    *,
+    in_channels: int | None = None,
 ) -> Host:
-    """A 1D CNN host for signals of shape [B, length]: ReLU conv layers, flatten, one Linear.
+    """A 1D CNN host for signals: ReLU conv layers, flatten, one Linear.
 
     Defaults give the impaired MNIST-1D CNN (conv 1->4 k5 s2 p1, 4->4 k3 s2 p1, fc 40->10; 486
     parameters). ``channels=(25, 25, 25), kernels=(5, 3, 3)`` gives the paper CNN (5,210).
 
-    Slots: "input" ([B, length], a vector), "conv<i>" after each conv (pre-activation), "fc".
+    Input: [B, length] (one channel) by default; with `in_channels` = C, multichannel series
+    [B, length, C] (time first), read channels-first.
+
+    Slots: "input" (a vector [B, length], or "conv1d" [B, C, length] with `in_channels`), "conv<i>"
+    after each conv (pre-activation), "fc".
     """
     channels, kernels = tuple(channels), tuple(kernels)
     if len(channels) != len(kernels) or not channels:
         raise HostError(f"cnn1d needs one kernel per conv layer, got {channels} and {kernels}.")
+    if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+        raise HostError(f"cnn1d: in_channels must be a positive int or None, got {in_channels!r}.")
     lengths = [length]
     for k in kernels:
         lengths.append((lengths[-1] + 2 * padding - k) // stride + 1)
     if lengths[-1] < 1:
         raise HostError(f"cnn1d: length {length} is too short for kernels {kernels}.")
     names = [f"conv{i + 1}" for i in range(len(channels))]
-    in_ch = (1,) + channels[:-1]
+    in_ch = (in_channels or 1,) + channels[:-1]
 
     def init_fn(g):
         p = {}
@@ -322,7 +372,10 @@ def cnn1d(
         return p, {}
 
     def forward_fn(flat, x, slot, train):
-        h = slot("input", x, None).unsqueeze(-2)
+        if in_channels is None:
+            h = slot("input", x, None).unsqueeze(-2)
+        else:
+            h = slot("input", x.transpose(-1, -2), None)
         for nm in names:
             x_in = h
             h = F.conv1d(x_in, flat[nm + ".weight"], flat[nm + ".bias"], stride=stride, padding=padding)
@@ -331,7 +384,10 @@ def cnn1d(
         return slot("fc", F.linear(x_in, flat["fc.weight"], flat["fc.bias"]), x_in), {}
 
     def slots_fn(shapes):
-        specs = [SlotSpec("input", "vector", (length,))]
+        if in_channels is None:
+            specs = [SlotSpec("input", "vector", (length,))]
+        else:
+            specs = [SlotSpec("input", "conv1d", (in_channels, length))]
         for i, nm in enumerate(names):
             co, ci, _ = shapes[nm + ".weight"]
             specs.append(
@@ -344,8 +400,90 @@ def cnn1d(
 
     cfg = {"kind": "cnn1d", "channels": list(channels), "kernels": list(kernels), "length": length,
            "n_classes": n_classes, "stride": stride, "padding": padding}
+    if in_channels is not None:  # only then: one-channel CNNs keep their configs (and checkpoints)
+        cfg["in_channels"] = in_channels
     return Host(name or "cnn1d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=((length,),), input_dtypes=(torch.float32,))
+                input_shapes=((length,) if in_channels is None else (length, in_channels),),
+                input_dtypes=(torch.float32,))
+
+
+# --- 2D CNN ------------------------------------------------------------------------------------
+
+
+def _conv2d_init(out_c: int, in_c: int, k: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    bound = 1 / math.sqrt(in_c * k * k)  # nn.Conv2d's default distribution
+    return _uniform((out_c, in_c, k, k), bound, g), _uniform((out_c,), bound, g)
+
+
+def cnn2d(
+    channels: Sequence[int] = (4, 4),
+    kernels: Sequence[int] = (3, 3),
+    image_shape: Sequence[int] = (1, 28, 28),
+    n_classes: int = 10,
+    stride: int = 2,
+    padding: int = 1,
+    name: str | None = None,
+) -> Host:
+    """A 2D CNN host for images [B, channels, height, width]: ReLU conv layers, flatten, one Linear.
+
+    Defaults give a small MNIST CNN: conv 1->4 k3 s2 p1 (28x28 -> 14x14), 4->4 k3 s2 p1 (-> 7x7),
+    fc 196->10; 2,158 parameters. Parameters: sum over layers of ``c_out * (c_in * k * k + 1)``
+    plus ``(channels[-1] * h_out * w_out + 1) * n_classes``.
+
+    Slots: "input" on the raw image ("conv2d", so conv2d seeds attach there), "conv<i>" after each
+    conv (pre-activation, "conv2d"), "fc" (the logits, a vector).
+
+    Raises:
+        HostError: mismatched channels and kernels, an `image_shape` that is not
+            (channels, height, width), or an image too small for the conv stack.
+    """
+    channels, kernels = tuple(int(c) for c in channels), tuple(int(k) for k in kernels)
+    if len(channels) != len(kernels) or not channels or min(channels + kernels) < 1:
+        raise HostError(
+            f"cnn2d needs one positive kernel per conv layer, got channels {channels} and kernels {kernels}."
+        )
+    image = _sample_shape(image_shape)
+    if len(image) != 3:
+        raise HostError(f"cnn2d: image_shape must be (channels, height, width), got {image}.")
+    sizes = [image[1:]]
+    for k in kernels:
+        sizes.append(tuple((d + 2 * padding - k) // stride + 1 for d in sizes[-1]))
+    if min(sizes[-1]) < 1:
+        raise HostError(f"cnn2d: images of shape {image} are too small for kernels {kernels} (stride {stride}).")
+    names = [f"conv{i + 1}" for i in range(len(channels))]
+    in_ch = (image[0],) + channels[:-1]
+
+    def init_fn(g):
+        p = {}
+        for nm, ci, co, k in zip(names, in_ch, channels, kernels):
+            p[f"{nm}.weight"], p[f"{nm}.bias"] = _conv2d_init(co, ci, k, g)
+        p["fc.weight"], p["fc.bias"] = _linear_init(n_classes, channels[-1] * math.prod(sizes[-1]), g)
+        return p, {}
+
+    def forward_fn(flat, x, slot, train):
+        h = slot("input", x, None)
+        for nm in names:
+            x_in = h
+            h = F.conv2d(x_in, flat[nm + ".weight"], flat[nm + ".bias"], stride=stride, padding=padding)
+            h = F.relu(slot(nm, h, x_in))
+        x_in = h.flatten(-3)
+        return slot("fc", F.linear(x_in, flat["fc.weight"], flat["fc.bias"]), x_in), {}
+
+    def slots_fn(shapes):
+        specs = [SlotSpec("input", "conv2d", image)]
+        for i, nm in enumerate(names):
+            co, ci, _, _ = shapes[nm + ".weight"]
+            specs.append(
+                SlotSpec(nm, "conv2d", (co, *sizes[i + 1]), layer=nm, layer_type="conv2d", in_shape=(ci, *sizes[i]))
+            )
+        out_f, in_f = shapes["fc.weight"]
+        specs.append(SlotSpec("fc", "vector", (out_f,), layer="fc", layer_type="linear", in_shape=(in_f,)))
+        return tuple(specs)
+
+    cfg = {"kind": "cnn2d", "channels": list(channels), "kernels": list(kernels), "image_shape": list(image),
+           "n_classes": n_classes, "stride": stride, "padding": padding}
+    return Host(name or "cnn2d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg,
+                input_shapes=(image,), input_dtypes=(torch.float32,))
 
 
 # --- transformer -------------------------------------------------------------------------------
@@ -774,10 +912,12 @@ def hosts() -> dict[str, functools.partial]:
 
     Returns:
         ``{name: builder}``; each builder is a `functools.partial` of `mlp_preset`,
-        `cnn1d_preset` or `transformer_preset` (read ``builder.func.__doc__`` and
+        `cnn1d_preset`, `transformer_preset`, or of a width family's `mlp_width_preset`,
+        `cnn1d_width_preset` or `cnn2d_width_preset` (read ``builder.func.__doc__`` and
         ``builder.keywords``) that takes ``input_shape`` and ``n_classes`` (defaults: MNIST-1D,
-        ``(40,)`` and 10), so ``hosts()["mlp-impaired"]()`` is the 826-parameter MLP. Build a preset
-        for another task with `preset`.
+        ``(40,)`` and 10; MNIST-5k images, ``(1, 28, 28)``, for the cnn2d presets), so
+        ``hosts()["mlp-impaired"]()`` is the 826-parameter MLP. Build a preset for another task with
+        `preset`.
     """
     return dict(HOST_PRESETS)
 
@@ -807,7 +947,8 @@ def mlp_preset(hidden: Sequence[int], *, name: str, input_shape: Sequence[int] =
         raise HostError(
             f"host preset {name!r} is an MLP over flat vectors [features] (its default input is (40,)), but the "
             f"task's samples have shape {shape}. Pick a task with 1-d samples (mnist1d, digits, spirals) or a "
-            f"sequence host (transformer-small) for this task."
+            f"sequence host (transformer-small) for this task, or an mlp-w<width> preset (e.g. mlp-w16), which "
+            f"flattens series and images."
         )
     return mlp((shape[0], *hidden, n_classes), activation=activation, name=name)
 
@@ -830,7 +971,8 @@ def cnn1d_preset(channels: Sequence[int], kernels: Sequence[int], *, name: str, 
     if len(shape) != 1:
         raise HostError(
             f"host preset {name!r} is a 1D CNN over signals [length] (its default input is (40,)), but the task's "
-            f"samples have shape {shape}. Pick a task with 1-d samples, or a sequence host (transformer-small)."
+            f"samples have shape {shape}. Pick a task with 1-d samples, a sequence host (transformer-small), or a "
+            f"cnn1d-w<width> preset (e.g. cnn1d-w4), which reads series [length, channels]."
         )
     length = shape[0]
     for k in kernels:
@@ -861,6 +1003,133 @@ def transformer_preset(*, name: str, input_shape: Sequence[int] = (40,), n_class
                        d_model=d_model, n_heads=n_heads, n_layers=n_layers, name=name)
 
 
+def _check_width(name: str, width: int) -> None:
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise HostError(f"host preset {name!r}: width must be a positive int, got {width!r}.")
+
+
+def mlp_width_preset(width: int, *, depth: int = 1, name: str | None = None, input_shape: Sequence[int] = (40,),
+                     n_classes: int = 10, activation: str = "relu") -> Host:
+    """An MLP of `depth` hidden layers of `width` units over any sample, flattened ("mlp-w<width>").
+
+    Widths ``(F, width, ..., n_classes)`` with F the element count of one sample, so on flat
+    vectors this is `mlp_preset` (``mlp-w16`` on MNIST-1D is ``mlp-impaired``'s 40-16-10). Series
+    [length, channels] and images [channels, height, width] are read raw: the "input" slot sees
+    them channels-first ("conv1d" or "conv2d" kind, so conv seeds attach on the raw signal or
+    image), then the MLP flattens them. Its deficits: a small `width` is a width bottleneck at
+    ``fc1``; on signals and images it has no locality or translation prior (an input conv seed
+    supplies one).
+
+    Parameters (depth 1): ``F * width + width + width * n_classes + n_classes``; each further
+    hidden layer adds ``width * width + width``. E.g. width 16: 826 on MNIST-1D (F = 40), 2,450 on
+    GunPoint (F = 150, 2 classes), 9,684 on BasicMotions (F = 600, 4 classes), 12,730 on MNIST-5k
+    (F = 784).
+
+    Args:
+        width: hidden units per layer (>= 1).
+        depth: hidden layers (>= 1).
+        name: the host's name; default "mlp-w<width>" (depth 1) or "mlp-d<depth>-w<width>".
+        input_shape: the shape of one sample: (features,), (length, channels) or
+            (channels, height, width).
+        n_classes: output width.
+
+    Raises:
+        HostError: a width or depth that is not a positive int, or samples of more than three
+            dimensions (naming both shapes).
+    """
+    name = name or (f"mlp-w{width}" if depth == 1 else f"mlp-d{depth}-w{width}")
+    _check_width(name, width)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise HostError(f"host preset {name!r}: depth must be a positive int, got {depth!r}.")
+    shape = _sample_shape(input_shape)
+    if len(shape) > 3:
+        raise HostError(
+            f"host preset {name!r} is an MLP over samples of shape (features,), (length, channels) or (channels, "
+            f"height, width) (its default input is (40,)), but the task's samples have shape {shape}."
+        )
+    return mlp((math.prod(shape), *(width,) * depth, n_classes), activation=activation, name=name,
+               input_shape=shape)
+
+
+def cnn1d_width_preset(width: int, *, layers: int = 2, name: str | None = None, input_shape: Sequence[int] = (40,),
+                       n_classes: int = 10) -> Host:
+    """A 1D CNN with `layers` conv layers of `width` channels, no normalisation ("cnn1d-w<width>",
+    "cnn1d-shallow-w<width>" for one layer).
+
+    Conv 1 has kernel 5, later ones kernel 3, all stride 2 and padding 1, ReLU after each, then a
+    Linear on the flattened maps (`cnn1d`). Two layers at width 4 on a one-channel series is
+    ``cnn-impaired`` (486 parameters on MNIST-1D). Univariate series [length] are read as one
+    channel (a "vector" input slot); multivariate series [length, channels] channels-first (a
+    "conv1d" input slot). Its deficits: few channels; no normalisation; with one layer, too little
+    depth (a conv seed after ``conv1`` adds some).
+
+    Parameters: ``width * (5 * C + 1)`` for conv 1 (C input channels), ``width * (3 * width + 1)``
+    for each later conv, ``(width * L_out + 1) * n_classes`` for the Linear, where
+    ``L_out = (L_prev + 2 - k) // 2 + 1`` per layer. E.g. width 4, two layers: 486 on MNIST-1D, 374
+    on GunPoint, 580 on BasicMotions (C = 6); one layer: 794 on MNIST-1D, 618 on GunPoint.
+
+    Raises:
+        HostError: a width or layer count that is not a positive int, samples that are not
+            (length,) or (length, channels), or a series too short for the kernels (naming both
+            shapes).
+    """
+    if name is None:
+        name = {1: f"cnn1d-shallow-w{width}", 2: f"cnn1d-w{width}"}.get(layers, f"cnn1d-l{layers}-w{width}")
+    _check_width(name, width)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise HostError(f"host preset {name!r}: layers must be a positive int, got {layers!r}.")
+    shape = _sample_shape(input_shape)
+    if len(shape) > 2:
+        raise HostError(
+            f"host preset {name!r} is a 1D CNN over series [length] or [length, channels] (its default input is "
+            f"(40,)), but the task's samples have shape {shape}. Use a cnn2d-w<width> preset for images "
+            f"[channels, height, width], or an mlp-w<width> preset."
+        )
+    kernels = (5,) + (3,) * (layers - 1)
+    length = shape[0]
+    for k in kernels:
+        length = (length + 2 - k) // 2 + 1
+    if length < 1:
+        raise HostError(
+            f"host preset {name!r} (conv kernels {kernels}, stride 2; its default input is (40,)) needs a longer "
+            f"series than the task's samples of shape {shape}: its conv stack reduces length {shape[0]} to {length}. "
+            f"Use an MLP host (mlp-w<width>) for this task."
+        )
+    return cnn1d((width,) * layers, kernels, length=shape[0], n_classes=n_classes, name=name,
+                 in_channels=shape[1] if len(shape) == 2 else None)
+
+
+def cnn2d_width_preset(width: int, *, name: str | None = None, input_shape: Sequence[int] = (1, 28, 28),
+                       n_classes: int = 10) -> Host:
+    """A small 2D CNN for images [channels, height, width] ("cnn2d-w<width>"): two conv layers of
+    `width` channels (kernel 3, stride 2, padding 1, ReLU), no normalisation, then a Linear (`cnn2d`).
+
+    Slots: "input" on the raw image and "conv1", "conv2" ("conv2d" kind: conv2d seeds attach), "fc".
+    Parameters: ``width * (9 * C + 1) + width * (9 * width + 1) + (width * H2 * W2 + 1) * n_classes``
+    with ``H2, W2`` the maps after two stride-2 convs (7 x 7 for 28 x 28). E.g. on MNIST-5k images:
+    2,158 at width 4, 4,594 at width 8, 10,330 at width 16.
+
+    Raises:
+        HostError: a width that is not a positive int, samples that are not (channels, height,
+            width), or images too small for the convs (naming both shapes).
+    """
+    name = name or f"cnn2d-w{width}"
+    _check_width(name, width)
+    shape = _sample_shape(input_shape)
+    if len(shape) != 3:
+        raise HostError(
+            f"host preset {name!r} is a 2D CNN over images [channels, height, width] (its default input is "
+            f"(1, 28, 28)), but the task's samples have shape {shape}. Use an image task (mnist5k-img), or an "
+            f"mlp-w<width> or cnn1d-w<width> preset for this task."
+        )
+    if min(shape[1:]) < 2:
+        raise HostError(
+            f"host preset {name!r} (two 3x3 convs, stride 2; its default input is (1, 28, 28)) needs images of at "
+            f"least 2 x 2 pixels, but the task's samples have shape {shape}."
+        )
+    return cnn2d((width, width), (3, 3), image_shape=shape, n_classes=n_classes, name=name)
+
+
 HOST_PRESETS: dict[str, functools.partial] = {
     "mlp-impaired": functools.partial(mlp_preset, (16,), name="mlp-impaired"),
     "mlp-impaired-deep": functools.partial(mlp_preset, (8, 8), name="mlp-impaired-deep"),
@@ -868,8 +1137,18 @@ HOST_PRESETS: dict[str, functools.partial] = {
     "cnn-impaired": functools.partial(cnn1d_preset, (4, 4), (5, 3), name="cnn-impaired"),
     "cnn-paper": functools.partial(cnn1d_preset, (25, 25, 25), (5, 3, 3), name="cnn-paper"),
     "transformer-small": functools.partial(transformer_preset, name="transformer-small"),
+    # Families for the growth benchmark, any task shape, width as a parameter (docs/bench.md "Hosts").
+    **{f"mlp-w{w}": functools.partial(mlp_width_preset, w, name=f"mlp-w{w}") for w in (4, 8, 16, 32, 64)},
+    **{f"cnn1d-w{w}": functools.partial(cnn1d_width_preset, w, name=f"cnn1d-w{w}") for w in (4, 8, 16)},
+    **{f"cnn1d-shallow-w{w}": functools.partial(cnn1d_width_preset, w, layers=1, name=f"cnn1d-shallow-w{w}")
+       for w in (4, 8, 16)},
+    **{f"cnn2d-w{w}": functools.partial(cnn2d_width_preset, w, name=f"cnn2d-w{w}") for w in (4, 8, 16)},
 }
-"""Built-in host presets: name -> builder taking ``input_shape`` and ``n_classes`` (see `hosts`)."""
+"""Built-in host presets: name -> builder taking ``input_shape`` and ``n_classes`` (see `hosts`).
+
+Other widths: call the builder (``mlp_width_preset(12, input_shape=..., n_classes=...)``), or add
+``HOST_PRESETS["mlp-w12"] = functools.partial(mlp_width_preset, 12, name="mlp-w12")`` so that configs
+and the CLI can name it."""
 
 
 def preset(name: str, *, input_shape: Sequence[int] | None = None, n_classes: int | None = None) -> Host:
