@@ -22,6 +22,7 @@ import esper_fn as ef
 from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host
 from esper_fn import blueprints as bpm
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
+from esper_fn.bench import Instance
 from esper_fn.episode import Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors, start, step
 from esper_fn.events import Fossilized
 from esper_fn.tasks import Task, load
@@ -103,8 +104,13 @@ class MorphogenesisEnv(EnvBase):
             preset name (built for the task's shapes) or `Host`. Each row draws its context at every
             reset from its run seed (see `set_seed`), uniformly.
         task, host: shorthand for ``contexts=[(task, host)]``.
+        instances: instead of contexts, `esper_fn.bench.Instance`s (e.g. a suite's split): each row
+            draws one at every reset (uniformly, from its run seed) and plays it as ``esper-fn grow``
+            would: the task split by the run seed (``train_subset`` applied), the host built for it,
+            the instance's epochs, parameter budget and learning rate. `max_epochs` is then the
+            padding of the observation's history (default: the longest instance).
         num_envs: N, the batch size.
-        max_epochs: epochs per episode (the budget).
+        max_epochs: epochs per episode (the budget; default 50, or the longest instance).
         reward: a `Reward` (`esper_fn.envs.rewards`) or the name of a built-in one with its
             default parameters ("delta_accuracy", "sparse_terminal", "contribution").
         lifecycle: "auto": the env advances every seed as soon as the gates allow (GERMINATED ->
@@ -135,6 +141,8 @@ class MorphogenesisEnv(EnvBase):
             of rows trains through the kernel of its structure, compiled once when the structure is
             first seen (at the start of an epoch, never mid-epoch). Eager (None) is the default and
             the reference; compiled rows agree with it within float rounding.
+        max_slots: slot positions of the action space (default: the most slots of any host here);
+            give a suite's ``num_slots`` so that envs over different instances share one action space.
 
     Every row is an `esper_fn.episode.Episode`; a step is `esper_fn.episode.step` over all rows (the
     same function `esper-fn grow` loops over), then `Observer` (the observation, pure) and the reward.
@@ -153,8 +161,9 @@ class MorphogenesisEnv(EnvBase):
         *,
         task: str | Task | None = None,
         host: str | Host | None = None,
+        instances: Sequence[Instance] | None = None,
         num_envs: int = 1,
-        max_epochs: int = 50,
+        max_epochs: int | None = None,
         reward: Reward | str = "delta_accuracy",
         lifecycle: str = "auto",
         seed: int = 0,
@@ -171,15 +180,31 @@ class MorphogenesisEnv(EnvBase):
         subset: Mapping[str, int] | None = None,
         terminal_at_budget: bool = True,
         kernels: KernelCache | None = None,
+        max_slots: int | None = None,
     ):
-        if (contexts is None) == (task is None and host is None):
-            raise ConfigError("pass either contexts=[(task, host), ...] or task= and host=, not both or neither.")
-        if contexts is None:
+        given = [name for name, v in (("contexts", contexts), ("task/host", task or host), ("instances", instances))
+                 if v is not None]
+        if len(given) != 1:
+            raise ConfigError(f"pass one of contexts=[(task, host), ...], task= and host=, or instances=[...]; got "
+                              f"{given or 'none'}.")
+        if task is not None or host is not None:
             if task is None or host is None:
                 raise ConfigError("the shorthand needs both task= and host=.")
             contexts = [(task, host)]
-        if not contexts:
+        if contexts is not None and not contexts:
             raise ConfigError("contexts must name at least one (task, host) pair.")
+        if instances is not None:
+            instances = tuple(instances)
+            if not instances or not all(isinstance(i, Instance) for i in instances):
+                raise ConfigError("instances must be a non-empty sequence of esper_fn.bench.Instance.")
+            if subset or task_kwargs or max_param_ratio is not None:
+                raise ConfigError("with instances=, the instance sets the data, budget and learning rate: drop "
+                                  "subset=, task_kwargs= and max_param_ratio=.")
+            horizon = max(i.epochs for i in instances)
+            if max_epochs is not None and max_epochs < horizon:
+                raise ConfigError(f"max_epochs={max_epochs} is shorter than the longest instance ({horizon} epochs).")
+            max_epochs = max_epochs or horizon
+        max_epochs = 50 if max_epochs is None else max_epochs
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ConfigError(f"num_envs must be a positive int, got {num_envs!r}.")
         if not isinstance(max_epochs, int) or max_epochs < 1:
@@ -209,9 +234,13 @@ class MorphogenesisEnv(EnvBase):
         self.rules = Rules(train=train or TrainConfig(), gates=gates or GateConfig(min_training_epochs=3, max_grad_norm=1e3),
                            governor=governor or GovernorConfig(), lifecycle=lifecycle, kernels=kernels)
 
-        tasks: dict[str, Task] = {}
+        self.instances: tuple[Instance, ...] = instances or ()
+        self._tasks: dict[tuple, Task] = {}  # (name, seed, subset) -> Task: rows of one draw share it
+        self._hosts: dict[tuple, Host] = {}  # (preset, input shape, classes) -> Host: what lets rows stack
+        self._optimizers: dict[float, ef.optim.Optimizer] = {}
         built = []
-        for t, h in contexts:
+        tasks: dict[str, Task] = {}
+        for t, h in contexts or ():
             if isinstance(t, Task):
                 tk = _subset(t, subset)
             else:
@@ -225,10 +254,14 @@ class MorphogenesisEnv(EnvBase):
         ids = tuple(_blueprint_id(b) for b in blueprints) if blueprints is not None else tuple(bpm.registry())
         if len(set(ids)) != len(ids):
             raise ConfigError(f"blueprints must be distinct, got {list(ids)}.")
-        probes = [ef.init(c.host, optimizer=self.optimizer, generator=torch.Generator().manual_seed(0))
-                  for c in self.contexts]
+        hosts = [c.host for c in self.contexts] or [self._instance_host(i, self._instance_task(i, 0))
+                                                   for i in self.instances]
+        probes = [ef.init(h, optimizer=self.optimizer, generator=torch.Generator().manual_seed(0)) for h in hosts]
         specs0 = [list(p.slot_specs()) for p in probes]
-        self.action_space = ActionSpace(max(len(s) for s in specs0), ids, tempos)
+        most = max(len(s) for s in specs0)
+        if max_slots is not None and max_slots < most:
+            raise ConfigError(f"max_slots={max_slots} is fewer than the {most} slots of a host here.")
+        self.action_space = ActionSpace(max_slots or most, ids, tempos)
         self.observer = Observer(self.action_space, max_nodes=max(len(graph_nodes(s)) for s in specs0),
                                  horizon=max_epochs + 1, gates=self.rules.gates, lifecycle=lifecycle,
                                  max_rollbacks=self.rules.governor.max_rollbacks)
@@ -269,7 +302,7 @@ class MorphogenesisEnv(EnvBase):
         from torchrl.data import Categorical, Composite, Unbounded
 
         N = self.num_envs
-        self.observation_spec = self.observer.spec(N, len(self.contexts))
+        self.observation_spec = self.observer.spec(N, len(self.draws))
         self.action_spec = Categorical(self.action_space.n, shape=(N,), dtype=torch.int64)
         self.reward_spec = Unbounded(shape=(N, 1), dtype=torch.float32)
         self.done_spec = Composite(
@@ -305,21 +338,66 @@ class MorphogenesisEnv(EnvBase):
         return self.episode(row).state
 
     def context(self, row: int) -> Context:
-        """The context a row trains in its current episode."""
+        """The context (or instance: its name, the row's task and host) a row trains in its current episode."""
+        ep = self.episode(row)
+        if self.contexts:
+            return self.contexts[self._context[row]]
+        return Context(self.instances[self._context[row]].name, ep.task, ep.state.host)
+
+    def instance(self, row: int) -> Instance:
+        """The instance a row plays in its current episode.
+
+        Raises:
+            EnvStateError: the env draws contexts, not instances.
+        """
         self.episode(row)
-        return self.contexts[self._context[row]]
+        if not self.instances:
+            raise EnvStateError("this env draws (task, host) contexts, not instances (MorphogenesisEnv(instances=...)).")
+        return self.instances[self._context[row]]
+
+    @property
+    def draws(self) -> tuple[str, ...]:
+        """What a row can draw at reset: the names of the contexts, or of the instances."""
+        return tuple(c.name for c in self.contexts) or tuple(i.name for i in self.instances)
+
+    def _instance_task(self, inst: Instance, seed: int) -> Task:
+        key = (inst.task, seed, inst.train_subset)
+        task = self._tasks.get(key)
+        if task is None:
+            if len(self._tasks) >= 256:  # bounded: a long run enumerates many seeds
+                self._tasks.pop(next(iter(self._tasks)))
+            task = load(inst.task, seed=seed)
+            if inst.train_subset is not None:
+                task = _subset(task, {"train": inst.train_subset})
+            self._tasks[key] = task
+        return task
+
+    def _instance_host(self, inst: Instance, task: Task) -> Host:
+        key = (inst.host, tuple(task.input_shape), task.n_classes)
+        if key not in self._hosts:
+            self._hosts[key] = ef.hosts.preset(inst.host, input_shape=task.input_shape, n_classes=task.n_classes)
+        return self._hosts[key]
 
     def _reset_row(self, i: int) -> None:
         k = self._episodes_played[i]
         self._episodes_played[i] += 1
         run_seed = self._seed + i + k * self.num_envs
-        c = 0 if len(self.contexts) == 1 else int(
-            torch.randint(len(self.contexts), (1,), generator=torch.Generator().manual_seed(_mix(run_seed))))
-        ctx = self.contexts[c]
-        ep = start(ctx.task, ctx.host, seed=run_seed, optimizer=self.optimizer, max_epochs=self.max_epochs,
-                   run_id=f"env-{run_seed}")
-        if self.max_param_ratio is not None:
-            ep = replace(ep, param_budget=math.floor(self.max_param_ratio * ep.params0))
+        n = len(self.draws)
+        c = 0 if n == 1 else int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(_mix(run_seed))))
+        if self.contexts:
+            ctx = self.contexts[c]
+            ep = start(ctx.task, ctx.host, seed=run_seed, optimizer=self.optimizer, max_epochs=self.max_epochs,
+                       run_id=f"env-{run_seed}")
+            if self.max_param_ratio is not None:
+                ep = replace(ep, param_budget=math.floor(self.max_param_ratio * ep.params0))
+        else:  # an instance: its data (split by the run seed, as esper-fn grow), host, horizon, budget, lr
+            inst = self.instances[c]
+            task = self._instance_task(inst, run_seed)
+            if inst.lr not in self._optimizers:
+                self._optimizers[inst.lr] = ef.optim.adam(inst.lr)
+            ep = start(task, self._instance_host(inst, task), seed=run_seed, optimizer=self._optimizers[inst.lr],
+                       max_epochs=inst.epochs, preinstall=inst.preinstall, run_id=f"env-{inst.name}-{run_seed}")
+            ep = replace(ep, param_budget=inst.param_budget(ep.params0))
         self._episodes[i], self._context[i], self._run_seeds[i] = ep, c, run_seed
 
     def _observe(self) -> TensorDictBase:
@@ -410,7 +488,7 @@ class MorphogenesisEnv(EnvBase):
             t, meta = episode_to_tensors(self.episode(i))
             tensors.update({f"row{i}/{k}": v for k, v in t.items()})
             rows.append(meta)
-        meta = {"format": "esper_fn.env/1", "num_envs": self.num_envs, "contexts": [c.name for c in self.contexts],
+        meta = {"format": "esper_fn.env/1", "num_envs": self.num_envs, "contexts": list(self.draws),
                 "actions": self.action_space.n, "seed": self._seed, "episodes_played": list(self._episodes_played),
                 "context": list(self._context), "run_seeds": list(self._run_seeds), "rows": rows}
         return tensors, meta
@@ -422,7 +500,7 @@ class MorphogenesisEnv(EnvBase):
         Raises:
             EnvStateError: the snapshot is of another env configuration (rows, contexts, actions).
         """
-        mine = {"num_envs": self.num_envs, "contexts": [c.name for c in self.contexts], "actions": self.action_space.n}
+        mine = {"num_envs": self.num_envs, "contexts": list(self.draws), "actions": self.action_space.n}
         theirs = {k: meta.get(k) for k in mine}
         if meta.get("format") != "esper_fn.env/1" or theirs != mine:
             raise EnvStateError(f"the snapshot is of another env ({theirs}); this one is {mine}. Build the env with "
@@ -430,9 +508,15 @@ class MorphogenesisEnv(EnvBase):
         episodes = []
         for i, row in enumerate(meta["rows"]):
             prefix = f"row{i}/"
-            ctx = self.contexts[meta["context"][i]]
-            episodes.append(episode_from_tensors(ctx.task, ctx.host, {k[len(prefix):]: v for k, v in tensors.items()
-                                                                     if k.startswith(prefix)}, row))
+            c = meta["context"][i]
+            if self.contexts:
+                task, host = self.contexts[c].task, self.contexts[c].host
+            else:
+                inst = self.instances[c]
+                task = self._instance_task(inst, meta["run_seeds"][i])
+                host = self._instance_host(inst, task)
+            episodes.append(episode_from_tensors(task, host, {k[len(prefix):]: v for k, v in tensors.items()
+                                                              if k.startswith(prefix)}, row))
         self._episodes = episodes
         self._seed, self._episodes_played = meta["seed"], list(meta["episodes_played"])
         self._context, self._run_seeds = list(meta["context"]), list(meta["run_seeds"])
@@ -443,5 +527,5 @@ class MorphogenesisEnv(EnvBase):
         return self.action_space.describe(index, self.state(row).slot_names)
 
     def __repr__(self) -> str:
-        return (f"MorphogenesisEnv(contexts={[c.name for c in self.contexts]}, num_envs={self.num_envs}, "
+        return (f"MorphogenesisEnv({'contexts' if self.contexts else 'instances'}={list(self.draws)}, num_envs={self.num_envs}, "
                 f"max_epochs={self.max_epochs}, lifecycle={self.lifecycle!r}, actions={self.action_space.n})")

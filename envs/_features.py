@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from esper_fn import LIVE_STAGES, SlotSpec, Stage, State
 from esper_fn import blueprints as bpm
 
-__all__ = ["GLOBAL_FEATURES", "LAYER_FEATURES", "NODE_FEATURES", "SLOT_FEATURES", "graph_edges"]
+__all__ = ["GLOBAL_FEATURES", "INSTANCE_FEATURES", "LAYER_FEATURES", "NODE_FEATURES", "SLOT_FEATURES", "graph_edges",
+           "instance_row"]
 
 KINDS = ("vector", "conv1d", "conv2d", "sequence", "other")
 LAYER_TYPES = ("linear", "conv1d", "conv2d", "attention", "block", "norm", "other")
@@ -76,6 +77,43 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "shadow_loss",              # shadow (incubation) loss / log(n_classes); 0 when nothing incubates
     "host_grad_norm",           # tanh(log10(host gradient norm) / 2); 0 before training
 )
+
+
+INSTANCE_FEATURES: tuple[str, ...] = (
+    "log_train_samples",        # log10(training samples) / 4
+    "input_flat",               # 1 for samples of one dimension (a vector or a univariate series)
+    "input_series",             # 1 for samples [length, channels] (a multivariate series)
+    "input_image",              # 1 for samples [channels, height, width]
+    "log_input_size",           # log10(elements per sample) / 4
+    "log_classes",              # log2(classes) / 4
+    "log_horizon",              # log10(the episode's epochs) / 3
+    "epochs_left",              # log10(1 + epochs left) / 3
+    "has_budget",               # 1 if the episode has a parameter budget
+    "budget_room",              # (budget - parameters) / parameters at reset, clipped to [0, 4] (0 without one)
+    "log_params0",              # log10(parameters at reset) / 5
+)
+"""What tells instances apart (the ``"instance"`` key): the data, the horizon, the budget."""
+
+
+def instance_row(*, n_train: int, input_shape: Sequence[int], n_classes: int, epoch: int, max_epochs: int,
+                 params: int, params0: int, param_budget: int | None) -> list[float]:
+    """Instance features (`INSTANCE_FEATURES`) of one episode."""
+    rank = len(input_shape)
+    size = math.prod(input_shape)
+    room = 0.0 if param_budget is None else _clip((param_budget - params) / params0, 0.0, 4.0)
+    return [
+        math.log10(max(n_train, 1)) / 4,
+        float(rank == 1),
+        float(rank == 2),
+        float(rank == 3),
+        math.log10(max(size, 1)) / 4,
+        math.log2(max(n_classes, 2)) / 4,
+        math.log10(max_epochs) / 3,
+        math.log10(1 + max(max_epochs - epoch, 0)) / 3,
+        float(param_budget is not None),
+        room,
+        math.log10(params0) / 5,
+    ]
 
 
 def _clip(x: float, lo: float, hi: float) -> float:

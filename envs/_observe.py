@@ -1,8 +1,9 @@
 """The growth environment's observation of a batch of episodes, as a pure function.
 
 `Observer(...)(episodes)` turns `esper_fn.episode.Episode` records into the TensorDict a policy reads:
-padded per-slot, graph and global features (`esper_fn.envs.SLOT_FEATURES`, ...; docs/env.md), the
-action mask, a few plain metrics, and under ``"controller"`` the core controllers' `Observation`
+padded per-slot, graph and global features (`esper_fn.envs.SLOT_FEATURES`, ...; docs/env.md), what
+tells instances apart (``"instance"``, `INSTANCE_FEATURES`), the action mask, a few plain metrics,
+and under ``"controller"`` the core controllers' `Observation`
 (`esper_fn.controllers.observations_to_tensordict`). `MorphogenesisEnv` observes its rows with it and
 `PolicyController` (a learned policy in ``esper-fn grow``) observes the run's episode with the same
 function, so a policy sees in grow what it saw in training.
@@ -22,7 +23,8 @@ from esper_fn.actions import ActionSpace, action_mask
 from esper_fn.controllers import observations_to_tensordict, observe
 from esper_fn.episode import Episode, verdict_due
 
-from ._features import GLOBAL_FEATURES, NODE_FEATURES, SLOT_FEATURES, global_row, graph_edges, graph_nodes, node_rows, slot_rows
+from ._features import (GLOBAL_FEATURES, INSTANCE_FEATURES, NODE_FEATURES, SLOT_FEATURES, global_row, graph_edges,
+                        graph_nodes, instance_row, node_rows, slot_rows)
 
 __all__ = ["METRIC_KEYS", "Observer"]
 
@@ -89,6 +91,7 @@ class Observer:
             edge_index=Bounded(0, L - 1, shape=(n, 2, E), dtype=i64),
             edge_mask=Categorical(2, shape=(n, E), dtype=b8),
             global_features=Unbounded(shape=(n, len(GLOBAL_FEATURES)), dtype=f32),
+            instance=Unbounded(shape=(n, len(INSTANCE_FEATURES)), dtype=f32),
             action_mask=Categorical(2, shape=(n, A), dtype=b8),
             context=Categorical(max(n_contexts, 1), shape=(n,), dtype=i64),
             metrics=Composite({k: Unbounded(shape=(n,), dtype=f32) for k in METRIC_KEYS}, shape=(n,)),
@@ -113,7 +116,7 @@ class Observer:
         B = len(self.space.blueprints)
         zs, zn = [0.0] * len(SLOT_FEATURES), [0.0] * len(NODE_FEATURES)
         cols: dict[str, list] = {k: [] for k in ("slot_f", "slot_mask", "slot_bp", "node_f", "node_mask",
-                                                 "node_slot", "edge_index", "edge_mask", "glob")}
+                                                 "node_slot", "edge_index", "edge_mask", "glob", "inst")}
         mvals: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
         bp_index = {b: j for j, b in enumerate(self.space.blueprints)}
         views, masks = [], []
@@ -144,6 +147,10 @@ class Observer:
                 n_classes=ep.task.n_classes, params=params, params0=ep.params0, flops=m.get("flops", 0.0),
                 flops0=ep.flops0, state=state, fossilized=c.fossilized, germinated=c.germinated,
                 rollbacks=c.rollbacks, max_rollbacks=self.max_rollbacks))
+            cols["inst"].append(instance_row(
+                n_train=int(ep.task.x_train.shape[0]), input_shape=ep.task.input_shape, n_classes=ep.task.n_classes,
+                epoch=ep.epoch, max_epochs=ep.max_epochs, params=params, params0=ep.params0,
+                param_budget=ep.param_budget))
             for k, v in (("val_accuracy", m["val_accuracy"]), ("val_loss", m["val_loss"]),
                          ("train_loss", m.get("train_loss", m["val_loss"])), ("params", float(params)),
                          ("param_ratio", params / ep.params0), ("epoch", float(ep.epoch)),
@@ -163,6 +170,7 @@ class Observer:
              "edge_index": torch.tensor(cols["edge_index"], dtype=i64),
              "edge_mask": torch.tensor(cols["edge_mask"], dtype=b8),
              "global_features": torch.tensor(cols["glob"], dtype=f32),
+             "instance": torch.tensor(cols["inst"], dtype=f32),
              "action_mask": torch.stack(masks),
              "context": torch.tensor(list(contexts) if contexts is not None else [0] * N, dtype=i64),
              "metrics": TensorDict({k: torch.tensor(v, dtype=f32) for k, v in mvals.items()}, batch_size=[N]),

@@ -1151,6 +1151,27 @@ Other widths: call the builder (``mlp_width_preset(12, input_shape=..., n_classe
 and the CLI can name it."""
 
 
+_WIDTH_FAMILIES: dict[str, functools.partial] = {
+    "mlp": functools.partial(mlp_width_preset),
+    "cnn1d": functools.partial(cnn1d_width_preset),
+    "cnn1d-shallow": functools.partial(cnn1d_width_preset, layers=1),
+    "cnn2d": functools.partial(cnn2d_width_preset),
+}
+
+
+def _width_family(name: str) -> tuple[functools.partial, int] | None:
+    """``("mlp-w12")`` -> (the family's builder, 12), or None for a name of no width family."""
+    family, sep, width = name.rpartition("-w")
+    if not sep or family not in _WIDTH_FAMILIES or not width.isdigit() or int(width) < 1:
+        return None
+    return _WIDTH_FAMILIES[family], int(width)
+
+
+def is_preset(name: str) -> bool:
+    """Whether `preset` builds `name`: a registered preset, or any width of a width family."""
+    return name in HOST_PRESETS or _width_family(name) is not None
+
+
 def preset(name: str, *, input_shape: Sequence[int] | None = None, n_classes: int | None = None) -> Host:
     """Build the host preset `name` for a task's sample shape and class count.
 
@@ -1158,7 +1179,8 @@ def preset(name: str, *, input_shape: Sequence[int] | None = None, n_classes: in
     digits (64-16-10); without arguments a preset has MNIST-1D's shapes ((40,), 10 classes).
 
     Args:
-        name: a key of `HOST_PRESETS` ("mlp-impaired", "cnn-impaired", ...).
+        name: a key of `HOST_PRESETS` ("mlp-impaired", "cnn-impaired", ...), or any width of the
+            width families: "mlp-w<W>", "cnn1d-w<W>", "cnn1d-shallow-w<W>", "cnn2d-w<W>" (W >= 1).
         input_shape: the shape of one sample (`esper_fn.tasks.Task.input_shape`).
         n_classes: the number of classes (`Task.n_classes`).
 
@@ -1167,7 +1189,17 @@ def preset(name: str, *, input_shape: Sequence[int] | None = None, n_classes: in
             `input_shape` (naming both shapes).
     """
     if name not in HOST_PRESETS:
-        raise HostError(f"unknown host preset {name!r}; the presets are {sorted(HOST_PRESETS)}.")
+        family = _width_family(name)
+        if family is None:
+            raise HostError(f"unknown host preset {name!r}; the presets are {sorted(HOST_PRESETS)}, and any width of the "
+                            "families mlp-w<W>, cnn1d-w<W>, cnn1d-shallow-w<W>, cnn2d-w<W>.")
+        builder, width = family
+        kwargs = {}
+        if input_shape is not None:
+            kwargs["input_shape"] = tuple(input_shape)
+        if n_classes is not None:
+            kwargs["n_classes"] = n_classes
+        return builder(width, name=name, **kwargs)
     kwargs: dict[str, Any] = {}
     if input_shape is not None:
         kwargs["input_shape"] = tuple(input_shape)

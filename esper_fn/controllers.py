@@ -45,6 +45,9 @@ __all__ = [
     "Observation",
     "Plateau",
     "PlateauConfig",
+    "RECIPE_KINDS",
+    "RECIPE_POSITIONS",
+    "Recipe",
     "SlotView",
     "Static",
     "budget_blocked",
@@ -52,6 +55,7 @@ __all__ = [
     "manage_seeds",
     "observe",
     "observations_to_tensordict",
+    "recipe_family",
 ]
 
 MAX_GRAD_NORM = 1e3
@@ -559,3 +563,98 @@ def _refusal(v: SlotView, gates: GateConfig) -> str:
         shown = f"contribution {c:+.4f}" + (f" - {z} x standard error {se:.4f} = {bound:+.4f}" if bound != c else "")
         return f"{shown} is not above min_contribution {gates.min_contribution}"
     return "the fossilize gate refused"
+
+
+# --- the fixed-policy family of the growth benchmark -------------------------------------------------
+
+RECIPE_KINDS: dict[str, tuple[str, ...]] = {
+    "conv": ("conv2d_k3", "conv1d_k5", "conv1d_k3"),
+    "mlp": ("mlp_gelu", "mlp_gelu_x0_5"),
+    "lowrank": ("lora_r8", "lora_r4"),
+    "norm": ("rmsnorm",),
+}
+"""Blueprint families of `Recipe` kinds, in order of preference (the first that fits the slot and the
+budget is grafted; the bigger variant first)."""
+
+RECIPE_POSITIONS = ("input", "first", "last")
+"""Slot positions every host has: the raw input, the first and the last hidden slot (the slot after
+the first and after the last hidden layer; one-hidden-layer hosts have first == last)."""
+
+
+@dataclass
+class Recipe:
+    """A fixed action sequence written in terms every host has, so it applies to every instance:
+    germinate a seed of `kind` at slot `position` once the episode reaches ``at`` of its horizon,
+    then let the lifecycle advance it, fossilize it where the gates allow and prune it when its
+    verdict is due and they refuse. One seed per episode.
+
+    Attributes:
+        position: "input", "first" or "last" (`RECIPE_POSITIONS`).
+        kind: "conv", "mlp", "lowrank" or "norm" (`RECIPE_KINDS`); the largest variant that fits the
+            slot and the budget room is grafted, or nothing if none does.
+        at: the fraction of the horizon at which to germinate: epoch ``round(at x max_epochs)`` (0:
+            before the first epoch).
+        tempo: blending tempo; hold_epochs, incubate_epochs: its gates (no contribution gate of its
+            own: the driver's gates decide whether a seed may be fossilized).
+    """
+
+    position: str
+    kind: str
+    at: float = 0.0
+    tempo: int = 5
+    hold_epochs: int = 2
+    incubate_epochs: int = 3
+    blocked: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.position not in RECIPE_POSITIONS or self.kind not in RECIPE_KINDS or not 0 <= self.at < 1:
+            raise ValueError(f"Recipe(position={self.position!r}, kind={self.kind!r}, at={self.at}): position must be one "
+                             f"of {RECIPE_POSITIONS}, kind one of {tuple(RECIPE_KINDS)}, at in [0, 1).")
+
+    @property
+    def name(self) -> str:
+        """``recipe:<position>-<kind>-<at as a percentage>``, e.g. ``recipe:input-conv-0``."""
+        return f"recipe:{self.position}-{self.kind}-{round(100 * self.at)}"
+
+    @property
+    def gates(self) -> GateConfig:
+        return GateConfig(min_training_epochs=self.incubate_epochs, min_holding_epochs=self.hold_epochs,
+                          max_grad_norm=MAX_GRAD_NORM, min_contribution=None)
+
+    def slot(self, obs: Observation) -> SlotView | None:
+        """The slot this recipe grows at in `obs`'s host, or None if the host has no hidden slot."""
+        hidden = obs.slots[1:-1]
+        if self.position == "input":
+            return obs.slots[0]
+        if not hidden:
+            return None
+        return hidden[0] if self.position == "first" else hidden[-1]
+
+    def pick(self, obs: Observation) -> str | None:
+        """The blueprint this recipe grafts now, or None (not legal, or nothing fits the budget)."""
+        v = self.slot(obs)
+        if v is None or Op.GERMINATE not in v.ops:
+            return None
+        room = _room(obs)
+        for name in RECIPE_KINDS[self.kind]:
+            for bid, n in v.seeds.items():
+                if bid.split("@")[0] == name and n <= room:
+                    return bid
+        return None
+
+    def decide(self, obs: Observation) -> list[Action]:
+        self.blocked = None
+        actions = manage_seeds(obs, self.gates)
+        if obs.germinated or obs.epoch < round(self.at * obs.max_epochs):
+            return actions
+        bid = self.pick(obs)
+        if bid is not None:
+            actions.append(Action(Op.GERMINATE, self.slot(obs).name, bid, tempo=self.tempo))
+        return actions
+
+
+def recipe_family(kinds=("conv", "mlp", "lowrank"), positions=RECIPE_POSITIONS,
+                  times=(0.0, 0.25, 0.5)) -> list[Recipe]:
+    """The benchmark's finite family of fixed policies: one `Recipe` per (position, kind, time)
+    (27 by default; `Static` is the family's "never grow" member, named "static")."""
+    return [Recipe(p, k, t) for k in kinds for p in positions for t in times]

@@ -63,6 +63,7 @@ __all__ = [
     "Rules",
     "Streams",
     "auto_advances",
+    "chance_margin",
     "episode_from_tensors",
     "episode_to_tensors",
     "governor_verdict",
@@ -129,7 +130,11 @@ class GovernorConfig(BaseModel):
             good epochs is a divergence.
         window: epochs in that median (the rule is off until `window` good epochs exist).
         chance_margin: validation accuracy <= chance + margin, after the run once reached
-            chance + 3 x margin, is a collapse.
+            chance + 3 x margin, is a collapse. The margin is at least `margin_se` standard errors of
+            an accuracy at chance on the validation set, ``sqrt(chance (1 - chance) / n_val)``: on a
+            small validation set a swing of that size is noise (10 samples of 2 classes: 0.32, so the
+            rule is off; 1,000 of 10: 0.019, so 0.02 stands).
+        margin_se: that floor, in standard errors.
         stuck_epochs: a run whose validation accuracy has not exceeded chance + 3 x chance_margin
             in any of its first `stuck_epochs` good epochs "never left chance": the step emits a
             `StuckAtChance` event then (once). Chance is 1 / n_classes.
@@ -141,14 +146,24 @@ class GovernorConfig(BaseModel):
     spike_factor: float = Field(default=3.0, gt=1)
     window: int = Field(default=5, ge=1)
     chance_margin: float = Field(default=0.02, ge=0)
+    margin_se: float = Field(default=2.0, ge=0)
     stuck_epochs: int = Field(default=10, ge=1)
     max_rollbacks: int = Field(default=10, ge=0)
 
 
+def chance_margin(config: GovernorConfig, n_classes: int, n_val: int | None = None) -> float:
+    """The governor's margin around chance: ``chance_margin``, or `margin_se` standard errors of an
+    accuracy at chance on `n_val` validation samples if that is larger."""
+    if not n_val:
+        return config.chance_margin
+    chance = 1.0 / n_classes
+    return max(config.chance_margin, config.margin_se * math.sqrt(chance * (1 - chance) / n_val))
+
+
 def governor_verdict(metrics: Mapping[str, float], good: Sequence[Mapping[str, float]], n_classes: int,
-                     config: GovernorConfig) -> str | None:
-    """Why this epoch must be rolled back, or None. Pure: reads the epoch's metrics and the
-    metrics of earlier good epochs."""
+                     config: GovernorConfig, n_val: int | None = None) -> str | None:
+    """Why this epoch must be rolled back, or None. Pure: reads the epoch's metrics, the metrics of
+    earlier good epochs and the validation set's size (`chance_margin`)."""
     for k in ("train_loss", "val_loss"):
         if not math.isfinite(metrics.get(k, 0.0)):
             return f"{k} is {metrics[k]} (NaN/Inf)"
@@ -157,18 +172,20 @@ def governor_verdict(metrics: Mapping[str, float], good: Sequence[Mapping[str, f
         med = recent[len(recent) // 2]
         if metrics["val_loss"] > config.spike_factor * med:
             return f"val_loss {metrics['val_loss']:.3f} > {config.spike_factor} x recent median {med:.3f} (divergence)"
-    chance = 1.0 / n_classes
-    if good and max(h["val_accuracy"] for h in good) > chance + 3 * config.chance_margin:
-        if metrics["val_accuracy"] <= chance + config.chance_margin:
+    chance, margin = 1.0 / n_classes, chance_margin(config, n_classes, n_val)
+    if good and max(h["val_accuracy"] for h in good) > chance + 3 * margin:
+        if metrics["val_accuracy"] <= chance + margin:
             return f"val_accuracy {metrics['val_accuracy']:.3f} collapsed to chance ({chance:.3f})"
     return None
 
 
-def never_left_chance(good: Sequence[Mapping[str, float]], n_classes: int, config: GovernorConfig) -> bool:
+def never_left_chance(good: Sequence[Mapping[str, float]], n_classes: int, config: GovernorConfig,
+                      n_val: int | None = None) -> bool:
     """Whether a run has "never left chance": at least ``config.stuck_epochs`` good (not rolled back)
-    epochs, and none of them had a validation accuracy above ``1 / n_classes + 3 x chance_margin``
-    (0.16 for 10 classes, 0.56 for 2). Pure: reads the metrics of the good epochs."""
-    threshold = 1.0 / n_classes + 3 * config.chance_margin
+    epochs, and none of them had a validation accuracy above ``1 / n_classes + 3 x`` the margin
+    (`chance_margin`: 0.16 for 10 classes and 1,000 validation samples, 0.56 for 2 classes). Pure:
+    reads the metrics of the good epochs."""
+    threshold = 1.0 / n_classes + 3 * chance_margin(config, n_classes, n_val)
     return len(good) >= config.stuck_epochs and all(h["val_accuracy"] <= threshold for h in good)
 
 
@@ -483,7 +500,8 @@ def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
         m["time/train"], m["time/telemetry"] = t_train, time.perf_counter() - t1
         times = {k: m[k] for k in ("time/train", "time/telemetry")}
         n_classes = ep.task.n_classes
-        reason = governor_verdict(m, ep.good, n_classes, governor)
+        n_val = int(ep.task.y_val.shape[0])
+        reason = governor_verdict(m, ep.good, n_classes, governor, n_val)
         good, stopped, stuck = ep.good, ep.stopped, ep.stuck_at_chance_epoch
         if reason is not None:
             state = before[i]
@@ -503,11 +521,11 @@ def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
                 stopped = f"more than {governor.max_rollbacks} rollbacks; last: {reason}"
         else:
             state = new
-            if stuck is None and never_left_chance((*good, m), n_classes, governor):
+            if stuck is None and never_left_chance((*good, m), n_classes, governor, n_val):
                 stuck = epoch
                 events[i].append(StuckAtChance(
                     run_id=ep.run_id, epoch=epoch, chance=1.0 / n_classes,
-                    threshold=1.0 / n_classes + 3 * governor.chance_margin,
+                    threshold=1.0 / n_classes + 3 * chance_margin(governor, n_classes, n_val),
                     best_val_accuracy=max(h["val_accuracy"] for h in (*good, m))))
             good = (*good, m)
             if rules.lifecycle == "auto":

@@ -41,6 +41,7 @@ from .episode import (
     Episode,
     GovernorConfig,
     Rules,
+    chance_margin,
     episode_from_tensors,
     episode_to_tensors,
     governor_verdict,
@@ -397,8 +398,9 @@ def grow(
 
     out = Path(out)
     t_start = time.perf_counter()
-    if config.host not in _host.HOST_PRESETS:
-        raise ConfigError(f"unknown host {config.host!r}; presets are {sorted(_host.HOST_PRESETS)}.")
+    if not _host.is_preset(config.host):
+        raise ConfigError(f"unknown host {config.host!r}; presets are {sorted(_host.HOST_PRESETS)}, and any width of "
+                          "the families mlp-w<W>, cnn1d-w<W>, cnn1d-shallow-w<W>, cnn2d-w<W>.")
     ctrl = controller if controller is not None else make_controller(config)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; a run directory must be a directory: choose another --out.")
@@ -557,7 +559,7 @@ def grow(
         log.close()
     state = ep.state
     test = evaluate(state, task.x_test, task.y_test)
-    threshold = 1.0 / task.n_classes + 3 * config.governor.chance_margin
+    threshold = 1.0 / task.n_classes + 3 * chance_margin(config.governor, task.n_classes, int(task.y_val.shape[0]))
     stuck = ep.stuck_at_chance_epoch is not None and all(h["val_accuracy"] <= threshold for h in ep.good)
     c = ep.counts
     summary = RunSummary(

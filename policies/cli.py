@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from esper_fn._errors import ConfigError
+
 __all__ = ["DEFAULT_GRIDS", "add_parsers", "parse_seeds"]
 
 DEFAULT_GRIDS: dict[str, list[dict]] = {
@@ -88,7 +90,6 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
     make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
     probe = envs.MorphogenesisEnv(num_envs=1, **kw)
     space = probe.action_space
-    from esper_fn._errors import ConfigError
     from esper_fn.run import read_yaml_config, validate_config
 
     fields = read_yaml_config(args.config) if args.config else {}
@@ -128,8 +129,6 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
 def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     import torch
-
-    from esper_fn._errors import ConfigError
 
     from ._baselines import make_baseline
     from ._eval import evaluate_controllers, plot_runs, summarize, tamiyo_policy, tune_baseline, write_csv
@@ -196,8 +195,110 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     return 0
 
 
+def _bench_list(args) -> int:
+    from esper_fn.bench import suite
+
+    s = suite(args.suite)
+    print(f"{s.name}: {len(s.instances)} instances; blueprints {', '.join(b.split('@')[0] for b in s.blueprints)}; "
+          f"tempos {list(s.tempos)}; {s.num_slots} slot positions")
+    for inst in s.split(args.split):
+        budget = "none" if inst.budget_ratio is None else f"{inst.budget_ratio}x"
+        subset = f", first {inst.train_subset} training samples" if inst.train_subset else ""
+        print(f"  {inst.split:5s} {inst.name:24s} {inst.task}/{inst.host}, {inst.epochs} epochs, budget {budget}, "
+              f"lr {inst.lr}{subset}: {inst.deficit}")
+    return 0
+
+
+def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
+    from functools import partial
+
+    import torch
+
+    from esper_fn.bench import suite
+    from esper_fn.tasks import load
+
+    from . import _bench as B
+
+    torch.set_num_threads(1)
+    envs = load_envs()
+    s = suite(args.suite)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c.strip() for c in args.controllers.split(",") if c.strip()]
+    seeds = parse_seeds(args.seeds)
+    train_seeds = parse_seeds(args.train_seeds)
+    if set(seeds) & set(train_seeds):
+        raise ConfigError(f"--seeds and --train-seeds overlap ({sorted(set(seeds) & set(train_seeds))}): evaluation "
+                          "seeds must never be used for tuning or choosing a*.")
+    make_env = partial(envs.MorphogenesisEnv, blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots)
+    tasks: dict[str, object] = {}
+
+    def load_task(name):
+        if name not in tasks:
+            tasks[name] = load(name)
+        return tasks[name]
+
+    progress = not args.no_progress
+    params: dict[str, dict] = {}
+    tuned = out / "tuned.json"
+    grids = {n: DEFAULT_GRIDS[n] for n in names if n in DEFAULT_GRIDS}
+    if grids:  # tuned on the train split and the training seeds, by validation accuracy
+        if tuned.is_file():
+            params = json.loads(tuned.read_text())
+        missing = {n: g for n, g in grids.items() if n not in params}
+        if missing:
+            print(f"tuning {sorted(missing)} on the train split, seeds {train_seeds[0]}..{train_seeds[-1]}")
+            B.run_jobs(B.tuning_jobs(s, missing, train_seeds), make_env, out, workers=args.workers, progress=progress)
+            params.update(B.choose_params(B.read_rows(B.collect(out)), missing))
+            tuned.write_text(json.dumps(params, indent=2))
+        print(f"tuned parameters: {params}")
+    astar = None
+    capacity_plan = None
+    if {"astar", "oracle", "capacity"} & set(names):  # the family on the train split chooses a*
+        print(f"the fixed-policy family on the train split, seeds {train_seeds[0]}..{train_seeds[-1]}")
+        B.run_jobs(B.plan_jobs(s, "train", ["family"], train_seeds, load_task=load_task), make_env, out,
+                   workers=args.workers, progress=progress)
+        from ._bench_stats import astar as choose_astar
+        from ._bench_stats import read_runs
+
+        astar, _ = choose_astar(read_runs(B.collect(out)))
+        print(f"a* (best fixed policy on the train split, by validation accuracy): {astar}")
+        if "capacity" in names:
+            capacity_plan = B.capacity_plans(s, args.split, astar, make_env)
+    jobs = B.plan_jobs(s, args.split, names, seeds, load_task=load_task, capacity_plan=capacity_plan)
+    print(f"esper-fn bench: {len(jobs)} jobs ({len(s.split(args.split))} {args.split} instances x comparators), "
+          f"seeds {seeds[0]}..{seeds[-1]}, {args.workers} worker(s) -> {out}")
+    B.run_jobs(jobs, make_env, out, params=params, workers=args.workers, progress=progress)
+    runs = B.collect(out)
+    (out / "bench.json").write_text(json.dumps({"suite": s.name, "split": args.split, "controllers": names,
+                                               "seeds": seeds, "train_seeds": train_seeds, "astar": astar,
+                                               "params": params}, indent=2))
+    print(f"wrote {runs}; report it with: esper-fn bench report {out}")
+    return 0
+
+
+def _bench_report(args) -> int:
+    from ._bench_stats import leaderboard, plot_bench, read_runs
+
+    out = Path(args.run_dir)
+    runs = out / "runs.csv"
+    if not runs.is_file():
+        raise ConfigError(f"{out} holds no runs.csv: give the directory of an `esper-fn bench run --out`.")
+    records = read_runs(runs)
+    meta = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+    text = leaderboard(records)
+    if meta:
+        text = (f"# {meta.get('suite')}, {meta.get('split')} split\n\nseeds {meta['seeds'][0]}..{meta['seeds'][-1]}; "
+                f"a* {meta.get('astar')}; tuned {meta.get('params')}\n\n" + text)
+    (out / "leaderboard.md").write_text(text + "\n")
+    pngs = plot_bench(records, out)
+    print(text)
+    print(f"wrote {out / 'leaderboard.md'} and {len(pngs)} PNG(s) in {out}")
+    return 0
+
+
 def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
-    """Register ``train-tamiyo`` and ``eval`` on an argparse subparsers object.
+    """Register ``train-tamiyo``, ``eval`` and ``bench`` on an argparse subparsers object.
 
     Args:
         sub: ``parser.add_subparsers(...)``.
@@ -238,3 +339,25 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=lambda a: _eval(a, load_envs))
+
+    b = sub.add_parser("bench", help="the growth benchmark: list its instances, run comparators, report")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bl = bsub.add_parser("list", help="one line per instance")
+    bl.add_argument("--suite", default="growthbench-v1")
+    bl.add_argument("--split", choices=("train", "test"), default=None)
+    bl.set_defaults(fn=_bench_list)
+    br = bsub.add_parser("run", help="run comparators on a split's instances (resumable: finished jobs are skipped)")
+    br.add_argument("--suite", default="growthbench-v1")
+    br.add_argument("--split", choices=("train", "test"), default="test")
+    br.add_argument("--controllers", default="static,scaleup,capacity,random,schedule,heuristic,astar,oracle",
+                    help="comma-separated: static, capacity, scaleup, random, schedule, heuristic, astar, oracle, "
+                         "recipe:<position>-<kind>-<at>, tamiyo, tamiyo:PATH, py:module:factory")
+    br.add_argument("--seeds", default="1000000-1000004", help="evaluation seeds (never used for tuning)")
+    br.add_argument("--train-seeds", default="0-4", help="seeds for tuning the baselines and choosing a*")
+    br.add_argument("--workers", type=int, default=1, help="worker processes")
+    br.add_argument("--out", default="runs/bench")
+    br.add_argument("--no-progress", action="store_true")
+    br.set_defaults(fn=lambda a: _bench_run(a, load_envs))
+    bp = bsub.add_parser("report", help="a markdown leaderboard and PNGs of a bench run directory")
+    bp.add_argument("run_dir")
+    bp.set_defaults(fn=_bench_report)
