@@ -386,7 +386,8 @@ def headroom(records: Sequence[RunRecord], *, astar_name: str, oracle_scores: Ma
     missing = sorted(set(oracle_scores) - set(a))
     if missing:
         raise ConfigError(f"a* {astar_name!r} has no {split}-split run on {len(missing)} (instance, seed) pairs the "
-                          f"oracle has, e.g. {missing[:3]}: a* must be a member of the oracle's family.")
+                          f"oracle has, e.g. {missing[:3]}: compute the oracle on split={split!r}, with a* in its "
+                          "family.")
     diffs = {c: p.score - _value(a[c], score) for c, p in sorted(oracle_scores.items())}
     per, overall = _paired_diffs(diffs)
     return Headroom(per, overall, diffs)
@@ -678,7 +679,8 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
         lines += ["No family of fixed policies (`recipe:*`) in these runs: no a\\*, oracle or headroom.", ""]
     lines += ["Accuracy in %, differences in points; ± is the 95% Student-t CI half-width. Differences pair runs "
               "by (instance, seed); a split's means and CIs pool its runs (the CI includes the spread between "
-              "instances).", ""]
+              "instances). params / static: final parameters over the host's at reset (what static ends with)."
+              + (" Headroom captured: (C - a\\*) / (oracle - a\\*) over the same pairs." if fam else ""), ""]
     for split in SPLITS:
         rs = [r for r in records if r.split == split]
         if not rs:
@@ -705,7 +707,7 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
                 cap = f"{c.fraction:.2f}" if math.isfinite(c.fraction) else "–"
             body.append([n, str(len(runs)), _pm(m, h), f"{_mean([r.params for r in runs]):.0f}", f"{ratio:.2f}",
                          counts, vs, cap])
-        lines += _table(["comparator", "runs", "test acc %", "params", "params / host", "germ/foss/prune",
+        lines += _table(["comparator", "runs", "test acc %", "params", "params / static", "germ/foss/prune",
                          "vs a* (points)", "headroom captured"], body)
         lines.append("")
     test_picks = picks.get("test")
