@@ -20,7 +20,7 @@ the members of the **family** of fixed action sequences are the comparators whos
   over ALL (instance, seed) pairs and the Student-t CI with the pair as the unit (n = pairs, n - 1
   degrees of freedom). With the same seeds on every instance (the benchmark's protocol) the overall
   mean is the mean of the per-instance means. The pooled standard deviation includes the spread
-  BETWEEN instances' headrooms, so the overall CI is wider (more conservative) than a stratified one
+  BETWEEN instances' headrooms, so the overall CI is usually wider (more conservative) than a stratified one
   for this fixed set of instances; it is not a CI over a population of instances (that would need the
   instance as the unit). The cross-fitted choice also makes the pairs of one instance weakly
   dependent (one fold's choice depends on the other folds' seeds), which the t-interval ignores.
