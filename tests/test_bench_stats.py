@@ -288,7 +288,7 @@ def test_headroom_errors(records):
     picks = oracle(records)
     with pytest.raises(ConfigError, match="oracle_scores is empty"):
         headroom(records, astar_name="recipe:A", oracle_scores={})
-    with pytest.raises(ConfigError, match="a\\* 'static' has no test-split run on 1 .*compute the oracle on split='test'"):
+    with pytest.raises(ConfigError, match="'static' has no test-split run on 1 .*compute the oracle on split='test'"):
         headroom(records, astar_name="static", oracle_scores={**picks, ("te9", 1): OraclePick("recipe:A", 0.5, 0)})
     changed = [replace(r, controller="recipe:E") if r.controller == "recipe:C" and r.split == "test" else r
                for r in records]
