@@ -7,6 +7,8 @@
   and heuristic through `ControllerPolicy`).
 * PPO (`PPOConfig`, `train_ppo`), evaluation (`evaluate_controllers`), offline rollouts
   (`save_rollouts`, `load_rollouts`).
+* The growth benchmark's statistics and report over its runs.csv (`read_runs`, `write_runs`, `astar`,
+  `oracle`, `headroom`, `captured`, `bench_stats`, `seeds_needed`, `leaderboard`, `plot_bench`).
 
 This package never imports `esper_fn.envs`: everything env-specific (specs, the action space, env
 factories) comes in as arguments. Public names load on first use (PEP 562), so
@@ -45,6 +47,22 @@ _LAZY: dict[str, str] = {
     "evaluate_controllers": "._eval",
     "run_episodes": "._eval",
     "summarize": "._eval",
+    "RunRecord": "._eval",
+    "read_runs": "._bench_stats",
+    "write_runs": "._bench_stats",
+    "astar": "._bench_stats",
+    "oracle": "._bench_stats",
+    "headroom": "._bench_stats",
+    "captured": "._bench_stats",
+    "bench_stats": "._bench_stats",
+    "seeds_needed": "._bench_stats",
+    "leaderboard": "._bench_stats",
+    "plot_bench": "._bench_stats",
+    "BenchStats": "._bench_stats",
+    "Captured": "._bench_stats",
+    "Headroom": "._bench_stats",
+    "OraclePick": "._bench_stats",
+    "Paired": "._bench_stats",
     "save_rollouts": "._offline",
     "load_rollouts": "._offline",
 }

@@ -53,6 +53,10 @@ class RunRecord:
         epochs: epochs trained (the budget, or fewer after a governor failure).
         decisions: non-WAIT actions as ``"epoch:OP:slot:blueprint"``, ``;``-separated.
         seconds: wall time of the episode's batch share.
+        instance: the benchmark instance's name (`esper_fn.bench.Instance.name`); "" outside a
+            benchmark.
+        split: the instance's split, "train" or "test"; "" outside a benchmark.
+        param_budget: the episode's parameter budget, or None (no budget, or outside a benchmark).
     """
 
     controller: str
@@ -70,6 +74,9 @@ class RunRecord:
     epochs: int = 0
     decisions: str = ""
     seconds: float = 0.0
+    instance: str = ""
+    split: str = ""
+    param_budget: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -290,26 +297,53 @@ def summarize(records: Sequence[RunRecord], reference: str | None = None) -> str
 
 
 def write_csv(records: Sequence[RunRecord], path: str | Path) -> Path:
-    """One row per run (the `RunRecord` fields)."""
+    """One row per run (the `RunRecord` fields but ``extra``; a budget of None is an empty cell).
+    No records: the header alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in RunRecord.__dataclass_fields__ if k != "extra"]
     rows = [{k: v for k, v in asdict(r).items() if k != "extra"} for r in records]
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     return path
 
 
 def read_csv(path: str | Path) -> list[RunRecord]:
-    """Records written by `write_csv`."""
+    """Records written by `write_csv`. Files written before a field existed read it as its default
+    (the benchmark's ``instance``, ``split`` and ``param_budget``); an empty ``param_budget`` is None.
+
+    Raises:
+        ConfigError: a column `RunRecord` has no field for, or a cell that does not parse (naming the
+            row and column).
+    """
+    fields = RunRecord.__dataclass_fields__
     out = []
-    with Path(path).open() as f:
-        for row in csv.DictReader(f):
-            kw = {}
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        unknown = [k for k in reader.fieldnames or () if k not in fields or k == "extra"]
+        if unknown:
+            raise ConfigError(f"{path}: columns {unknown} are not RunRecord fields; is it a runs.csv written by "
+                              "esper-fn eval or esper-fn bench run?")
+        for row in reader:
+            line = reader.line_num
+            kw: dict[str, Any] = {}
             for k, v in row.items():
-                typ = RunRecord.__dataclass_fields__[k].type
-                kw[k] = int(v) if typ == "int" else float(v) if typ == "float" else v
+                if k is None:
+                    raise ConfigError(f"{path}, line {line}: more cells than the {len(reader.fieldnames)} columns.")
+                typ = fields[k].type
+                try:
+                    if typ == "int":
+                        kw[k] = int(v)
+                    elif typ == "float":
+                        kw[k] = float(v)
+                    elif typ == "int | None":
+                        kw[k] = None if v == "" else int(v)
+                    else:
+                        kw[k] = v
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{path}, line {line}: column {k!r} holds {v!r}, not a {typ}.") from None
             out.append(RunRecord(**kw))
     return out
 
