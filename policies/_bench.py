@@ -3,7 +3,8 @@ instances, seed by seed, in worker processes, resumably.
 
 A *job* is one comparator on one instance over a block of contiguous seeds: one env whose rows are
 those seeds (`esper_fn.envs.MorphogenesisEnv(instances=[instance])`; rows of one structure train
-stacked). Its records go to ``OUT/jobs/<comparator>~<instance>~<seeds>.csv`` when the job is done, so
+stacked). Its records (`esper_fn.policies.RunRecord`s with the instance, split and budget set) go to
+``OUT/jobs/<comparator>~<instance>~<seeds>.csv`` when the job is done, so
 an interrupted run skips what is finished; `collect` joins them into ``OUT/runs.csv``.
 
 Comparators (`COMPARATORS`; docs/bench.md): ``static``; ``capacity`` (a*'s grown architecture
@@ -19,13 +20,12 @@ The env is never imported: the caller passes ``make_env(instances=..., num_envs=
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,16 @@ from esper_fn.actions import ActionSpace
 from esper_fn.bench import Instance, Suite
 from esper_fn.controllers import Recipe, recipe_family
 
+from ._bench_stats import read_runs, write_runs
+from ._eval import RunRecord
+
 __all__ = ["COMPARATORS", "Job", "capacity_plans", "choose_params", "collect", "family_names", "make_policy", "plan_jobs",
-           "read_rows", "run_jobs", "scaleup_instance", "tuning_jobs"]
+           "run_jobs", "scaleup_instance", "tuning_jobs"]
 
 COMPARATORS = ("static", "capacity", "scaleup", "random", "schedule", "heuristic", "astar", "oracle", "tamiyo")
 """The comparators ``esper-fn bench run --controllers`` knows by name (besides ``recipe:...``,
 ``tamiyo:PATH`` and ``py:module:factory``)."""
 
-RUN_FIELDS = ("controller", "instance", "split", "seed", "test_accuracy", "val_accuracy", "params", "params0",
-              "param_budget", "compute_gflops", "germinated", "fossilized", "pruned", "rollbacks", "epochs",
-              "decisions", "seconds")
-"""The columns of ``runs.csv``, one row per (comparator, instance, seed)."""
 
 
 def family_names() -> list[str]:
@@ -171,19 +170,13 @@ def _run_job(job: Job, make_env, params: Mapping[str, Mapping], out_dir: str) ->
     policy = make_policy(job.policy, space, params)
     t0 = time.perf_counter()
     records = run_episodes(env, policy, list(job.seeds), space, job.comparator)
+    seconds = (time.perf_counter() - t0) / len(job.seeds)
+    for r in records:
+        r.instance, r.split, r.seconds = job.instance.name, job.instance.split, seconds
+        r.param_budget = None if job.instance.budget_ratio is None else job.instance.param_budget(r.params0)
     path = Path(out_dir) / "jobs" / f"{job.key}.csv"
-    rows = []
-    for r, seed in zip(records, job.seeds):
-        row = {k: v for k, v in asdict(r).items() if k in RUN_FIELDS}
-        row.update(instance=job.instance.name, split=job.instance.split, seed=seed,
-                   param_budget="" if job.instance.budget_ratio is None else job.instance.param_budget(r.params0),
-                   seconds=(time.perf_counter() - t0) / len(job.seeds))
-        rows.append(row)
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(RUN_FIELDS))
-        w.writeheader()
-        w.writerows(rows)
+    write_runs(records, tmp)
     os.replace(tmp, path)
     return str(path)
 
@@ -238,17 +231,9 @@ def collect(out: str | Path) -> Path:
     """Join the job files of ``out/jobs`` into ``out/runs.csv`` (sorted by split, instance,
     comparator, seed); returns its path."""
     out = Path(out)
-    rows = []
-    for p in sorted((out / "jobs").glob("*.csv")):
-        with p.open() as f:
-            rows.extend(csv.DictReader(f))
-    rows.sort(key=lambda r: (r["split"], r["instance"], r["controller"], int(r["seed"])))
-    path = out / "runs.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(RUN_FIELDS))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    records = [r for p in sorted((out / "jobs").glob("*.csv")) for r in read_runs(p)]
+    records.sort(key=lambda r: (r.split, r.instance, r.controller, r.seed))
+    return write_runs(records, out / "runs.csv")
 
 
 def read_params(path: str | Path) -> dict[str, dict]:
@@ -297,12 +282,12 @@ def tuning_jobs(suite: Suite, grids: Mapping[str, Sequence[Mapping]], seeds: Seq
             for name, grid in grids.items() for k, point in enumerate(grid) for inst in suite.split("train")]
 
 
-def choose_params(rows: Sequence[Mapping], grids: Mapping[str, Sequence[Mapping]]) -> dict[str, dict]:
+def choose_params(records: Sequence[RunRecord], grids: Mapping[str, Sequence[Mapping]]) -> dict[str, dict]:
     """Each baseline's grid point with the best mean final VALIDATION accuracy over the train split
     (mean over seeds per instance, then over instances; the test split is never read).
 
     Args:
-        rows: ``runs.csv`` rows (dicts) including the ``tune:`` comparators.
+        records: runs including the ``tune:`` comparators.
         grids: the grids the tuning jobs ran.
 
     Raises:
@@ -312,22 +297,16 @@ def choose_params(rows: Sequence[Mapping], grids: Mapping[str, Sequence[Mapping]
     for name, grid in grids.items():
         scores = []
         for k, point in enumerate(grid):
-            mine = [r for r in rows if r["controller"] == f"tune:{name}:{k}" and r["split"] == "train"]
+            mine = [r for r in records if r.controller == f"tune:{name}:{k}" and r.split == "train"]
             if not mine:
                 raise ConfigError(f"no train-split records of tuning point {name}:{k} ({dict(point)}).")
             by_inst: dict[str, list[float]] = {}
             for r in mine:
-                by_inst.setdefault(r["instance"], []).append(float(r["val_accuracy"]))
+                by_inst.setdefault(r.instance, []).append(r.val_accuracy)
             scores.append((sum(sum(v) / len(v) for v in by_inst.values()) / len(by_inst), -k))
         best = max(range(len(grid)), key=lambda k: scores[k])
         out[name] = dict(grid[best])
     return out
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a ``runs.csv`` as dicts (strings; numbers are converted by the reader)."""
-    with Path(path).open() as f:
-        return list(csv.DictReader(f))
 
 
 def capacity_plans(suite: Suite, split: str, astar: str, make_env: Callable[..., Any]) -> dict[str, tuple]:

@@ -218,6 +218,7 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
     from esper_fn.tasks import load
 
     from . import _bench as B
+    from ._bench_stats import read_runs
 
     torch.set_num_threads(1)
     envs = load_envs()
@@ -249,7 +250,7 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
         if missing:
             print(f"tuning {sorted(missing)} on the train split, seeds {train_seeds[0]}..{train_seeds[-1]}")
             B.run_jobs(B.tuning_jobs(s, missing, train_seeds), make_env, out, workers=args.workers, progress=progress)
-            params.update(B.choose_params(B.read_rows(B.collect(out)), missing))
+            params.update(B.choose_params(read_runs(B.collect(out)), missing))
             tuned.write_text(json.dumps(params, indent=2))
         print(f"tuned parameters: {params}")
     astar = None
@@ -259,7 +260,6 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
         B.run_jobs(B.plan_jobs(s, "train", ["family"], train_seeds, load_task=load_task), make_env, out,
                    workers=args.workers, progress=progress)
         from ._bench_stats import astar as choose_astar
-        from ._bench_stats import read_runs
 
         astar, _ = choose_astar(read_runs(B.collect(out)))
         print(f"a* (best fixed policy on the train split, by validation accuracy): {astar}")

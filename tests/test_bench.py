@@ -15,6 +15,7 @@ from esper_fn.controllers import Recipe, observe, recipe_family
 from esper_fn.envs import MorphogenesisEnv
 from esper_fn.episode import start
 from esper_fn.policies import _bench as B
+from esper_fn.policies import read_runs
 from esper_fn.tasks import load
 
 TINY = Suite(
@@ -118,18 +119,19 @@ def test_jobs_run_once_and_a_second_run_skips_them(tmp_path):
     jobs = B.plan_jobs(TINY, "test", ["static", "recipe:first-mlp-0"], [5, 6], load_task=load)
     assert [j.comparator for j in jobs] == ["static", "recipe:first-mlp-0"]
     files = B.run_jobs(jobs, make_env, tmp_path, progress=False)
-    rows = B.read_rows(B.collect(tmp_path))
-    assert len(files) == 2 and len(rows) == 4 and {r["instance"] for r in rows} == {"spirals-b"}
-    static = [r for r in rows if r["controller"] == "static"]
-    grown = [r for r in rows if r["controller"] == "recipe:first-mlp-0"]
-    assert all(int(r["params"]) == int(r["params0"]) and r["germinated"] == "0" for r in static)
-    assert all(int(r["germinated"]) == 1 and "GERMINATE:fc1:mlp_gelu" in r["decisions"] for r in grown)
+    rows = read_runs(B.collect(tmp_path))
+    assert len(files) == 2 and len(rows) == 4 and {r.instance for r in rows} == {"spirals-b"}
+    static = [r for r in rows if r.controller == "static"]
+    grown = [r for r in rows if r.controller == "recipe:first-mlp-0"]
+    assert all(r.params == r.params0 and r.germinated == 0 and r.split == "test" for r in static)
+    assert all(r.germinated == 1 and "GERMINATE:fc1:mlp_gelu" in r.decisions for r in grown)
+    assert all(r.param_budget == int(5.0 * r.params0) for r in rows)
     mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "jobs").iterdir()]
     B.run_jobs(jobs, make_env, tmp_path, progress=False)  # resumed: nothing reruns
     assert [p.stat().st_mtime_ns for p in (tmp_path / "jobs").iterdir()] == mtimes
     # the same seed gives the same episode: a job rerun elsewhere agrees to the bit
     (again,) = B.run_jobs(jobs[:1], make_env, tmp_path / "b", progress=False)
-    assert B.read_rows(again)[0]["test_accuracy"] == static[0]["test_accuracy"]
+    assert read_runs(again)[0].test_accuracy == static[0].test_accuracy
 
 
 def test_tuning_chooses_on_the_train_split_by_validation_accuracy(tmp_path):
@@ -137,10 +139,9 @@ def test_tuning_chooses_on_the_train_split_by_validation_accuracy(tmp_path):
     jobs = B.tuning_jobs(TINY, grids, [0, 1])
     assert {j.instance.split for j in jobs} == {"train"} and len(jobs) == 2
     B.run_jobs(jobs, make_env, tmp_path, progress=False)
-    rows = B.read_rows(B.collect(tmp_path))
+    rows = read_runs(B.collect(tmp_path))
     best = B.choose_params(rows, grids)["heuristic"]
-    means = [sum(float(r["val_accuracy"]) for r in rows if r["controller"] == f"tune:heuristic:{k}") / 2
-             for k in range(2)]
+    means = [sum(r.val_accuracy for r in rows if r.controller == f"tune:heuristic:{k}") / 2 for k in range(2)]
     assert best == grids["heuristic"][max(range(2), key=lambda k: (means[k], -k))]
     with pytest.raises(ef.ConfigError, match="no train-split records"):
         B.choose_params(rows, {"schedule": [{"every": 3}]})
@@ -176,9 +177,9 @@ def test_bench_command_lists_runs_and_refuses_overlapping_seeds(tmp_path, monkey
     assert "overlap" in capsys.readouterr().err
     assert main(["bench", "run", "--suite", TINY.name, "--controllers", "static,random", "--seeds", "10-11",
                  "--train-seeds", "0-1", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
-    rows = B.read_rows(tmp_path / "r" / "runs.csv")
-    assert {(r["controller"], r["seed"]) for r in rows if r["split"] == "test"} == {
-        (c, s) for c in ("static", "random") for s in ("10", "11")}
+    rows = read_runs(tmp_path / "r" / "runs.csv")
+    assert {(r.controller, r.seed) for r in rows if r.split == "test"} == {
+        (c, s) for c in ("static", "random") for s in (10, 11)}
     assert json.loads((tmp_path / "r" / "tuned.json").read_text())["random"] in [
         {"wait_prob": p} for p in (0.5, 0.8, 0.95)]
 
@@ -192,7 +193,32 @@ def test_a_py_factory_controller(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "my_controllers", mod)
     jobs = B.plan_jobs(TINY, "test", ["py:my_controllers:waiter"], [0], load_task=load)
     B.run_jobs(jobs, make_env, tmp_path, progress=False)
-    (row,) = B.read_rows(B.collect(tmp_path))
-    assert row["controller"] == "py:my_controllers:waiter" and row["germinated"] == "0"
+    (row,) = read_runs(B.collect(tmp_path))
+    assert row.controller == "py:my_controllers:waiter" and row.germinated == 0
     with pytest.raises(ef.ConfigError, match="cannot import"):
         B.make_policy("py:nope.nothing:f", make_env(instances=TINY.instances).action_space)
+
+
+@pytest.mark.slow
+def test_bench_run_with_every_comparator_then_report(tmp_path, monkeypatch, capsys):
+    from esper_fn.cli import main
+
+    monkeypatch.setitem(SUITES, TINY.name, TINY)
+    out = tmp_path / "b"
+    argv = ["bench", "run", "--suite", TINY.name, "--controllers", "static,scaleup,capacity,schedule,heuristic,astar,"
+            "oracle", "--seeds", "100-101", "--train-seeds", "0-1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["astar"] in B.family_names() and set(meta["params"]) == {"schedule", "heuristic"}
+    rows = read_runs(out / "runs.csv")
+    test = [r for r in rows if r.split == "test"]
+    assert {r.controller for r in test} >= {"static", "scaleup", "capacity", "schedule", "heuristic", *B.family_names()}
+    assert {r.seed for r in test} == {100, 101} and {r.seed for r in rows if r.split == "train"} == {0, 1}
+    assert main(["bench", "report", str(out)]) == 0
+    report = (out / "leaderboard.md").read_text()
+    assert "a*" in report and "oracle" in report and "headroom" in report.lower()
+    assert (out / "headroom.png").stat().st_size > 5_000
+    n_jobs = len(list((out / "jobs").iterdir()))
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed: every job is done, nothing is added
+    assert len(list((out / "jobs").iterdir())) == n_jobs
