@@ -214,7 +214,8 @@ def _adam_terms(ctx: Context, params: list[Tensor], logs: tuple[float, float], e
 def _adam_update(b1: float, b2: float, eps: float, updates, state, params, ctx):
     mu = _each("lerp", state["mu"], updates, 1 - b1, ctx=ctx, inplace=ctx.inplace)
     nu = _each("mul", state["nu"], _const(b2, ctx.dtype, ctx.step.device), ctx=ctx, inplace=ctx.inplace)
-    _each("addcmul", nu, updates, updates, ctx=ctx, inplace=True, value=1 - b2)
+    # in place only on donated tensors (torch.vmap has no batching rule for addcmul_)
+    nu = _each("addcmul", nu, updates, updates, ctx=ctx, inplace=ctx.inplace, value=1 - b2)
     a, b = _adam_terms(ctx, params, (_log(b1), _log(b2)), eps)
     denom = _each("addcmul", b, _each("sqrt", nu, ctx=ctx), a, ctx=ctx)  # b + sqrt(v) * a
     return _each("div", mu, denom, ctx=ctx), {"mu": mu, "nu": nu}
@@ -254,7 +255,7 @@ def add_decayed_weights(weight_decay: float) -> Transform:
 
 def _trace_update(momentum: float, nesterov: bool, updates, state, params, ctx):
     buf = _each("mul", state["momentum"], _const(momentum, ctx.dtype, ctx.step.device), ctx=ctx, inplace=ctx.inplace)
-    _each("add", buf, updates, ctx=ctx, inplace=True)
+    buf = _each("add", buf, updates, ctx=ctx, inplace=ctx.inplace)
     # torch.optim.SGD copies the first gradient into the buffer; it starts at zero, so
     # momentum * 0 + g is that copy (per host when stacked, whatever the other hosts' counts).
     out = _each("add", updates, buf, ctx=ctx, alpha=momentum) if nesterov else buf
