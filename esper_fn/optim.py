@@ -134,15 +134,20 @@ class Transform(NamedTuple):
     mirrors: tuple[str, ...] = ()
 
 
+_OPS = ("add", "addcmul", "div", "lerp", "mul", "sqrt")
+_FOREACH = {op: (getattr(torch, f"_foreach_{op}"), getattr(torch, f"_foreach_{op}_")) for op in _OPS}
+
+
 def _each(op: str, xs: list[Tensor], *args: Any, ctx: Context, inplace: bool = False, **kw: Any) -> list[Tensor]:
     """``torch.<op>(x, *a, **kw)`` for every leaf x (in place, ``x.<op>_(...)``, with `inplace`):
     list arguments are taken leaf by leaf, others shared. One ``torch._foreach_<op>`` call over all
     leaves when ``ctx.foreach`` (on CPU it runs the same per-leaf kernels: the same bits)."""
     if ctx.foreach:
+        fns = _FOREACH[op]
         if inplace:
-            getattr(torch, "_foreach_" + op + "_")(xs, *args, **kw)
+            fns[1](xs, *args, **kw)
             return xs
-        return getattr(torch, "_foreach_" + op)(xs, *args, **kw)
+        return fns[0](xs, *args, **kw)
     cols = [a if isinstance(a, (list, tuple)) else [a] * len(xs) for a in args]
     if inplace:
         for x, *a in zip(xs, *cols):
