@@ -83,7 +83,7 @@ __all__ = [
 
 Key = tuple[str, ...]
 GROUPS = ("host", "seeds")
-State = dict[str, list[Tensor]]
+Mirrors = dict[str, list[Tensor]]
 
 
 def zero_leaf(mirror: str, p: Tensor) -> Tensor:
@@ -101,8 +101,7 @@ class Context(NamedTuple):
     Attributes:
         groups: the group of each leaf, "host" or "seeds" (the first element of its key).
         step: every leaf's step count after this update, stacked: float32 [K] for K leaves, or
-            [K, N] for N stacked hosts; 1 at a leaf's first update. Read-only (the new count
-            leaves may be views of it).
+            [K, N] for N stacked hosts; 1 at a leaf's first update.
         dtype: the leaves' dtype (float64 if they differ), for the constants of the update.
         inplace: the caller donated the parameters and the state: update those tensors in place
             (False: write fresh tensors and leave every input as it was).
@@ -129,8 +128,8 @@ class Transform(NamedTuple):
         mirrors: the names of the state entries it owns (never "step", the optimizer's count).
     """
 
-    init: Callable[[Sequence[Tensor]], State]
-    update: Callable[[list[Tensor], State, list[Tensor], Context], tuple[list[Tensor], State]]
+    init: Callable[[Sequence[Tensor]], Mirrors]
+    update: Callable[[list[Tensor], Mirrors, list[Tensor], Context], tuple[list[Tensor], Mirrors]]
     mirrors: tuple[str, ...] = ()
 
 
@@ -183,7 +182,7 @@ def _const(x: float | tuple[float, ...], dtype: torch.dtype, device: torch.devic
     return t
 
 
-def _zeros(mirrors: tuple[str, ...], params: Sequence[Tensor]) -> State:
+def _zeros(mirrors: tuple[str, ...], params: Sequence[Tensor]) -> Mirrors:
     return {m: [zero_leaf(m, p) for p in params] for m in mirrors}
 
 
@@ -322,15 +321,15 @@ def scale_by_learning_rate(lr: float | Mapping[str, float]) -> Transform:
     return Transform(partial(_zeros, ()), partial(_lr_update, rates))
 
 
-def _chain_init(transforms: tuple[Transform, ...], params: Sequence[Tensor]) -> State:
-    out: State = {}
+def _chain_init(transforms: tuple[Transform, ...], params: Sequence[Tensor]) -> Mirrors:
+    out: Mirrors = {}
     for t in transforms:
         out.update(t.init(params))
     return out
 
 
 def _chain_update(transforms: tuple[Transform, ...], updates, state, params, ctx):
-    new: State = {}
+    new: Mirrors = {}
     for t in transforms:
         updates, s = t.update(updates, {m: state[m] for m in t.mirrors}, params, ctx)
         new.update(s)
@@ -502,14 +501,9 @@ class Optimizer:
         if any(p.dtype != dt for p in params):
             dt = torch.float64
         steps = states["step"]
-        if inplace:
-            one = _const(1.0, steps[0].dtype, steps[0].device)
-            _each("add", steps, one, ctx=Context((), steps[0], foreach=foreach), inplace=True)
-            counts = torch.stack(steps)
-        else:  # the new counts are one tensor; each leaf's count is a view of it
-            counts = torch.stack(steps).add_(1)
-            steps = counts.unbind(0)
-        ctx = Context(tuple(k[0] for k in keys), counts, dt, inplace, foreach)
+        one = _const(1.0, steps[0].dtype, steps[0].device)
+        steps = _each("add", steps, one, ctx=Context((), steps[0], foreach=foreach), inplace=inplace)
+        ctx = Context(tuple(k[0] for k in keys), torch.stack(steps), dt, inplace, foreach)
         t = self.transform
         updates, inner = t.update(grads, {m: states[m] for m in t.mirrors}, params, ctx)
         new_p = apply_updates(params, updates, ctx)
