@@ -215,12 +215,12 @@ def _adam_terms(ctx: Context, params: list[Tensor], logs: tuple[float, float], e
     return _per_leaf(a, params), _per_leaf(bc1.mul_(eps), params)
 
 
-def _adam_update(b1: float, b2: float, eps: float, updates, state, params, ctx):
+def _adam_update(b1: float, b2: float, eps: float, logs: tuple[float, float], updates, state, params, ctx):
     mu = _each("lerp", state["mu"], updates, 1 - b1, ctx=ctx, inplace=ctx.inplace)
     nu = _each("mul", state["nu"], _const(b2, ctx.dtype, ctx.step.device), ctx=ctx, inplace=ctx.inplace)
     # in place only on donated tensors (torch.vmap has no batching rule for addcmul_)
     nu = _each("addcmul", nu, updates, updates, ctx=ctx, inplace=ctx.inplace, value=1 - b2)
-    a, b = _adam_terms(ctx, params, (_log(b1), _log(b2)), eps)
+    a, b = _adam_terms(ctx, params, logs, eps)
     denom = _each("addcmul", b, _each("sqrt", nu, ctx=ctx), a, ctx=ctx)  # b + sqrt(v) * a
     return _each("div", mu, denom, ctx=ctx), {"mu": mu, "nu": nu}
 
@@ -238,7 +238,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
         raise ConfigError(f"scale_by_adam: betas must be in [0, 1) and eps >= 0, got betas ({b1}, {b2}) and eps "
                           f"{eps}. Use the torch.optim defaults (0.9, 0.999), 1e-8 if unsure.")
     mirrors = ("mu", "nu")
-    return Transform(partial(_zeros, mirrors), partial(_adam_update, float(b1), float(b2), float(eps)), mirrors)
+    update = partial(_adam_update, float(b1), float(b2), float(eps), (_log(b1), _log(b2)))
+    return Transform(partial(_zeros, mirrors), update, mirrors)
 
 
 def _decay_update(wd: float, updates, state, params, ctx):
@@ -293,21 +294,20 @@ def _lr_map(lr: float | Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def _lr_update(rates: tuple[tuple[str, float], ...], updates, state, params, ctx):
-    neg = dict(rates)
+def _lr_update(rates: dict[str, float], updates, state, params, ctx):
+    groups = ctx.groups
+    g0 = groups[0]
+    dev = ctx.step.device
+    if groups.count(g0) == len(groups):
+        r = rates.get(g0)
+        if r is not None:
+            return _each("mul", updates, _const(r, ctx.dtype, dev), ctx=ctx), {}
     try:
-        per_leaf = [neg[g] for g in ctx.groups]
+        per_leaf = [rates[g] for g in groups]
     except KeyError as e:
         raise ConfigError(f"a leaf of group {e.args[0]!r} has no learning rate; leaf keys start with one of "
                           f"{GROUPS} (the parameter tree's top level).") from None
-    distinct = tuple(dict.fromkeys(per_leaf))
-    if len(distinct) == 1:
-        return _each("mul", updates, _const(distinct[0], ctx.dtype, ctx.step.device), ctx=ctx), {}
-    rates = _const(distinct, ctx.dtype, ctx.step.device)
-    if isinstance(rates, tuple):  # low-precision leaves: Python numbers
-        return _each("mul", updates, [rates[distinct.index(r)] for r in per_leaf], ctx=ctx), {}
-    by_rate = dict(zip(distinct, rates.unbind(0)))
-    return _each("mul", updates, [by_rate[r] for r in per_leaf], ctx=ctx), {}
+    return _each("mul", updates, [_const(r, ctx.dtype, dev) for r in per_leaf], ctx=ctx), {}
 
 
 def scale_by_learning_rate(lr: float | Mapping[str, float]) -> Transform:
@@ -317,7 +317,7 @@ def scale_by_learning_rate(lr: float | Mapping[str, float]) -> Transform:
     Raises:
         ConfigError: unknown group names, or a negative or non-finite rate.
     """
-    rates = tuple((g, -r) for g, r in _lr_map(lr).items())
+    rates = {g: -r for g, r in _lr_map(lr).items()}
     return Transform(partial(_zeros, ()), partial(_lr_update, rates))
 
 
@@ -331,8 +331,9 @@ def _chain_init(transforms: tuple[Transform, ...], params: Sequence[Tensor]) -> 
 def _chain_update(transforms: tuple[Transform, ...], updates, state, params, ctx):
     new: Mirrors = {}
     for t in transforms:
-        updates, s = t.update(updates, {m: state[m] for m in t.mirrors}, params, ctx)
-        new.update(s)
+        updates, s = t.update(updates, {m: state[m] for m in t.mirrors} if t.mirrors else {}, params, ctx)
+        if s:
+            new.update(s)
     return updates, new
 
 
@@ -479,9 +480,11 @@ class Optimizer:
             new parameter list and new mirror lists (fresh tensors, or the donated ones).
         """
         n = len(keys)
-        give = [bool(donate)] * n if isinstance(donate, bool) else [bool(d) for d in donate]
         if not n:
             return [], {m: [] for m in self.mirrors}
+        if isinstance(donate, bool):
+            return self._step(keys, params, grads, states, donate, foreach)
+        give = [bool(d) for d in donate]
         if all(give) or not any(give):
             return self._step(keys, params, grads, states, give[0], foreach)
         new_p: list[Tensor] = [None] * n  # type: ignore[list-item]
@@ -498,17 +501,22 @@ class Optimizer:
 
     def _step(self, keys, params, grads, states, inplace: bool, foreach: bool):
         dt = params[0].dtype
-        if any(p.dtype != dt for p in params):
-            dt = torch.float64
+        for p in params:
+            if p.dtype != dt:
+                dt = torch.float64
+                break
         steps = states["step"]
-        one = _const(1.0, steps[0].dtype, steps[0].device)
-        steps = _each("add", steps, one, ctx=Context((), steps[0], foreach=foreach), inplace=inplace)
-        ctx = Context(tuple(k[0] for k in keys), torch.stack(steps), dt, inplace, foreach)
+        s0 = steps[0]
+        ctx = Context((), s0, dt, inplace, foreach)
+        steps = _each("add", steps, _const(1.0, s0.dtype, s0.device), ctx=ctx, inplace=inplace)
+        ctx = Context(tuple([k[0] for k in keys]), torch.stack(steps), dt, inplace, foreach)
         t = self.transform
         updates, inner = t.update(grads, {m: states[m] for m in t.mirrors}, params, ctx)
         new_p = apply_updates(params, updates, ctx)
-        # fresh list objects (in place, the tensors are the caller's, the lists need not be)
-        return list(new_p), {"step": list(steps), **{m: list(v) for m, v in inner.items()}}
+        inner["step"] = steps
+        if inplace:  # the tensors are the caller's; the lists need not be
+            return list(new_p), {m: list(v) for m, v in inner.items()}
+        return new_p, inner
 
 
 def adam(lr: float | Mapping[str, float] = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
