@@ -146,7 +146,7 @@ def _each(op: str, xs: list[Tensor], *args: Any, ctx: Context, inplace: bool = F
         if inplace:
             fns[1](xs, *args, **kw)
             return xs
-        return fns[0](xs, *args, **kw)
+        return list(fns[0](xs, *args, **kw))  # foreach ops return tuples
     cols = [a if isinstance(a, (list, tuple)) else [a] * len(xs) for a in args]
     if inplace:
         for x, *a in zip(xs, *cols):

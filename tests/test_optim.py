@@ -256,3 +256,12 @@ def test_no_private_fused_kernels_and_one_update_rule():
         src = (root / f).read_text()
         assert "_fused_adam" not in src and "_fused_sgd" not in src, f
         assert "._sgd(" not in src and "._adam(" not in src and "_functional_update" not in src, f
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_update_lists_returns_lists_the_caller_may_edit(donate, generator):
+    opt = ef.optim.adam(1e-2)
+    params = _leaves(generator)
+    new_p, new_s = opt.update_lists(KEYS, params, _leaves(generator), _state(opt, params), donate=donate)
+    assert type(new_p) is list and all(type(v) is list for v in new_s.values())
+    assert new_p is not params
