@@ -317,7 +317,7 @@ def scale_by_learning_rate(lr: float | Mapping[str, float]) -> Transform:
     Raises:
         ConfigError: unknown group names, or a negative or non-finite rate.
     """
-    rates = {g: -r for g, r in _lr_map(lr).items()}
+    rates = {g: 0.0 - r for g, r in _lr_map(lr).items()}  # 0.0 - 0.0 is +0.0 (a cached constant's key)
     return Transform(partial(_zeros, ()), partial(_lr_update, rates))
 
 
