@@ -51,7 +51,7 @@ place.
 Learning rates may differ between the host and the seeds: pass ``lr={"host": 1e-2, "seeds": 3e-3}``.
 
 Cost: about what ``torch.optim.Adam(foreach=True)`` costs, roughly twice the private fused kernel the
-eager step used before on small trees (a 4-leaf MLP's train step +17-40%, 16 stacked hosts +2-12%:
+eager step used before on small trees (small MLPs' train steps +17-40%, 16 stacked hosts +2-12%:
 docs/benchmarks.md); in exchange the same rule compiles, vmaps and runs in Tezzeret's kernels.
 """
 
