@@ -41,7 +41,6 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -170,50 +169,11 @@ def step_key(state: State, x: Tensor, y: Tensor, *, incubation: str = "shadow", 
             tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
 
 
-def _functional_update(opt, keys, params, grads, states):
-    """The optimizer step as pure tensor arithmetic (what a compiled graph can hold: the CPU path of
-    `Optimizer.update_lists` calls a fused in-place kernel and branches on tensor values). Same
-    update rule, equal within float rounding."""
-    new_p, new_s = [], {m: [] for m in opt.mirrors}
-    h = opt.hyper
-    for j, k in enumerate(keys):
-        lr = opt.lr[k[0]]
-        p, g = params[j], grads[j]
-        if opt.name == "sgd":
-            p2, s2 = opt._sgd([p], [g], {m: [states[m][j]] for m in opt.mirrors}, lr)
-            new_p.append(p2[0])
-            for m in opt.mirrors:
-                new_s[m].append(s2[m][0])
-            continue
-        b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
-        if wd and opt.name == "adam":
-            g = g + wd * p
-        step = states["step"][j] + 1
-        mu = torch.lerp(states["mu"][j], g, 1 - b1)
-        nu = states["nu"][j] * b2 + (1 - b2) * g * g
-        # 1 - beta ** step as -expm1(step * log(beta)): the direct form cancels in float32
-        # (1 - 0.999 ** 1 is off by 1e-5 relative), which the eager kernels avoid by using doubles.
-        t = step.to(p.dtype)  # the count is float32; in a float64 state the correction is float64 too
-        bc1 = -torch.expm1(t * math.log(b1))
-        bc2 = torch.sqrt(-torch.expm1(t * math.log(b2)))
-        if step.dim():  # stacked hosts: a count per host, broadcast over the leaf
-            bc1 = bc1.reshape(bc1.shape + (1,) * (p.dim() - bc1.dim()))
-            bc2 = bc2.reshape(bc2.shape + (1,) * (p.dim() - bc2.dim()))
-        upd = mu / (torch.sqrt(nu) / bc2 + eps) / bc1
-        if wd and opt.name == "adamw":
-            p = p * (1 - lr * wd)
-        new_p.append(p - lr * upd)
-        new_s["step"].append(step)
-        new_s["mu"].append(mu)
-        new_s["nu"].append(nu)
-    return new_p, new_s
-
-
 def _build(state: State, *, incubation: str, loss_fn: Callable, aux_weight: float, grad_stats: bool,
            with_output: bool) -> _Kernel:
     """The pure train step for `state`'s key (uncompiled). Mirrors `esper_fn.train_step`: the same
     forward helpers, trainable keys, shadow forward and per-host masks; gradients by `torch.func.grad`
-    and the functional optimizer update."""
+    and the optimizer's own update (`Optimizer.update_lists`, the eager step's, on fresh tensors)."""
     plan = _plan(state)
     shadow = incubation == "shadow" and bool(plan.incubating)
     keys = plan.trainable(shadow)
@@ -244,7 +204,7 @@ def _build(state: State, *, incubation: str, loss_fn: Callable, aux_weight: floa
 
         grads, extra = torch.func.grad(loss, has_aux=True)(list(train))
         hb, sb = extra["hb"], extra["sb"]
-        new_p, new_s = _functional_update(opt, keys, list(train), grads, opt_states)
+        new_p, new_s = opt.update_lists(keys, list(train), list(grads), opt_states)
         for k, m in zip(mask_keys, masks):  # hosts whose seed does not train this step keep it
             j = keys.index(k)
             new_p[j] = torch.where(m.view(m.shape + (1,) * (new_p[j].dim() - m.dim())), new_p[j], train[j])
