@@ -41,7 +41,7 @@ from esper_fn.optim import adam
 from esper_fn.run import RunConfig, grow, rng_streams
 from esper_fn.tasks import load
 from esper_fn.training import evaluate, train_epoch
-from esper_fn.urza import Library
+from esper_fn.urza import Library, warm_start
 
 ARMS = ("static", "cold", "warm", "warm-direct")
 SLOT, BLUEPRINT = "input", "conv1d_k5"
@@ -85,7 +85,7 @@ def recipient(host_name: str, seed: int, arm: str, lib: Library, donor: str | No
             if arm == "cold":
                 state = ef.germinate(state, SLOT, BLUEPRINT, generator=rng["seeds"], tempo=tempo)
             else:
-                state = ef.germinate(state, SLOT, from_library=donor, library=lib, tempo=tempo)
+                state = warm_start(state, SLOT, donor, library=lib, tempo=tempo)
             state = ef.advance(state, SLOT)  # TRAINING
             phase_end = epoch + incubate
             if incubate == 0:

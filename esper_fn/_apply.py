@@ -24,7 +24,7 @@ from . import _blueprint as bpm
 from ._errors import ConfigError, GraftError
 from ._host import SlotSpec, identity_slot
 from ._lifecycle import Stage
-from ._state import Key, State, _derive, check_not_donated
+from ._state import Key, State, derive, check_not_donated
 
 __all__ = ["apply", "check_batch", "train_step", "trained_keys", "INCUBATION"]
 
@@ -50,7 +50,7 @@ def roles(state: State) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Structure of a state, derived once per structure and reused by every step.
 
     Slots enter a pass if any host needs them there; hosts that do not (a seed still incubating on
@@ -74,7 +74,7 @@ class _Plan:
         return tuple(keys)
 
 
-def _plan(state: State) -> _Plan:
+def make_plan(state: State) -> Plan:
     if state._own.donated:
         check_not_donated(state, "using a state")
     cached = state._cache.get("plan")
@@ -102,7 +102,7 @@ def _plan(state: State) -> _Plan:
         for k in state.params_flat:
             if k[0] == "seeds":
                 seed_keys.setdefault(k[1], []).append(k)
-        plan = _Plan(live, incubating, host_keys, tuple(".".join(k[1:]) for k in host_keys),
+        plan = Plan(live, incubating, host_keys, tuple(".".join(k[1:]) for k in host_keys),
                      {n: tuple(v) for n, v in seed_keys.items()}, slot_roles, bool(state.buffers_flat))
         if len(plans) > 4096:  # structures seen by a long-lived host (e.g. an RL environment)
             plans.clear()
@@ -111,7 +111,7 @@ def _plan(state: State) -> _Plan:
     return plan
 
 
-def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on=None):
+def make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on=None):
     """The slot function for one forward: dormant slots are a dict miss, live ones add alpha * delta.
 
     `on` maps a slot to a per-host 0-d bool (stacked states whose hosts disagree about the slot):
@@ -156,16 +156,16 @@ def _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on=None):
     return slot
 
 
-def _forward(state: State, plan: _Plan, entries, host_flat, seeds, alphas, x, train, on=None):
+def _forward(state: State, plan: Plan, entries, host_flat, seeds, alphas, x, train, on=None):
     """Run one (unbatched) forward. Returns (y, aux_loss_sum | None, host_buffers, seed_buffers)."""
     aux: list[Tensor] = []
     seed_buffers: dict[str, dict[str, Tensor]] = {}
-    slot_fn = _make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on)
+    slot_fn = make_slot_fn(entries, seeds, alphas, train, aux, seed_buffers, on)
     y, host_buffers = state.host.forward_fn(host_flat, x, slot_fn, train)
     return y, (sum(aux) if aux else None), host_buffers, seed_buffers
 
 
-def _on_masks(state: State, plan: _Plan, entries, shadow: bool = False) -> dict[str, Tensor]:
+def on_masks(state: State, plan: Plan, entries, shadow: bool = False) -> dict[str, Tensor]:
     """Per-host on/off flags ([N] bool) for the slots of `entries` that some stacked hosts must not
     run: in the live forward a slot is on where its role is LIVE; in the shadow forward where it is
     LIVE or INCUBATING. Empty for single states and for slots every host runs."""
@@ -186,7 +186,7 @@ def _on_masks(state: State, plan: _Plan, entries, shadow: bool = False) -> dict[
     return out
 
 
-def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries, alpha: Tensor | None = None):
+def slot_inputs(state: State, plan: Plan, params: Mapping[Key, Tensor], entries, alpha: Tensor | None = None):
     host_flat = {n: params[k] for n, k in zip(plan.host_names, plan.host_keys)}
     if plan.has_buffers:
         for k, v in state.buffers_flat.items():
@@ -204,10 +204,10 @@ def _inputs(state: State, plan: _Plan, params: Mapping[Key, Tensor], entries, al
     return host_flat, seeds, alphas
 
 
-def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None, shadow: bool = False):
+def forward_pass(state, plan, entries, params, x, train, alpha: Tensor | None = None, shadow: bool = False):
     """Forward of a single or stacked state (`alpha`: [*batch, S] overriding the slots' alphas;
     `shadow`: incubating seeds count as on, as in the shadow forward)."""
-    host_flat, seeds, alphas = _inputs(state, plan, params, entries, alpha)
+    host_flat, seeds, alphas = slot_inputs(state, plan, params, entries, alpha)
     if not state.batch:
         return _forward(state, plan, entries, host_flat, seeds, alphas, x, train)
     if len(state.batch) != 1:
@@ -216,7 +216,7 @@ def _run(state, plan, entries, params, x, train, alpha: Tensor | None = None, sh
     if x.dim() < 2 or x.shape[0] != n:
         raise GraftError(f"a state stacked over {n} hosts needs one batch per host, x of shape [{n}, B, ...]; got "
                          f"{tuple(x.shape)}. Expand a shared batch with `x.expand({n}, *x.shape)`.")
-    on = _on_masks(state, plan, entries, shadow)
+    on = on_masks(state, plan, entries, shadow)
 
     def one(h, s, a, o, xi):
         y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train, o)
@@ -260,8 +260,8 @@ def apply(state: State, x: Tensor, *, train: bool = False) -> Tensor:
         DonatedStateError: `state` was donated to a `train_step`.
     """
     check_batch(state, x)
-    plan = _plan(state)
-    return _run(state, plan, plan.live, state.params_flat, x, train)[0]
+    plan = make_plan(state)
+    return forward_pass(state, plan, plan.live, state.params_flat, x, train)[0]
 
 
 def train_step(
@@ -315,10 +315,10 @@ def train_step(
     if incubation not in INCUBATION:
         raise ConfigError(f"incubation must be one of {INCUBATION}, got {incubation!r}.")
     check_batch(state, x)
-    plan = _plan(state)
+    plan = make_plan(state)
     shadow = incubation == "shadow" and bool(plan.incubating)
     keys = plan.trainable(shadow)
-    masks = _update_masks(state, plan, shadow)
+    masks = update_masks(state, plan, shadow)
     pf = state.params_flat
     leaves = [pf[k].detach().requires_grad_() for k in keys]
     params = dict(pf)
@@ -357,7 +357,7 @@ def train_step(
             for name in mirrors:
                 old = states[name][j]
                 new_s[name][j] = torch.where(m.view(m.shape + (1,) * (old.dim() - m.dim())), new_s[name][j], old)
-    new_state = _stepped(state, keys, new_p, new_s, host_buf, seed_buf)
+    new_state = stepped(state, keys, new_p, new_s, host_buf, seed_buf)
     if any(give):
         own.donated = True  # its tensors now hold the new state's values
     return new_state, metrics
@@ -372,12 +372,12 @@ def per_host_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], batched: bool) ->
     return torch.vmap(loss_fn)
 
 
-def step_loss(state, plan: _Plan, params, x: Tensor, y: Tensor, lf, aux_weight: float, shadow: bool):
+def step_loss(state, plan: Plan, params, x: Tensor, y: Tensor, lf, aux_weight: float, shadow: bool):
     """The training objective of one step: the live loss summed over hosts, the seeds' auxiliary
     losses, and (with `shadow`) the shadow forward's loss. Returns ``(total, parts, host_buffers,
     seed_buffers)``, parts holding "loss" (per host), "output" and, with `shadow`, "shadow_loss"."""
     batched = bool(state.batch)
-    out, aux, host_buf, seed_buf = _run(state, plan, plan.live, params, x, True)
+    out, aux, host_buf, seed_buf = forward_pass(state, plan, plan.live, params, x, True)
     per_host = lf(out, y)
     total = per_host.sum() if batched else per_host
     if aux is not None:
@@ -393,7 +393,7 @@ def step_loss(state, plan: _Plan, params, x: Tensor, y: Tensor, lf, aux_weight: 
     return total, parts, host_buf, seed_buf
 
 
-def _stepped(state: State, keys, new_p, new_s, host_buf, seed_buf) -> State:
+def stepped(state: State, keys, new_p, new_s, host_buf, seed_buf) -> State:
     """The state after a step: updated leaves `keys` (`new_p`, mirrors `new_s`) and the buffers the
     training forward returned; it owns the fresh tensors of `keys` (they may be donated next)."""
     params = dict(state.params_flat)
@@ -409,11 +409,11 @@ def _stepped(state: State, keys, new_p, new_s, host_buf, seed_buf) -> State:
         for slot, d in seed_buf.items():
             for n, v in d.items():
                 buffers[("seeds", slot, n)] = v.detach()
-    return _derive(state, params_flat=params, opt_flat=opt, buffers_flat=buffers, _owned=frozenset(keys),
+    return derive(state, params_flat=params, opt_flat=opt, buffers_flat=buffers, _owned=frozenset(keys),
                    _keep_cache=True)
 
 
-def _update_masks(state: State, plan: _Plan, shadow: bool) -> dict[Key, Tensor]:
+def update_masks(state: State, plan: Plan, shadow: bool) -> dict[Key, Tensor]:
     """Per-host update masks ([N] bool) for seed keys that train on some stacked hosts only."""
     if not state.batch:
         return {}
@@ -436,7 +436,7 @@ def _update_masks(state: State, plan: _Plan, shadow: bool) -> dict[Key, Tensor]:
     return out
 
 
-def _shadow_forward(state: State, plan: _Plan, params: dict[Key, Tensor], x: Tensor):
+def _shadow_forward(state: State, plan: Plan, params: dict[Key, Tensor], x: Tensor):
     """The shadow forward: every incubating seed fused at alpha 1 over detached host weights, so
     only incubating seeds learn from it (per host, on stacked states). Returns (output, aux)."""
     r = roles(state)
@@ -455,11 +455,11 @@ def _shadow_forward(state: State, plan: _Plan, params: dict[Key, Tensor], x: Ten
             sp[k] = m * v + (1 - m) * v.detach()
     entries = dict(plan.live)
     entries.update(plan.incubating)
-    sout, saux, _, _ = _run(state, plan, entries, sp, x, True, alpha, shadow=True)
+    sout, saux, _, _ = forward_pass(state, plan, entries, sp, x, True, alpha, shadow=True)
     return sout, saux
 
 
 def trained_keys(state: State, incubation: str = "shadow") -> tuple[Key, ...]:
     """The parameter keys a `train_step` on `state` updates, in the order of its "grad_sq" metric."""
-    plan = _plan(state)
+    plan = make_plan(state)
     return plan.trainable(incubation == "shadow" and bool(plan.incubating))

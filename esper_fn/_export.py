@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._apply import _make_slot_fn, _plan
+from ._apply import make_slot_fn, make_plan
 from ._errors import GraftError
 from ._state import State
 
@@ -40,7 +40,7 @@ class GrownNetwork(nn.Module):
         if state.batch:
             raise GraftError(f"export: the state is stacked over {state.batch}; export one host "
                              "at a time (`esper_fn.unstack(state)`).")
-        plan = _plan(state)
+        plan = make_plan(state)
         self._host_def = state.host
         self._entries = dict(plan.live)
         self.host = _tree({k[1:]: v for k, v in state.params_flat.items() if k[0] == "host"}, True)
@@ -76,7 +76,7 @@ class GrownNetwork(nn.Module):
         alphas = {slot: self.alpha[i] for slot, (_, _, i) in self._entries.items()}
         aux: list[Tensor] = []
         seed_buffers: dict = {}
-        slot_fn = _make_slot_fn(self._entries, seeds, alphas, self.training, aux, seed_buffers)
+        slot_fn = make_slot_fn(self._entries, seeds, alphas, self.training, aux, seed_buffers)
         y, new_buffers = self._host_def.forward_fn(flat, x, slot_fn, self.training)
         with torch.no_grad():
             for n, v in new_buffers.items():

@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._errors import DonatedStateError, GateError, GraftError, HostError
+from ._errors import DonatedStateError, GateError, GraftError, HostError, WarmStartError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
     CURVES,
@@ -144,7 +144,7 @@ class State:
 
     def __copy__(self) -> State:
         # A shallow copy shares every tensor: derive it, so that neither may donate them.
-        return _derive(self, _keep_cache=True)
+        return derive(self, _keep_cache=True)
 
     def replace(self, **changes) -> State:
         """A new state with `changes` applied to its fields (always safe: cached structure is
@@ -153,7 +153,7 @@ class State:
         Args:
             **changes: field values, e.g. ``params_flat=...``, ``slots=...``, ``blueprints=...``.
         """
-        return _derive(self, **changes)
+        return derive(self, **changes)
 
     # -- TensorDict views ------------------------------------------------------------------------
     # The views are locked: setting or deleting a key raises. Their leaves are the state's own
@@ -263,13 +263,30 @@ def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Gen
     return State(host, optimizer, params, buffers, opt, slots, names, (None,) * S)
 
 
-def _derive(state: State, *, _owned: frozenset = frozenset(), _keep_cache: bool = False, **changes) -> State:
+def derive(state: State, *, _owned: frozenset = frozenset(), _keep_cache: bool = False, **changes) -> State:
     """A state derived from `state`. The parent loses its donation claims (the child shares its
     tensors); the child claims `_owned`, the keys of fresh tensors written for it alone.
     `_keep_cache` shares the per-structure cache (only for changes that keep the structure)."""
     check_not_donated(state, "deriving a state (a lifecycle op, replace, stack)")
     state._own.keys = frozenset()
     return _dc_replace(state, **changes, _cache=state._cache if _keep_cache else {}, _own=_Ownership(_owned))
+
+
+def _checked_weights(weights, bp: bpm.Blueprint, spec) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Copies of a warm start's ``(params, buffers)``, checked against what `bp` creates at `spec`."""
+    fresh = bp.init(spec, torch.Generator().manual_seed(0))
+    out = []
+    for given, want, what in zip(weights, fresh, ("parameter", "buffer")):
+        given = dict(given)
+        problems = [f"{what} {k} is missing" for k in want if k not in given]
+        problems += [f"{what} {k} is not one {bp.id} has" for k in given if k not in want]
+        problems += [f"{what} {k} is {tuple(given[k].shape)} {given[k].dtype}, the slot needs {tuple(v.shape)} {v.dtype}"
+                     for k, v in want.items() if k in given and (given[k].shape != v.shape or given[k].dtype != v.dtype)]
+        if problems:
+            raise WarmStartError(f"germinate: the warm-start weights do not fit {bp.id} at slot {spec.name!r}: "
+                                 f"{'; '.join(problems)}.")
+        out.append({k: given[k].detach().clone() for k in want})
+    return out[0], out[1]
 
 
 def _set_slot(slots: TensorDict, i: int, **values) -> TensorDict:
@@ -290,8 +307,7 @@ def germinate(
     generator: torch.Generator | None = None,
     tempo: int = 5,
     curve: str = "linear",
-    from_library=None,
-    library=None,
+    weights: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> State:
     """Graft a new seed into a DORMANT slot. The network's function is unchanged (the delta is 0).
 
@@ -305,11 +321,11 @@ def germinate(
         generator: randomness for the seed's initial weights (unused by a warm start).
         tempo: epochs the BLENDING alpha ramp will take (>= 1).
         curve: "linear", "cosine" or "sigmoid".
-        from_library: warm start: the id of a seed stored in `library` (or an
-            `esper_fn.urza.SeedArtifact`), whose trained weights replace the fresh draw. The seed still
-            enters the network at alpha 0 (GERMINATED and TRAINING leave the live output alone), so the
-            function is unchanged now; its weights matter once it blends in.
-        library: the `esper_fn.urza.Library` (or its directory) that holds `from_library`.
+        weights: ``(params, buffers)`` to start the seed from instead of a fresh draw (a warm
+            start: `esper_fn.urza.warm_start` grafts a stored seed's trained weights this way). They
+            must have exactly the names, shapes and dtypes the blueprint creates at this slot. The
+            seed still enters the network at alpha 0 (GERMINATED and TRAINING leave the live output
+            alone), so the function is unchanged now; its weights matter once it blends in.
 
     On a stacked state every host gets the same initial seed weights (one draw, broadcast);
     germinate the hosts one by one before `stack` for independent draws.
@@ -318,8 +334,8 @@ def germinate(
         IllegalTransitionError: the slot is not DORMANT.
         BlueprintError: unknown blueprint, or it does not fit the slot.
         CapabilityError: the blueprint needs a capability this machine lacks (and has no fallback).
-        WarmStartError: the stored seed is another blueprint or its tensors do not fit the slot.
-        LibraryError: the stored seed's artifact is missing or corrupt (SeedNotFoundError: no such id).
+        WarmStartError: `weights` lack a tensor the blueprint needs, hold one it does not, or one of
+            another shape or dtype.
 
     A blueprint whose capability is absent resolves to its fallback, and the state records the
     design that actually runs (``state.blueprints``). A `Blueprint` object that is not in the
@@ -327,16 +343,9 @@ def germinate(
     """
     i = state.index(slot)
     check_transition(slot, state.stage(slot), Op.GERMINATE)
-    artifact = None
-    if from_library is not None:
-        from . import urza
-
-        artifact = urza.resolve(from_library, library)
-        if blueprint is None:
-            blueprint = artifact.record.blueprint
-    elif blueprint is None:
+    if blueprint is None:
         raise bpm.BlueprintError(f"germinate: name a blueprint for slot {slot!r} (e.g. 'conv1d_k5'), or warm-start "
-                                 "from a stored seed with from_library=ID, library=PATH.")
+                                 "from a stored seed with esper_fn.urza.warm_start(state, slot, ID, library=PATH).")
     if isinstance(blueprint, bpm.Blueprint):
         bpm.register(blueprint)  # the state names its seeds by id; the id must resolve to this design
     bp = bpm.get(blueprint)
@@ -353,8 +362,8 @@ def germinate(
         raise GraftError(f"unknown alpha curve {curve!r}; choose one of {CURVES}.")
     if int(tempo) < 1:
         raise GraftError(f"tempo must be >= 1 epoch, got {tempo}.")
-    if artifact is not None:
-        p, b = urza.fit(artifact, bp, spec)
+    if weights is not None:
+        p, b = _checked_weights(weights, bp, spec)
     else:
         p, b = bp.init(spec, generator)
     if state.batch:
@@ -374,7 +383,7 @@ def germinate(
                       tempo=int(tempo), epochs=0,
                       seed_id=torch.tensor(state.n_seeds) if isinstance(state.n_seeds, tuple) else state.n_seeds)
     bps = tuple(bp.id if j == i else b_ for j, b_ in enumerate(state.blueprints))
-    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
+    return derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps,
                    n_seeds=tuple(n + 1 for n in state.n_seeds) if isinstance(state.n_seeds, tuple)
                    else state.n_seeds + 1)
 
@@ -412,7 +421,7 @@ def advance(
     values = {"stage": int(nxt), "epochs": 0}
     if nxt == Stage.HOLDING:
         values["alpha"] = 1.0
-    return _derive(state, slots=_set_slot(state.slots, i, **values))
+    return derive(state, slots=_set_slot(state.slots, i, **values))
 
 
 def tick(state: State, *, gates: GateConfig | None = None) -> State:
@@ -438,7 +447,7 @@ def tick(state: State, *, gates: GateConfig | None = None) -> State:
     stage[pruned] = int(Stage.EMBARGOED)
     stage[released] = int(Stage.DORMANT)
     epochs[pruned | released] = 0
-    return _derive(state, slots=slots)
+    return derive(state, slots=slots)
 
 
 def _drop_seed(state: State, slot: str) -> tuple[Flat, Flat, Flat]:
@@ -461,7 +470,7 @@ def prune(state: State, slot: str) -> State:
     params, buffers, opt = _drop_seed(state, slot)
     slots = _set_slot(state.slots, i, stage=int(Stage.PRUNED), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
     bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
-    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
+    return derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
 
 
 def fossilize(
@@ -498,7 +507,7 @@ def fossilize(
     bp = bpm.registry()[state.blueprints[i]]
     if not bp.meta.mergeable:
         slots = _set_slot(state.slots, i, stage=int(Stage.FOSSILIZED), alpha=1.0, epochs=0)
-        return _derive(state, slots=slots)
+        return derive(state, slots=slots)
     spec = state.spec(slot)
     blocker = _reshape_conflict(state, slot, bp)
     if blocker is not None:
@@ -528,7 +537,7 @@ def fossilize(
                 opt[(m, "host", *name.split("."))] = v
     slots = _set_slot(state.slots, i, stage=int(Stage.DORMANT), alpha=0.0, epochs=0, seed_id=-1, tempo=0)
     bps = tuple(None if j == i else b for j, b in enumerate(state.blueprints))
-    return _derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
+    return derive(state, params_flat=params, buffers_flat=buffers, opt_flat=opt, slots=slots, blueprints=bps)
 
 
 def _reshape_conflict(state: State, slot: str, bp: bpm.Blueprint) -> str | None:
@@ -704,7 +713,7 @@ def stack(states: Sequence[State]) -> State:
     def st(attr):
         return {k: torch.stack([getattr(s, attr)[k] for s in states]) for k in getattr(s0, attr)}
 
-    return _derive(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
+    return derive(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
                    slots=torch.stack([s.slots for s in states]), batch=(len(states),) + s0.batch,
                    n_seeds=tuple(s.n_seeds for s in states))
 
@@ -719,7 +728,7 @@ def unstack(state: State) -> list[State]:
         return {k: v[j] for k, v in flat.items()}
 
     return [
-        _derive(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
+        derive(state, params_flat=pick(state.params_flat, j), buffers_flat=pick(state.buffers_flat, j),
                 opt_flat=pick(state.opt_flat, j), slots=state.slots[j], batch=state.batch[1:],
                 n_seeds=state.n_seeds[j] if isinstance(state.n_seeds, tuple) else state.n_seeds)
         for j in range(n)

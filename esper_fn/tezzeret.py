@@ -4,7 +4,7 @@ Two services, both opt-in; eager `esper_fn.train_step` stays the default and the
 
 **Compiled train steps.** `KernelCache` holds `torch.compile`d train steps, one per *step key*: the
 state's structure (`esper_fn.structure`: host, optimizer, blueprint per slot, tensor keys and shapes)
-plus its role signature (which slots are live, incubating or idle on some host: `_plan`), the
+plus its role signature (which slots are live, incubating or idle on some host: `make_plan`), the
 step's options and the batch's shapes. A kernel is a pure function of tensors; the Python work of a
 step (which seeds run, which leaves train, which hosts are masked) is decided once per key, when the
 kernel is built. Kernels are built only by `KernelCache.prepare`, never by `KernelCache.step`: a
@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._apply import INCUBATION, _plan, _stepped, _update_masks, per_host_loss, step_loss, train_step
+from ._apply import INCUBATION, make_plan, stepped, update_masks, per_host_loss, step_loss, train_step
 from ._errors import BlueprintError, CompileError, ConfigError
 from ._host import Host, SlotSpec
 from ._state import Key, State, structure
@@ -163,7 +163,7 @@ def step_key(state: State, x: Tensor, y: Tensor, *, incubation: str = "shadow", 
     if cached is not None and cached[0] is state.slots:
         base = cached[1]
     else:
-        base = (structure(state), _plan(state).slot_roles)
+        base = (structure(state), make_plan(state).slot_roles)
         state._cache["tezzeret"] = (state.slots, base)
     return (base, incubation, loss_fn, float(aux_weight), bool(grad_stats), bool(with_output),
             tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
@@ -174,13 +174,13 @@ def _build(state: State, *, incubation: str, loss_fn: Callable, aux_weight: floa
     """The pure train step for `state`'s key (uncompiled). Mirrors `esper_fn.train_step`: the same
     forward helpers, trainable keys, shadow forward and per-host masks; gradients by `torch.func.grad`
     and the optimizer's own update (`Optimizer.update_lists`, the eager step's, on fresh tensors)."""
-    plan = _plan(state)
+    plan = make_plan(state)
     shadow = incubation == "shadow" and bool(plan.incubating)
     keys = plan.trainable(shadow)
     key_set = set(keys)
     frozen_keys = tuple(k for k in state.params_flat if k not in key_set)
     buffer_keys = tuple(state.buffers_flat)
-    mask_keys = tuple(k for k in keys if k in _update_masks(state, plan, shadow))
+    mask_keys = tuple(k for k in keys if k in update_masks(state, plan, shadow))
     host, batch, opt = state.host, state.batch, state.optimizer
     mirrors = opt.mirrors
     batched = bool(batch)
@@ -439,7 +439,7 @@ class KernelCache:
 
     def _call(self, kernel: _Kernel, state: State, x: Tensor, y: Tensor):
         pf, opt = state.params_flat, state.opt_flat
-        masks = _update_masks(state, _plan(state), kernel.shadow)
+        masks = update_masks(state, make_plan(state), kernel.shadow)
         return kernel.fn(
             [pf[k] for k in kernel.keys], [pf[k] for k in kernel.frozen_keys],
             [state.buffers_flat[k] for k in kernel.buffer_keys],
@@ -463,7 +463,7 @@ class KernelCache:
         self._counts["hits"] += 1
         self._kernels.move_to_end(key)
         new_p, new_s, hb, sb, metrics = self._call(kernel, state, x, y)
-        return _stepped(state, kernel.keys, new_p, new_s, hb, sb), metrics
+        return stepped(state, kernel.keys, new_p, new_s, hb, sb), metrics
 
 
 # ============================================================================ characterisation

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ._apply import INCUBATING, LIVE, _inputs, _make_slot_fn, _on_masks, _plan, _run, roles, train_step, trained_keys
+from ._apply import INCUBATING, LIVE, slot_inputs, make_slot_fn, on_masks, make_plan, forward_pass, roles, train_step, trained_keys
 from ._apply import check_batch
 from ._errors import GraftError
 from ._lifecycle import Stage
@@ -257,7 +257,7 @@ def contribution_stats(state: State, x: Tensor, y: Tensor, *, logits: Tensor | N
         ``{slot: {"contribution": float, "se": float}}`` (one dict per host when stacked);
         "contribution" equals `contributions`'.
     """
-    plan = _plan(state)
+    plan = make_plan(state)
     entries = plan.live
     nb = len(state.batch)
     if nb and y.dim() == 1:  # one batch for every host
@@ -273,7 +273,7 @@ def contribution_stats(state: State, x: Tensor, y: Tensor, *, logits: Tensor | N
         return right.float().mean(-1).reshape(n_hosts)
 
     if logits is None:
-        logits = _run(state, plan, entries, state.params_flat, x, False)[0]
+        logits = forward_pass(state, plan, entries, state.params_flat, x, False)[0]
     right = correct(logits)
     live = accuracy(right)
     n = y.shape[-1]
@@ -281,7 +281,7 @@ def contribution_stats(state: State, x: Tensor, y: Tensor, *, logits: Tensor | N
     out: list[dict[str, dict[str, float]]] = [{} for _ in range(n_hosts)]
     for name, entry in entries.items():
         without = {k: e for k, e in entries.items() if k != name}
-        right_without = correct(_run(state, plan, without, state.params_flat, x, False)[0])
+        right_without = correct(forward_pass(state, plan, without, state.params_flat, x, False)[0])
         acc = accuracy(right_without)
         d = (right.double() - right_without.double()).reshape(n_hosts, n)  # paired per-sample differences
         se = (d.std(-1, correction=1) / math.sqrt(n)).tolist() if n > 1 else [math.inf] * n_hosts
@@ -336,12 +336,12 @@ _STATS = ("mean", "var", "saturation", "dead")
 def _probe(state: State, x: Tensor):
     """One eval forward that returns the output and the slot statistics of `activation_stats`
     (one dict per host for a stacked state, with `x` shared by every host)."""
-    plan = _plan(state)
+    plan = make_plan(state)
     specs = {s.name: s for s in state.host.slots(state._host_shapes())}
     names: list[str] = []
 
     def one(host_flat, seeds, alphas, on):
-        live = _make_slot_fn(plan.live, seeds, alphas, False, [], {}, on)
+        live = make_slot_fn(plan.live, seeds, alphas, False, [], {}, on)
         rows: list[Tensor] = []
         names.clear()
 
@@ -358,9 +358,9 @@ def _probe(state: State, x: Tensor):
         y, _ = state.host.forward_fn(host_flat, x, record, False)
         return y, (torch.stack(rows) if rows else x.new_zeros(0, 4))
 
-    host_flat, seeds, alphas = _inputs(state, plan, state.params_flat, plan.live)
+    host_flat, seeds, alphas = slot_inputs(state, plan, state.params_flat, plan.live)
     if state.batch:
-        y, stats = torch.vmap(one)(host_flat, seeds, alphas, _on_masks(state, plan, plan.live))
+        y, stats = torch.vmap(one)(host_flat, seeds, alphas, on_masks(state, plan, plan.live))
         values = stats.tolist()
         return y, [{n: dict(zip(_STATS, v)) for n, v in zip(names, per)} for per in values]
     y, stats = one(host_flat, seeds, alphas, {})
@@ -372,7 +372,7 @@ def flops_per_sample(state: State, example: Tensor) -> int:
     `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions; 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    plan = _plan(state)
+    plan = make_plan(state)
     cache = state.host._plan_cache
     key = ("flops", tuple((n, state.blueprints[i]) for n, (_, _, i) in sorted(plan.live.items())),
            tuple((k, v.shape) for k, v in state.params_flat.items()))

@@ -18,7 +18,7 @@ place) and inserts the row, so two runs writing one library at once serialise an
 `gc` (which takes the same lock) never sees a half-stored seed. Identical tensors are stored once.
 Nothing is pickled: safetensors, JSON and SQLite only.
 
-Warm start: ``esper_fn.germinate(state, slot, from_library=ID, library=PATH)`` grafts a stored seed's
+Warm start: ``esper_fn.urza.warm_start(state, slot, ID, library=PATH)`` grafts a stored seed's
 trained weights instead of a fresh draw (see `fit`). The seed still enters at alpha 0, so the
 network's function is unchanged at germination; the weights it brings matter once it blends in.
 
@@ -66,6 +66,7 @@ __all__ = [
     "TensorInfo",
     "fit",
     "resolve",
+    "warm_start",
 ]
 
 SCHEMA_VERSION = 1
@@ -667,7 +668,7 @@ class Library:
 
 
 def resolve(from_library: str | SeedArtifact, library: Library | str | os.PathLike | None) -> SeedArtifact:
-    """The verified artifact `germinate(..., from_library=..., library=...)` asked for.
+    """The verified artifact `warm_start(state, slot, from_library, library=...)` asked for.
 
     Args:
         from_library: a `SeedArtifact` (already loaded), or the id of an entry in `library`.
@@ -687,6 +688,41 @@ def resolve(from_library: str | SeedArtifact, library: Library | str | os.PathLi
                              "library=PATH (or a `esper_fn.urza.Library`).")
     lib = library if isinstance(library, Library) else Library(library, create=False)
     return lib.load(from_library)
+
+
+def warm_start(state: State, slot: str, from_library: str | SeedArtifact, *, library: Library | str | os.PathLike | None = None,
+               blueprint: str | Blueprint | None = None, **germinate_kwargs) -> State:
+    """Germinate a stored seed at `slot`: its trained weights instead of a fresh draw.
+
+    The seed enters at alpha 0 like any other (the function is unchanged now); its weights matter
+    once it blends in. The lifecycle is checked before any file is read.
+
+    Args:
+        state: the state (stacked states get the stored weights on every host).
+        slot: a DORMANT slot.
+        from_library: a stored seed's id (a unique prefix) in `library`, or a loaded `SeedArtifact`.
+        library: a `Library` or its directory (needed with an id).
+        blueprint: the design to graft (default: the stored seed's); it must be the stored seed's.
+        germinate_kwargs: `esper_fn.germinate`'s other options (tempo, curve).
+
+    Returns:
+        The new state.
+
+    Raises:
+        IllegalTransitionError: the slot is not DORMANT.
+        WarmStartError: an id without a library; the stored seed is another blueprint, or its tensors
+            do not fit the slot (`fit`).
+        SeedNotFoundError, LibraryError: as `Library.load`.
+    """
+    from . import _blueprint as bpm
+    from ._lifecycle import Op, check_transition
+    from ._state import germinate
+
+    check_transition(slot, state.stage(slot), Op.GERMINATE)
+    artifact = resolve(from_library, library)
+    bp = bpm.get(blueprint if blueprint is not None else artifact.record.blueprint)
+    weights = fit(artifact, bp, state.spec(slot))
+    return germinate(state, slot, bp, weights=weights, **germinate_kwargs)
 
 
 def fit(artifact: SeedArtifact, bp: Blueprint, spec: SlotSpec) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -19,7 +19,7 @@ import torch
 import esper_fn as ef
 from esper_fn._errors import EsperError, LibraryError, SeedNotFoundError, WarmStartError
 from esper_fn._host import SlotSpec
-from esper_fn.urza import Library, SeedArtifact, fit
+from esper_fn.urza import Library, SeedArtifact, fit, warm_start
 
 INPUT = SlotSpec("input", "vector", (40,))
 
@@ -98,7 +98,7 @@ def test_warm_start_grafts_the_stored_weights_without_changing_the_function(tmp_
     s = ef.init(ef.hosts.preset("cnn-impaired"), generator=torch.Generator().manual_seed(1))
     x = torch.randn(8, 40, generator=generator)
     before = {k: v.clone() for k, v in s.params_flat.items()}
-    warm = ef.germinate(s, "input", from_library=rec.id, library=tmp_path / "lib", tempo=1)
+    warm = warm_start(s, "input", rec.id, library=tmp_path / "lib", tempo=1)
     assert s.params_flat.keys() == before.keys()
     assert all(torch.equal(s.params_flat[k], v) for k, v in before.items())  # the input state is untouched
     assert warm.blueprints[0] == "conv1d_k5@1.0.0" and warm.stage("input") == ef.Stage.GERMINATED
@@ -111,10 +111,10 @@ def test_warm_start_grafts_the_stored_weights_without_changing_the_function(tmp_
     assert not torch.allclose(ef.apply(live, x), ef.apply(s, x))  # the trained weights arrive when it blends
     # A loaded artifact works as well as an id; naming the same blueprint is fine.
     art = lib.load(rec.id)
-    again = ef.germinate(s, "input", "conv1d_k5", from_library=art)
+    again = warm_start(s, "input", art, blueprint="conv1d_k5")
     assert all(torch.equal(again.params_flat[k], v) for k, v in warm.params_flat.items())
     # A stacked state gets the stored weights on every host.
-    st = ef.germinate(ef.stack([s, s]), "input", from_library=art)
+    st = warm_start(ef.stack([s, s]), "input", art)
     assert torch.equal(st.seed_params("input")["w1"][1], donor.seed_params("input")["w1"])
 
 
@@ -124,28 +124,31 @@ def test_warm_start_refusals_are_typed_and_say_why(tmp_path, generator):
     s = ef.init(ef.hosts.preset("cnn-impaired"), generator=generator)
     with pytest.raises(WarmStartError, match=r"does not fit slot 'conv1'.*w1 is F32 \[16, 1, 5\], the slot needs F32 "
                                              r"\[16, 4, 5\]") as e:
-        ef.germinate(s, "conv1", from_library=rec.id, library=lib)
+        warm_start(s, "conv1", rec.id, library=lib)
     assert isinstance(e.value, ValueError) and isinstance(e.value, EsperError) and isinstance(e.value, ef.GraftError)
     with pytest.raises(WarmStartError, match="'conv1d_k5@1.0.0' seed.*'conv1d_k3@1.0.0'"):
-        ef.germinate(s, "input", "conv1d_k3", from_library=rec.id, library=lib)
+        warm_start(s, "input", rec.id, library=lib, blueprint="conv1d_k3")
     with pytest.raises(WarmStartError, match="library=PATH"):
-        ef.germinate(s, "input", from_library=rec.id)
+        warm_start(s, "input", rec.id)
     with pytest.raises(SeedNotFoundError, match="no seed 'ffff'") as e:
-        ef.germinate(s, "input", from_library="ffff", library=lib)
+        warm_start(s, "input", "ffff", library=lib)
     assert isinstance(e.value, LookupError) and isinstance(e.value, LibraryError)
     with pytest.raises(LibraryError, match="no seed library"):
-        ef.germinate(s, "input", from_library=rec.id, library=tmp_path / "elsewhere")
+        warm_start(s, "input", rec.id, library=tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()  # a typo never creates an empty library
-    with pytest.raises(ef.BlueprintError, match="name a blueprint"):
+    with pytest.raises(ef.BlueprintError, match="name a blueprint.*warm_start"):
         ef.germinate(s, "input")
     with pytest.raises(ef.IllegalTransitionError):  # the lifecycle is checked before any file is read
-        ef.germinate(ef.germinate(s, "input", "conv1d_k5"), "input", from_library="ffff", library=lib)
+        warm_start(ef.germinate(s, "input", "conv1d_k5"), "input", "ffff", library=lib)
     # `candidates` lists exactly the stored seeds `fit` accepts at a slot.
     assert [r.id for r in lib.candidates(s, "input")] == [rec.id]
     assert lib.candidates(s, "conv1") == []
     art = lib.load(rec.id)
     with pytest.raises(WarmStartError):
         fit(art, ef.blueprints.get("conv1d_k5"), s.spec("conv1"))
+    with pytest.raises(WarmStartError, match="w1 is .*the slot needs"):  # germinate checks weights given to it
+        bad = {k: v[..., :1] if k == "w1" else v for k, v in art.params.items()}
+        ef.germinate(s, "input", "conv1d_k5", weights=(bad, art.buffers))
 
 
 def test_a_corrupt_artifact_is_a_typed_error_naming_entry_and_file(tmp_path, generator):
@@ -161,7 +164,7 @@ def test_a_corrupt_artifact_is_a_typed_error_naming_entry_and_file(tmp_path, gen
     assert isinstance(e.value, OSError)
     s = ef.init(ef.hosts.preset("mlp-impaired"), generator=generator)
     with pytest.raises(LibraryError, match=bad.id):
-        ef.germinate(s, "input", from_library=bad.id, library=lib)
+        warm_start(s, "input", bad.id, library=lib)
     assert lib.load(good.id).record == good  # other entries are unaffected
     problems = lib.verify()
     assert [(p.id, Path(p.path).name) for p in problems] == [(bad.id, path.name)]
@@ -350,5 +353,5 @@ def test_grow_with_a_library_stores_what_it_fossilizes(tmp_path, capsys):
     assert rec.slot == germ["slot"] == foss["slot"] and rec.blueprint == germ["blueprint"]
     assert rec.epochs == foss["epoch"] - germ["epoch"]
     s = ef.init(ef.hosts.preset("mlp-impaired"), generator=torch.Generator().manual_seed(5))
-    warm = ef.germinate(s, rec.slot, from_library=rec.id, library=lib_path)
+    warm = warm_start(s, rec.slot, rec.id, library=lib_path)
     assert warm.blueprints[warm.index(rec.slot)] == rec.blueprint
