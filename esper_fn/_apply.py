@@ -41,12 +41,35 @@ alpha > 0, HOLDING, FOSSILIZED: ``h + alpha * delta`` in the live forward."""
 def roles(state: State) -> Tensor:
     """The role code of every slot on every host: int64 ``[*batch, S]`` (see `LIVE` etc.)."""
     stage, alpha = state.slots["stage"], state.slots["alpha"]
-    out = torch.zeros_like(stage)
-    out[stage == int(Stage.GERMINATED)] = IDLE
-    out[(stage == int(Stage.TRAINING)) | ((stage == int(Stage.BLENDING)) & (alpha <= 0))] = INCUBATING
-    out[((stage == int(Stage.BLENDING)) & (alpha > 0)) | (stage == int(Stage.HOLDING))
-        | (stage == int(Stage.FOSSILIZED))] = LIVE
-    return out
+    blending = stage == int(Stage.BLENDING)
+    # torch.where rather than boolean-mask assignment: no data-dependent shapes, so nothing waits for
+    # a device or breaks a compiled graph.
+    live = (blending & (alpha > 0)) | (stage == int(Stage.HOLDING)) | (stage == int(Stage.FOSSILIZED))
+    incubating = (stage == int(Stage.TRAINING)) | (blending & (alpha <= 0))
+    out = torch.where(stage == int(Stage.GERMINATED), IDLE, NONE)
+    out = torch.where(incubating, INCUBATING, out)
+    return torch.where(live, LIVE, out)
+
+
+def slot_view(state: State) -> tuple[Tensor, Tensor, Tensor]:
+    """What the forward needs of the slot records, on the state's device: the alphas (float32
+    ``[*batch, S]``), the roles (int64 ``[*batch, S]``, `roles`) and the stages (int64).
+
+    The records stay on the CPU (lifecycle decisions read them without waiting for the device); this
+    copy is made once per record and cached with the state's structure, so the steps between two
+    lifecycle changes (an epoch of `train_step`s) copy nothing. On the CPU it is the records
+    themselves.
+    """
+    cache = getattr(state, "_cache", None)
+    if cache is None:  # a compiled kernel's view (esper_fn.tezzeret): its records are already on the device
+        return state.slots["alpha"], roles(state), state.slots["stage"]
+    cached = cache.get("slot_view")
+    if cached is not None and cached[0] is state.slots:
+        return cached[1]
+    device = state.device
+    view = (state.slots["alpha"].to(device), roles(state).to(device), state.slots["stage"].to(device))
+    state._cache["slot_view"] = (state.slots, view)
+    return view
 
 
 @dataclass(frozen=True)
@@ -178,7 +201,7 @@ def on_masks(state: State, plan: Plan, entries, shadow: bool = False) -> dict[st
         if plan.slot_roles[i] <= wanted:
             continue
         if r is None:
-            r = roles(state)
+            r = slot_view(state)[1]
         m = r[..., i] == LIVE
         if shadow:
             m = m | (r[..., i] == INCUBATING)
@@ -199,7 +222,7 @@ def slot_inputs(state: State, plan: Plan, params: Mapping[Key, Tensor], entries,
             if k[0] == "seeds" and k[1] == name:
                 d[k[2]] = v
         seeds[name] = d
-    alpha = state.slots["alpha"] if alpha is None else alpha
+    alpha = slot_view(state)[0] if alpha is None else alpha
     alphas = {name: alpha[..., i] for name, (_, _, i) in entries.items()}
     return host_flat, seeds, alphas
 
@@ -420,7 +443,7 @@ def update_masks(state: State, plan: Plan, shadow: bool) -> dict[Key, Tensor]:
     cached = state._cache.get(("masks", shadow))
     if cached is not None and cached[0] is state.slots:
         return cached[1]
-    r = roles(state)
+    r = slot_view(state)[1]
     out: dict[Key, Tensor] = {}
     for n, (_, _, i) in {**plan.live, **plan.incubating}.items():
         present = plan.slot_roles[i]
@@ -439,8 +462,8 @@ def update_masks(state: State, plan: Plan, shadow: bool) -> dict[Key, Tensor]:
 def _shadow_forward(state: State, plan: Plan, params: dict[Key, Tensor], x: Tensor):
     """The shadow forward: every incubating seed fused at alpha 1 over detached host weights, so
     only incubating seeds learn from it (per host, on stacked states). Returns (output, aux)."""
-    r = roles(state)
-    alpha = torch.where(r == INCUBATING, torch.ones_like(state.slots["alpha"]), state.slots["alpha"])
+    alpha, r, _ = slot_view(state)
+    alpha = torch.where(r == INCUBATING, torch.ones_like(alpha), alpha)
     sp = {}
     for k, v in params.items():
         if k[0] == "host" or k[1] not in plan.incubating:

@@ -22,6 +22,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from . import _blueprint as bpm
+from ._device import check_device, check_float_dtype
 from ._errors import DonatedStateError, GateError, GraftError, HostError, WarmStartError
 from ._host import Host, SlotSpec
 from ._lifecycle import (
@@ -110,7 +111,7 @@ class State:
         opt_flat: ``{(mirror, *param_key): tensor}`` for every mirror of `optimizer`.
         slots: TensorDict with batch size ``[*batch, S]`` and int64 "stage", float32 "alpha",
             int64 "curve" (index into `CURVES`), "tempo" (blend epochs), "epochs" (in stage) and
-            "seed_id" (-1 when empty).
+            "seed_id" (-1 when empty), on the CPU wherever the state lives (see `State.to`).
         slot_names: the S slot names, in host order.
         blueprints: blueprint id per slot, or None where the slot holds no seed.
         n_seeds: seeds germinated so far (the next seed id); one count per host when stacked.
@@ -225,11 +226,45 @@ class State:
     def seed_params(self, slot: str) -> dict[str, Tensor]:
         return {k[2]: v for k, v in self.params_flat.items() if k[0] == "seeds" and k[1] == slot}
 
+    # -- device and dtype ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device the state's parameters, buffers and optimizer state live on (that of its host
+        parameters; the slot records stay on the CPU)."""
+        return placement(self.params_flat)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the host parameters (float32 unless the host was built or
+        cast otherwise); seeds are born in it and floating-point input must have it."""
+        return placement(self.params_flat)[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """The state on another device and/or in another floating-point dtype (a new state; this one
+        is unchanged).
+
+        Parameters, buffers and optimizer state move to `device`. With `dtype`, floating-point
+        parameters, buffers and optimizer moments are cast to it; the optimizer's step counts stay
+        float32. The slot records (`slots`) stay on the CPU in their own dtypes, wherever the state
+        lives: they are what lifecycle decisions read, so reading a stage never waits for the device
+        (the forward takes a device copy of the alphas once per change of the record).
+
+        Args:
+            device: e.g. "cpu", "cuda", "cuda:1", "meta"; None keeps the device.
+            dtype: a floating-point dtype (torch.float64, torch.bfloat16, ...); None keeps it.
+
+        Raises:
+            ConfigError: `device` is not a device name, or `dtype` not a floating-point dtype.
+            CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
+        """
+        return to(self, device, dtype)
+
 
 # --- construction ----------------------------------------------------------------------------
 
 
-def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Generator | None = None) -> State:
+def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Generator | None = None,
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
     """A fresh state for `host`: initial parameters, zero optimizer state, every slot DORMANT.
 
     Args:
@@ -237,17 +272,30 @@ def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Gen
         optimizer: functional optimizer (default ``esper_fn.optim.adam(1e-2)``).
         generator: source of randomness for the host's initial weights. A wrapped host
             (`esper_fn.wrap`) is re-drawn from it, each layer by its own reset rule; without one it
-            starts from the module's weights.
+            starts from the module's weights. The weights are drawn where the generator lives (a
+            CPU generator draws on the CPU), then moved, so one seed gives the same weights on
+            every device.
+        device: where the state lives: "cpu", "cuda", "meta", ...; None: where the host's weights
+            are (the CPU for the built-in hosts, the module's device for a wrapped host).
+        dtype: the floating-point dtype of the parameters, buffers and optimizer moments (e.g.
+            torch.float64, torch.bfloat16); None: the host's (float32 for the built-in hosts, the
+            module's for a wrapped host). Seeds germinated later are born in it; floating-point
+            input must have it.
 
     Raises:
         HostError: a wrapped host has a parameter no known reset rule covers, and `generator` is set.
+        ConfigError: `device` is not a device name, or `dtype` not a floating-point dtype.
+        CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
     """
+    device, dtype = check_device(device, "init"), check_float_dtype(dtype, "init")
     optimizer = optimizer or adam(1e-2)
     p, b = host.init_fn(generator)
+    names = tuple(s.name for s in host.slots(p))
+    if device is not None or dtype is not None:
+        p, b = place(p, device, dtype), place(b, device, dtype)
     params = {("host", *k.split(".")): v for k, v in p.items()}
     buffers = {("host", *k.split(".")): v for k, v in b.items()}
     opt = {(m, *k): zero_leaf(m, v) for m in optimizer.mirrors for k, v in params.items()}
-    names = tuple(s.name for s in host.slots(p))
     S = len(names)
     slots = TensorDict(
         {
@@ -261,6 +309,41 @@ def init(host: Host, *, optimizer: Optimizer | None = None, generator: torch.Gen
         batch_size=[S],
     )
     return State(host, optimizer, params, buffers, opt, slots, names, (None,) * S)
+
+
+def placement(flat: Mapping) -> tuple[torch.device, torch.dtype]:
+    """``(device, floating dtype)`` of a flat parameter map: the device of its first tensor and the
+    dtype of its first floating-point tensor (float32 if none is)."""
+    device, dtype = torch.device("cpu"), None
+    for i, v in enumerate(flat.values()):
+        if i == 0:
+            device = v.device
+        if v.is_floating_point():
+            dtype = v.dtype
+            break
+    return device, dtype or torch.float32
+
+
+def place(tensors: Mapping, device: torch.device | str | None, dtype: torch.dtype | None
+          ) -> dict:
+    """`tensors` (a flat map) moved to `device` with floating-point ones cast to `dtype` (None keeps either);
+    tensors already there are returned as they are (not copied)."""
+    out = {}
+    for k, v in tensors.items():
+        dt = dtype if dtype is not None and v.is_floating_point() else v.dtype
+        out[k] = v.to(device=device if device is not None else v.device, dtype=dt)
+    return out
+
+
+def to(state: State, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+    """`State.to`: the state on `device` in `dtype` (see there)."""
+    device, dtype = check_device(device, "State.to"), check_float_dtype(dtype, "State.to")
+    opt = {}
+    for k, v in state.opt_flat.items():
+        dt = dtype if dtype is not None and k[0] != "step" and v.is_floating_point() else v.dtype
+        opt[k] = v.to(device=device if device is not None else v.device, dtype=dt)
+    return derive(state, params_flat=place(state.params_flat, device, dtype),
+                  buffers_flat=place(state.buffers_flat, device, dtype), opt_flat=opt)
 
 
 def derive(state: State, *, _owned: frozenset = frozenset(), _keep_cache: bool = False, **changes) -> State:
@@ -311,7 +394,9 @@ def germinate(
 ) -> State:
     """Graft a new seed into a DORMANT slot. The network's function is unchanged (the delta is 0).
 
-    The seed's parameters get zero optimizer state in every mirror.
+    The seed's parameters get zero optimizer state in every mirror. The seed is born on the state's
+    device and in its dtype (`State.device`, `State.dtype`): the blueprint draws its weights in
+    float32 with `generator` (a CPU generator), and they are moved and cast once.
 
     Args:
         state: current state.
@@ -366,6 +451,10 @@ def germinate(
         p, b = _checked_weights(weights, bp, spec)
     else:
         p, b = bp.init(spec, generator)
+    # Blueprints draw in float32 where the generator lives (the CPU); the seed is then born in the
+    # host's dtype and on its device, so one generator gives the same seed everywhere (to rounding).
+    device, dtype = placement(state.params_flat)
+    p, b = place(p, device, dtype), place(b, device, dtype)
     if state.batch:
         p = {k: v.expand(*state.batch, *v.shape).clone() for k, v in p.items()}
         b = {k: v.expand(*state.batch, *v.shape).clone() for k, v in b.items()}

@@ -48,7 +48,7 @@ def _grow(args) -> int:
 
     flags = dict(task=args.task, host=args.host, controller=args.controller, epochs=args.epochs, seed=args.seed,
                  lr=args.lr, param_budget=args.param_budget, param_budget_ratio=args.param_budget_ratio,
-                 library=args.library)
+                 library=args.library, device=args.device)
     base = None
     if args.resume:  # the run's own config.yaml is the base: a bare --resume continues it as it was
         if args.out is None:
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="if --out holds a run, move it aside to OUT.old-N and start afresh")
     g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
                                                      "(created if missing; see `esper-fn library`)")
+    g.add_argument("--device", help="where the task and the network live: cpu (default), cuda, cuda:<index>")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_grow)
     r = sub.add_parser("report", help="plot a run directory to a PNG")

@@ -364,7 +364,8 @@ def standard_init(state: State, slot: str, *, generator: torch.Generator) -> Sta
                 params[("seeds", slot, name)] = torch.ones_like(t)
             continue
         bound = 1.0 / math.sqrt(fan_in)
-        params[("seeds", slot, name)] = (torch.rand(t.shape, generator=generator, dtype=t.dtype) * 2 - 1) * bound
+        draw = torch.rand(t.shape, generator=generator, dtype=t.dtype)  # on the generator's device (the CPU)
+        params[("seeds", slot, name)] = ((draw * 2 - 1) * bound).to(t.device)
     return state.replace(params_flat=params)
 
 
@@ -374,7 +375,9 @@ def start(task: Task, host: Host, *, seed: int | None = None, streams: Streams |
     """A new episode: the host initialised from the "host" stream and evaluated once.
 
     Args:
-        task: the data.
+        task: the data. The state lives on the task's device and in its dtype (`Task.to`); its
+            weights are drawn on the CPU streams and moved there, so a seed gives the same run on
+            every device (to the device's float rounding).
         host: the host to grow.
         seed: the run seed (its `Streams`); or pass `streams`.
         streams: the random streams (copied: the caller's generators are not advanced).
@@ -396,7 +399,8 @@ def start(task: Task, host: Host, *, seed: int | None = None, streams: Streams |
     if not isinstance(max_epochs, int) or max_epochs < 1:
         raise EpisodeError(f"start: max_epochs must be a positive int, got {max_epochs!r}.")
     streams = Streams.of(seed) if streams is None else streams.fork()
-    state = init(host, optimizer=optimizer or adam(1e-2), generator=streams.host)
+    state = init(host, optimizer=optimizer or adam(1e-2), generator=streams.host, device=task.device,
+                 dtype=task.dtype)
     params0 = state.num_params()
     for slot, bid in preinstall:
         state = germinate(state, slot, bid, generator=streams.seeds)
@@ -580,6 +584,8 @@ def episode_from_tensors(task: Task, host: Host, tensors: Mapping[str, torch.Ten
         raise CheckpointError(f"the episode checkpoint has no random stream(s) {missing} (tensors rng/<name>); it "
                               "cannot continue bit-identically. Start the run again in a new directory.")
     state = state_from_tensors(host, {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}, meta["state"])
+    if state.device != task.device:
+        state = state.to(task.device)  # checkpoints hold CPU tensors; the episode lives with its task
     gens = {}
     for name in RNG_STREAMS:
         g = torch.Generator()

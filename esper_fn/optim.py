@@ -91,9 +91,11 @@ Mirrors = dict[str, list[Tensor]]
 
 
 def zero_leaf(mirror: str, p: Tensor) -> Tensor:
-    """The initial optimizer-state leaf of mirror `mirror` for parameter `p`: a 0-d float32 zero
-    for "step", zeros like `p` otherwise."""
-    return torch.zeros((), dtype=torch.float32) if mirror == "step" else torch.zeros_like(p)
+    """The initial optimizer-state leaf of mirror `mirror` for parameter `p`: a 0-d float32 zero on
+    `p`'s device for "step" (a count: float32 whatever the parameters' dtype, since a bfloat16 count
+    stops at 256; the bias corrections are computed from it in at least float32), zeros like `p` (its
+    dtype and device) otherwise."""
+    return torch.zeros((), dtype=torch.float32, device=p.device) if mirror == "step" else torch.zeros_like(p)
 
 
 # ============================================================================ transforms

@@ -113,6 +113,8 @@ class RunConfig(BaseModel):
             fossilizes is stored there just before it is fossilized (a mergeable seed is folded into
             the host then), with its blueprint, slot, host, task, measured contribution, epochs since
             germination and the run id. None: nothing is stored.
+        device: where the run's task and state live ("cpu", "cuda", "cuda:1"); weights and data
+            orders are drawn on the CPU streams, so a seed starts the same run on every device.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -134,6 +136,16 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(default=25, ge=1)
     max_to_keep: int = Field(default=3, ge=1)
     library: str | None = None
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{v!r} is not a device: use cpu, cuda or cuda:<index>; closest valid value: cpu") from None
+        return v
 
     @field_validator("controller")
     @classmethod
@@ -411,7 +423,7 @@ def grow(
     if found and not resume and not overwrite:
         raise RunExistsError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume, start this "
                              "run in another --out, or pass --overwrite to move the old run aside.")
-    task = load(config.task, seed=config.seed)
+    task = load(config.task, seed=config.seed, device=config.device)
     # Sized for the task's samples and classes; a host that cannot take them is a HostError here.
     host = _host.preset(config.host, input_shape=task.input_shape, n_classes=task.n_classes)
     rules = Rules(train=config.train, gates=ctrl.gates, governor=config.governor, lifecycle="auto",

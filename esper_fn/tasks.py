@@ -76,6 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._device import check_device, check_float_dtype
 from ._errors import TaskError
 
 __all__ = ["AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load"]
@@ -121,7 +122,8 @@ class Task:
 
     Attributes:
         name: the task's name, e.g. "mnist1d".
-        x_train: float32 [N_train, *input_shape].
+        x_train: float32 [N_train, *input_shape] (another floating-point dtype after `to`; every
+            split shares the dtype and the device of x_train).
         y_train: int64 [N_train], labels in [0, n_classes).
         x_val: float32 [N_val, *input_shape].
         y_val: int64 [N_val].
@@ -167,8 +169,15 @@ class Task:
                 raise TaskError(
                     f"{where}: x and y must be torch.Tensor, got {type(x).__name__} and {type(y).__name__}."
                 )
-            if x.dtype != torch.float32:
-                raise TaskError(f"{where}: x must be float32, got {x.dtype}. Convert with `x.float()`.")
+            if not x.dtype.is_floating_point:
+                raise TaskError(f"{where}: x must be floating-point (float32 as built; `Task.to(dtype=...)` "
+                                f"casts it), got {x.dtype}. Convert with `x.float()`.")
+            if x.dtype != self.x_train.dtype or x.device != self.x_train.device or y.device != x.device:
+                raise TaskError(
+                    f"{where}: x is {x.dtype} on {x.device} and y on {y.device}, but the train split's x is "
+                    f"{self.x_train.dtype} on {self.x_train.device}; every split must share one dtype and device. "
+                    "Move a task with `Task.to(device, dtype=...)`."
+                )
             if y.dtype != torch.int64:
                 raise TaskError(f"{where}: y must be int64, got {y.dtype}. Convert with `y.long()`.")
             if tuple(x.shape[1:]) != shape:
@@ -180,10 +189,42 @@ class Task:
                 raise TaskError(
                     f"{where}: y must be [N] with N = len(x) = {x.shape[0]}, got shape {tuple(y.shape)}."
                 )
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            if y.numel() and y.device.type != "meta" and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
                 raise TaskError(
                     f"{where}: labels span [{int(y.min())}, {int(y.max())}], outside [0, {self.n_classes})."
                 )
+
+    @property
+    def device(self) -> torch.device:
+        """The device the task's tensors live on (every split shares it)."""
+        return self.x_train.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the inputs x (float32 unless cast with `to`)."""
+        return self.x_train.dtype
+
+    def to(self, device: torch.device | str | None = None, *, dtype: torch.dtype | None = None) -> Task:
+        """The same task with its tensors on `device` and its inputs in `dtype` (a new task; this one
+        is unchanged). Batches are then drawn on that device: `batches` moves the epoch's order
+        there once and slices the gathered split, so no batch is copied from the host.
+
+        Args:
+            device: e.g. "cpu", "cuda"; None keeps the device.
+            dtype: a floating-point dtype for x (e.g. torch.float64, to train a float64 state);
+                labels stay int64. None keeps it.
+
+        Raises:
+            ConfigError: `device` is not a device name, or `dtype` not a floating-point dtype.
+            CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
+        """
+        device, dtype = check_device(device, "Task.to"), check_float_dtype(dtype, "Task.to")
+        moved = {}
+        for split in SPLITS:
+            x, y = self.split(split)
+            moved[f"x_{split}"] = x.to(device=device if device is not None else x.device, dtype=dtype or x.dtype)
+            moved[f"y_{split}"] = y.to(device if device is not None else y.device)
+        return replace(self, **moved)
 
     @classmethod
     def from_arrays(
@@ -374,7 +415,9 @@ class Task:
                     f"{type(generator).__name__}. Pass generator=torch.Generator().manual_seed(seed), or "
                     f"shuffle=False for a fixed order."
                 )
-            order = torch.randperm(n, generator=generator)
+            # Drawn on the CPU generator (the same order on every device), then one gather on the
+            # data's device; the batches are slices of it.
+            order = torch.randperm(n, generator=generator).to(x.device)
             x, y = x[order], y[order]
         else:
             x, y = x.clone(), y.clone()
@@ -392,7 +435,7 @@ def _check_batch_size(batch_size: int) -> None:
         raise TaskError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
-def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
+def load(name: str, *, seed: int = 0, val_fraction: float = 0.2, device: torch.device | str | None = None) -> Task:
     """Build a task by name. Same arguments, same tensors.
 
     Args:
@@ -408,6 +451,8 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
         val_fraction: the validation share, in (0, 0.8): of all samples for the pooled tasks
             (20% of them are test; the default gives 60/20/20) and MNIST-1D, of the training split
             for the aeon tasks, which keep a shipped-size test split.
+        device: where the tensors live ("cpu", "cuda", ...); None: the CPU. The data are built on
+            the CPU and moved once (`Task.to`), so every device holds the same values.
 
     Returns:
         A `Task` whose tensors are fresh copies: modifying them changes no other task.
@@ -417,6 +462,8 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
             no validation or no training sample, an aeon name that the installed wheel does not
             bundle (listing those it does), an unreadable or malformed CSV file (naming the line),
             or a missing ``bench`` extra for the real data sets.
+        ConfigError: `device` is not a device name.
+        CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
     """
     if not isinstance(name, str) or not (
         name in TASK_NAMES or name.startswith(AEON_PREFIX) or name.startswith(CSV_PREFIX)
@@ -435,7 +482,13 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
             f"val_fraction must be a number in (0, {1.0 - TEST_FRACTION:g}) (a fraction of all samples of a pooled "
             f"task, {TEST_FRACTION:g} of which are test, or of an aeon task's training split), got {val_fraction!r}."
         )
-    val_fraction = float(val_fraction)
+    device = check_device(device, "load")
+    task = _build(name, seed, float(val_fraction))
+    return task if device is None else task.to(device)
+
+
+def _build(name: str, seed: int, val_fraction: float) -> Task:
+    """`load`'s task on the CPU (arguments checked)."""
     if name.startswith(AEON_PREFIX):
         canonical = _aeon_bundled_name(name)
         return _aeon_task(f"{AEON_PREFIX}{canonical}", canonical, "shipped", seed, val_fraction)

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from . import _blueprint as bpm
-from ._apply import INCUBATION, make_plan, stepped, update_masks, per_host_loss, step_loss, train_step
+from ._apply import INCUBATION, make_plan, slot_view, stepped, update_masks, per_host_loss, step_loss, train_step
 from ._errors import BlueprintError, CompileError, ConfigError
 from ._host import Host, SlotSpec
 from ._state import Key, State, structure
@@ -440,11 +440,12 @@ class KernelCache:
     def _call(self, kernel: _Kernel, state: State, x: Tensor, y: Tensor):
         pf, opt = state.params_flat, state.opt_flat
         masks = update_masks(state, make_plan(state), kernel.shadow)
+        alpha, _, stage = slot_view(state)  # the slot records on the state's device (cached)
         return kernel.fn(
             [pf[k] for k in kernel.keys], [pf[k] for k in kernel.frozen_keys],
             [state.buffers_flat[k] for k in kernel.buffer_keys],
             {m: [opt[(m,) + k] for k in kernel.keys] for m in state.optimizer.mirrors},
-            state.slots["stage"], state.slots["alpha"], [masks[k] for k in kernel.mask_keys], x, y)
+            stage, alpha, [masks[k] for k in kernel.mask_keys], x, y)
 
     def step(self, state: State, x: Tensor, y: Tensor, *, incubation: str = "shadow",
              loss_fn: Callable = F.cross_entropy, aux_weight: float = 1e-2, grad_stats: bool = False,

@@ -138,8 +138,8 @@ def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[t
     n, bs = x.shape[0], config.batch_size
     if batched:
         # The same draw `Task.batches` makes, once per host: each host keeps its own data order.
-        order = torch.stack([torch.randperm(n, generator=g) for g in generators])
-        xs, ys = x[order], y[order]
+        order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(x.device)
+        xs, ys = x[order], y[order]  # one gather per epoch, on the data's device
         batches = ((xs[:, i:i + bs], ys[:, i:i + bs]) for i in range(0, n, bs))
     else:
         batches = task.batches("train", bs, generator=generators[0])
@@ -163,11 +163,14 @@ def _epoch(state: State, task: Task, config: TrainConfig, generators: Sequence[t
             shadows.append(m["shadow_loss"])
         grad_sqs.append(m["grad_sq"])
         sizes.append(yb.shape[-1])
-    w = torch.tensor(sizes, dtype=torch.float32)
-    loss = (torch.stack(losses, -1) @ w) / n  # [] or [N]
-    acc = torch.stack(corrects, -1).sum(-1).float() / n
-    shadow = (torch.stack(shadows, -1) @ w) / n if shadows else None
-    grad_sq = torch.stack(grad_sqs).mean(0) if grad_sqs else torch.zeros(len(keys))  # [K] or [N, K]
+    # Everything above stayed on the device (no value was read per batch); the epoch's numbers come
+    # back to the CPU here, in one transfer per quantity.
+    dt = torch.promote_types(losses[0].dtype, torch.float32)  # sums of bfloat16 losses in float32
+    w = torch.tensor(sizes, dtype=dt, device=losses[0].device)
+    loss = ((torch.stack(losses, -1).to(dt) @ w) / n).cpu()  # [] or [N]
+    acc = (torch.stack(corrects, -1).sum(-1).float() / n).cpu()
+    shadow = ((torch.stack(shadows, -1).to(dt) @ w) / n).cpu() if shadows else None
+    grad_sq = torch.stack(grad_sqs).mean(0).cpu() if grad_sqs else torch.zeros(len(keys))  # [K] or [N, K]
     hosts = unstack(state) if batched else [state]
     r = roles(state).reshape(len(hosts), -1).tolist() if state.slot_names else [[] for _ in hosts]
     slot_index = {name: i for i, name in enumerate(state.slot_names)}
