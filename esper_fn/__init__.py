@@ -36,6 +36,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "GateError": ("._errors", "GateError"),
     "GraftError": ("._errors", "GraftError"),
     "GrownNetwork": ("._export", "GrownNetwork"),
+    "Graft": ("._modules", "Graft"),
+    "SeedFn": ("._modules", "SeedFn"),
     "Host": ("._host", "Host"),
     "HostError": ("._errors", "HostError"),
     "IllegalTransitionError": ("._errors", "IllegalTransitionError"),
@@ -137,6 +139,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         WarmStartError,
     )
     from ._export import GrownNetwork, export
+    from ._modules import Graft, SeedFn
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
     from ._serialize import state_from_tensors, state_to_tensors

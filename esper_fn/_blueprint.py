@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._errors import BlueprintError, CapabilityError
 from ._host import SlotSpec
@@ -115,6 +115,12 @@ class Blueprint:
         merge_moment: for merges that change host shapes (width growth), ``merge_moment(host,
             seed, spec) -> updates`` applied to every optimizer moment tree; None keeps host moments.
         check: extra fit test ``check(spec) -> reason | None`` beyond slot kind and layer type.
+        module: ``module(spec, tensors) -> (seed_module, reads)``: the seed as an `nn.Module` of
+            standard layers holding copies of `tensors` (its parameters and buffers by name), whose
+            output equals apply's delta; `reads` says what it is called with: "h" (the slot tensor),
+            "x_in" (the layer's input) or "h,x_in" (both). `esper_fn.export` grafts it on the
+            exported host. None: the export holds the seed as a generic `SeedFn` module that calls
+            `apply` (consumer-target seeds are folded into the host's layers instead).
     """
 
     meta: BlueprintMeta
@@ -125,6 +131,7 @@ class Blueprint:
     merge: MergeFn | None = None
     merge_moment: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], SlotSpec], dict[str, Tensor]] | None = None
     check: Callable[[SlotSpec], str | None] | None = None
+    module: Callable[[SlotSpec, Mapping[str, Tensor]], tuple[nn.Module, str]] | None = None
 
     @property
     def id(self) -> str:

@@ -1,13 +1,40 @@
-"""Export a grown network as a plain `nn.Module`."""
+"""Export a grown network as an ordinary `nn.Module` built from standard layers.
+
+`export(state)` builds the host as the module its `Host.module_fn` describes (the built-in hosts as
+`nn.Sequential` stacks of `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` and activations, or the
+transformer's `TransformerNet`; a wrapped host as a copy of its own module) and grafts every live
+seed (BLENDING with alpha > 0, HOLDING, FOSSILIZED) after the layer its slot follows, as a `Graft`
+holding the layer and the seed's module. Everything is copied: training the export leaves the state
+alone. The result prints its layers, pickles, `torch.save`s, `torch.jit.trace`s,
+`torch.export.export`s, and `esper_fn.wrap` takes it again to keep growing.
+
+Outputs equal ``esper_fn.apply(state, x)``:
+
+* exactly (the same operations on the same values) for the built-in hosts and wrapped modules with
+  seeds whose modules are standard layers (residual MLP and SwiGLU, LoRA, IA3, the Conv1d and Conv2d
+  blocks) or generic `SeedFn` modules (attention, RMSNorm, mixtures of experts, taps: they call the
+  blueprint's own ``apply``); a wrapped module containing `nn.MultiheadAttention` runs inside a
+  `CompositeAttention`, which keeps PyTorch's fused fast path off, as the functional forward does;
+* within float rounding for a live width-growth seed (Net2Net): the export folds its units into the
+  two Linears at the seed's current alpha (the merge `fossilize` does), so the consumer sums over
+  one wider matrix instead of adding the seed's output.
+
+A hand-made `Host` without a ``module_fn`` exports as a `GrownNetwork`: a module that runs the
+host's functional forward (not picklable: it holds the host's functions).
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 
-from ._apply import make_slot_fn, make_plan
+from . import _blueprint as bpm
+from . import _modules as M
+from ._apply import make_plan, make_slot_fn
 from ._errors import GraftError
-from ._state import State
+from ._state import State, check_not_donated
 
 __all__ = ["GrownNetwork", "export"]
 
@@ -28,11 +55,11 @@ def _tree(flat: dict[tuple[str, ...], Tensor], as_param: bool) -> nn.Module:
 
 
 class GrownNetwork(nn.Module):
-    """The grown network as an ordinary module: parameters under ``host.*`` and ``seeds.<slot>.*``,
-    blend weights in the ``alpha`` buffer. Train it with `torch.optim`, save it with `state_dict`.
-
-    Its forward runs the host's forward with the live seeds (BLENDING, HOLDING, FOSSILIZED) attached,
-    so ``GrownNetwork(state)(x) == esper_fn.apply(state, x)``.
+    """A grown network over a hand-made `Host` (one without ``module_fn``): parameters under
+    ``host.*`` and ``seeds.<slot>.*``, blend weights in the ``alpha`` buffer, and a forward that runs
+    the host's functional forward with the live seeds attached, so ``GrownNetwork(state)(x) ==
+    esper_fn.apply(state, x)``. Train it with `torch.optim`, save it with `state_dict` (it holds the
+    host's functions, so it does not pickle: give the host a ``module_fn`` for that).
     """
 
     def __init__(self, state: State):
@@ -52,7 +79,7 @@ class GrownNetwork(nn.Module):
         for k, v in state.buffers_flat.items():
             if k[0] == "seeds" and k[1] in self._entries:
                 self._module_at(self.seeds, k[1:-1]).register_buffer(k[-1], v.detach().clone())
-        self.register_buffer("alpha", state.slots["alpha"].detach().clone())
+        self.register_buffer("alpha", state.slots["alpha"].detach().clone().to(state.device))
 
     @staticmethod
     def _module_at(root: nn.Module, path: tuple[str, ...]) -> nn.Module:
@@ -87,7 +114,83 @@ class GrownNetwork(nn.Module):
         return y
 
 
-def export(state: State) -> GrownNetwork:
-    """The grown network of `state` as a plain `nn.Module` (in eval mode) with the same outputs as
-    ``esper_fn.apply(state, x)``. Parameters are copied: training the export leaves `state` alone."""
-    return GrownNetwork(state).eval()
+def export(state: State) -> nn.Module:
+    """The grown network of `state` as an ordinary `nn.Module` (in eval mode, on the state's device,
+    in its dtype) whose outputs equal ``esper_fn.apply(state, x)`` (see the module docstring for
+    where exactly and where within float rounding).
+
+    The host's layers are standard modules and each live seed is a `Graft` after the layer its slot
+    follows (`Graft.layer`, `Graft.seed`, blend weight `Graft.alpha`); seeds that are not live
+    (GERMINATED, TRAINING) are left out, as the live forward leaves them out. Parameters are copies,
+    so training the export leaves `state` alone; train it with `torch.optim`, pickle it, trace it,
+    or `esper_fn.wrap` it again to keep growing.
+
+    Args:
+        state: a single (unstacked) state.
+
+    Returns:
+        The module (a `GrownNetwork` for a hand-made `Host` without ``module_fn``).
+
+    Raises:
+        GraftError: the state is stacked; or a live width-growth seed cannot be folded because the
+            seed at its consumer's slot reads the consumer's input (fossilize or prune one first).
+        DonatedStateError: the state was donated to a `train_step`.
+    """
+    if state.batch:
+        raise GraftError(f"export: the state is stacked over {state.batch}; export one host "
+                         "at a time (`esper_fn.unstack(state)`).")
+    check_not_donated(state, "export")
+    host = state.host
+    if host.module_fn is None:
+        return GrownNetwork(state).eval()
+    plan = make_plan(state)
+    alpha = state.slots["alpha"].to(state.device)
+    flat = {".".join(k[1:]): v for k, v in state.params_flat.items() if k[0] == "host"}
+    flat.update({".".join(k[1:]): v for k, v in state.buffers_flat.items() if k[0] == "host"})
+    grafts = {}
+    for slot, (bp, spec, i) in plan.live.items():
+        seed = _seed_tensors(state, slot)
+        if bp.meta.target == "consumer":  # width growth: its units become rows and columns of two Linears
+            _check_foldable(state, slot, bp)
+            flat.update(bp.merge(flat, seed, spec, alpha[i]))
+        else:
+            grafts[slot] = (bp, spec, seed, alpha[i])
+    module, paths = host.module_fn(flat)
+    for slot, (bp, spec, seed, a) in grafts.items():
+        if bp.module is not None:
+            seed_module, reads = bp.module(spec, seed)
+        else:
+            params = {k[2]: v for k, v in state.params_flat.items() if k[:2] == ("seeds", slot)}
+            buffers = {k[2]: v for k, v in state.buffers_flat.items() if k[:2] == ("seeds", slot)}
+            seed_module, reads = M.SeedFn(bp.id, spec, params, buffers), "h,x_in"
+        path = paths[slot]
+        if path == "":  # a slot on the input, read before the module's own forward
+            graft = M.Graft(nn.Identity(), seed_module, a.detach().clone(), reads, at_input=True)
+            module = nn.Sequential(OrderedDict(input=graft, net=module))
+            paths = {k: (f"net.{v}" if v else "") for k, v in paths.items()}
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        layer = parent.get_submodule(name)
+        graft = M.Graft(layer, seed_module, a.detach().clone(), reads, at_input=slot == "input")
+        parent.register_module(name, graft)
+    return module.eval()
+
+
+def _seed_tensors(state: State, slot: str) -> dict[str, Tensor]:
+    out = {k[2]: v for k, v in state.params_flat.items() if k[:2] == ("seeds", slot)}
+    out.update({k[2]: v for k, v in state.buffers_flat.items() if k[:2] == ("seeds", slot)})
+    return out
+
+
+def _check_foldable(state: State, slot: str, bp: bpm.Blueprint) -> None:
+    consumer = state.spec(slot).consumer
+    other = state.blueprints[state.index(consumer)] if consumer is not None else None
+    if other is None or state.stage(consumer).name not in ("BLENDING", "HOLDING", "FOSSILIZED"):
+        return
+    if bpm.registry()[other].meta.layer_types is not None:
+        raise GraftError(
+            f"export: slot {slot!r} holds a live width-growth seed {bp.id!r}, which the export folds into layer "
+            f"{consumer!r} (widening its input), and slot {consumer!r} holds {other!r}, which reads that layer's "
+            f"input at its old width. Fossilize or prune one of the two seeds before exporting."
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
+from . import _modules as M
 from ._errors import HostError
 
 __all__ = [
@@ -110,6 +112,12 @@ class Host:
         input_shapes: the per-sample shapes (without the batch dimension) the forward accepts, e.g.
             ``((40,),)``; `check_input` holds every batch to them. None: not checked.
         input_dtypes: the dtypes the forward accepts (e.g. ``(torch.float32,)``); None: not checked.
+        module_fn: ``module_fn(flat) -> (module, paths)``: the host as an ordinary `nn.Module` built
+            from standard layers and holding copies of `flat` (dotted names to parameters and
+            buffers, as `forward_fn` takes them), whose forward equals `forward_fn` with no seeds;
+            ``paths`` maps every slot name to the submodule the slot follows ("" for an input slot
+            read before the module's own forward). `esper_fn.export` grafts the live seeds there.
+            None (a hand-made `Host`): `export` returns a functional `GrownNetwork` instead.
     """
 
     name: str
@@ -121,6 +129,7 @@ class Host:
     _plan_cache: dict = field(default_factory=dict, repr=False)  # esper_fn._apply's per-structure plans
     input_shapes: tuple[tuple[int, ...], ...] | None = None
     input_dtypes: tuple[torch.dtype, ...] | None = None
+    module_fn: Callable[[Mapping[str, Tensor]], tuple[nn.Module, Mapping[str, str]]] | None = None
 
     def init_like(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Parameters and buffers with the keys, shapes and dtypes of a fresh init (values are
@@ -319,11 +328,28 @@ def mlp(
             )
         return tuple(specs)
 
+    def module_fn(flat):
+        layers: dict[str, nn.Module] = {}
+        if raw is not None and len(raw) == 2:
+            layers["to_channels"] = M.Transpose(-1, -2)
+        layers["input"] = nn.Identity()
+        if raw is not None:
+            layers["flatten"] = nn.Flatten(-len(raw), -1)
+        with M.on_meta():
+            for i, nm in enumerate(names):
+                out_f, in_f = flat[nm + ".weight"].shape
+                layers[nm] = nn.Linear(in_f, out_f)
+                if i < n - 1:
+                    layers[f"act{i + 1}"] = M.activation(activation)
+        module = M.load(nn.Sequential(OrderedDict(layers)), flat)
+        return module, {"input": "input", **{nm: nm for nm in names}}
+
     cfg: dict[str, Any] = {"kind": "mlp", "widths": list(widths), "activation": activation}
     if raw is not None:  # only then: the configs (and checkpoints) of flat-vector MLPs are unchanged
         cfg["input_shape"] = list(raw)
     return Host(name or "mlp-" + "-".join(map(str, widths)), init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=((widths[0],) if raw is None else tuple(raw),), input_dtypes=(torch.float32,))
+                input_shapes=((widths[0],) if raw is None else tuple(raw),), input_dtypes=(torch.float32,),
+                module_fn=module_fn)
 
 
 # --- 1D CNN ------------------------------------------------------------------------------------
@@ -398,13 +424,31 @@ def cnn1d(
         specs.append(SlotSpec("fc", "vector", (out_f,), layer="fc", layer_type="linear", in_shape=(in_f,)))
         return tuple(specs)
 
+    def module_fn(flat):
+        layers: dict[str, nn.Module] = {}
+        if in_channels is not None:
+            layers["to_channels"] = M.Transpose(-1, -2)
+        layers["input"] = nn.Identity()
+        if in_channels is None:
+            layers["to_channels"] = nn.Unflatten(-1, (1, length))
+        with M.on_meta():
+            for i, nm in enumerate(names):
+                co, ci, k = flat[nm + ".weight"].shape
+                layers[nm] = nn.Conv1d(ci, co, k, stride=stride, padding=padding)
+                layers[f"act{i + 1}"] = nn.ReLU()
+            layers["flatten"] = nn.Flatten(-2, -1)
+            out_f, in_f = flat["fc.weight"].shape
+            layers["fc"] = nn.Linear(in_f, out_f)
+        module = M.load(nn.Sequential(OrderedDict(layers)), flat)
+        return module, {"input": "input", "fc": "fc", **{nm: nm for nm in names}}
+
     cfg = {"kind": "cnn1d", "channels": list(channels), "kernels": list(kernels), "length": length,
            "n_classes": n_classes, "stride": stride, "padding": padding}
     if in_channels is not None:  # only then: one-channel CNNs keep their configs (and checkpoints)
         cfg["in_channels"] = in_channels
     return Host(name or "cnn1d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg,
                 input_shapes=((length,) if in_channels is None else (length, in_channels),),
-                input_dtypes=(torch.float32,))
+                input_dtypes=(torch.float32,), module_fn=module_fn)
 
 
 # --- 2D CNN ------------------------------------------------------------------------------------
@@ -480,10 +524,23 @@ def cnn2d(
         specs.append(SlotSpec("fc", "vector", (out_f,), layer="fc", layer_type="linear", in_shape=(in_f,)))
         return tuple(specs)
 
+    def module_fn(flat):
+        layers: dict[str, nn.Module] = {"input": nn.Identity()}
+        with M.on_meta():
+            for i, nm in enumerate(names):
+                co, ci, k, _ = flat[nm + ".weight"].shape
+                layers[nm] = nn.Conv2d(ci, co, k, stride=stride, padding=padding)
+                layers[f"act{i + 1}"] = nn.ReLU()
+            layers["flatten"] = nn.Flatten(-3, -1)
+            out_f, in_f = flat["fc.weight"].shape
+            layers["fc"] = nn.Linear(in_f, out_f)
+        module = M.load(nn.Sequential(OrderedDict(layers)), flat)
+        return module, {"input": "input", "fc": "fc", **{nm: nm for nm in names}}
+
     cfg = {"kind": "cnn2d", "channels": list(channels), "kernels": list(kernels), "image_shape": list(image),
            "n_classes": n_classes, "stride": stride, "padding": padding}
     return Host(name or "cnn2d-" + "-".join(map(str, channels)), init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=(image,), input_dtypes=(torch.float32,))
+                input_shapes=(image,), input_dtypes=(torch.float32,), module_fn=module_fn)
 
 
 # --- transformer -------------------------------------------------------------------------------
@@ -565,6 +622,15 @@ def transformer(
                                   layer_type="block", in_shape=(seq_len, d_model)))
         return tuple(specs)
 
+    def module_fn(flat):
+        with M.on_meta():
+            embed = (nn.Embedding(vocab_size, d_model) if vocab_size is not None
+                     else nn.Linear(in_features, d_model))
+            blocks = [M.TransformerBlock(d_model, n_heads, hd) for _ in range(n_layers)]
+            net = M.TransformerNet(embed, seq_len, d_model, blocks, n_classes)
+        module = M.load(net, flat)
+        return module, {"input": "input", **{f"block{i + 1}": f"blocks.{i}" for i in range(n_layers)}}
+
     cfg = {"kind": "transformer", "seq_len": seq_len, "d_model": d_model, "n_heads": n_heads,
            "n_layers": n_layers, "n_classes": n_classes, "in_features": in_features,
            "vocab_size": vocab_size, "mlp_ratio": mlp_ratio}
@@ -574,7 +640,7 @@ def transformer(
         shapes = ((seq_len,), (seq_len, 1)) if in_features == 1 else ((seq_len, in_features),)
         dtypes = (torch.float32,)
     return Host(name or f"transformer-{d_model}x{n_layers}", init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=shapes, input_dtypes=dtypes)
+                input_shapes=shapes, input_dtypes=dtypes, module_fn=module_fn)
 
 
 # --- wrap an arbitrary nn.Module -----------------------------------------------------------------
@@ -692,10 +758,12 @@ def wrap(
 
         return hook
 
+    handles: list[tuple[str, Any]] = []  # (submodule path, hook handle): removed from a copy on export
     for path, m in chosen.items():
-        m.register_forward_hook(make_hook(path))
+        handles.append((path, m.register_forward_hook(make_hook(path))))
     if input_slot:
-        template.register_forward_pre_hook(lambda mod, args: (active[0]("input", args[0], None),) + args[1:])
+        handles.append(("", template.register_forward_pre_hook(
+            lambda mod, args: (active[0]("input", args[0], None),) + args[1:])))
 
     param_names = [n for n, _ in template.named_parameters()]
     buffer_names = [n for n, _ in template.named_buffers()]
@@ -805,9 +873,32 @@ def wrap(
                 f"{', '.join(_RULE_TYPES)}). Call `esper_fn.init(host)` without a generator to start from the "
                 "module's own weights (for a seed sweep, build and wrap the module once per seed)."
             )
-        params = {n: rule(init_params[n], g) for n, rule in rules.items()}
+        # Drawn where the generator lives (a CPU generator on the CPU), then put where the module's
+        # weights are: one generator gives the same weights on every device.
+        params = {n: rule(torch.empty_like(init_params[n], device=g.device), g).to(init_params[n].device)
+                  for n, rule in rules.items()}
         buffers = {n: reset_buffers[n](v) if n in reset_buffers else v.clone() for n, v in init_buffers.items()}
         return params, buffers
+
+    def module_fn(flat):
+        # The template without the slot hooks (closures: neither picklable nor wanted), holding `flat`.
+        net = copy.deepcopy(template)
+        for path, handle in handles:
+            sub = net.get_submodule(path)
+            for hooks in (sub._forward_hooks, sub._forward_hooks_with_kwargs, sub._forward_hooks_always_called,
+                          sub._forward_pre_hooks, sub._forward_pre_hooks_with_kwargs):
+                hooks.pop(handle.id, None)
+        M.load(net, flat)
+        for m in net.modules():  # width growth may have widened a Linear: its repr reads these
+            if isinstance(m, nn.Linear):
+                m.out_features, m.in_features = m.weight.shape
+        paths = {_slot_name(p): p for p in chosen}
+        if input_slot:
+            paths["input"] = ""
+        if has_mha:
+            net = M.CompositeAttention(net)
+            paths = {k: (f"net.{v}" if v else "") for k, v in paths.items()}
+        return net, paths
 
     cfg = {"kind": "wrap", "module": type(module).__name__, "slots": sorted(chosen), "input_slot": input_slot,
            "param_names": param_names}
@@ -815,7 +906,7 @@ def wrap(
     dtypes = (x_dtype,) if x_dtype.is_floating_point or x_dtype.is_complex or x_dtype == torch.bool else (
         (torch.int64, torch.int32) if x_dtype in (torch.int64, torch.int32) else (x_dtype,))
     return Host(name or type(module).__name__, init_fn, forward_fn, slots_fn, cfg,
-                input_shapes=(tuple(example_input.shape[1:]),), input_dtypes=dtypes)
+                input_shapes=(tuple(example_input.shape[1:]),), input_dtypes=dtypes, module_fn=module_fn)
 
 
 _RULE_TYPES = ("nn.Linear", "nn.Conv1d/2d/3d", "nn.ConvTranspose1d/2d/3d", "nn.LayerNorm", "nn.GroupNorm",

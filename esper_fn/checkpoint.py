@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ._errors import CheckpointError, NonFiniteCheckpointError
 from ._host import Host
+from ._device import check_device
 from ._serialize import state_from_tensors, state_to_tensors
 from ._state import State
 
@@ -398,7 +399,8 @@ class CheckpointManager:
         return tensors, dict(manifest.metadata)
 
 
-    def restore_state(self, host: Host, step: int | None = None) -> tuple[State, dict[str, Any]]:
+    def restore_state(self, host: Host, step: int | None = None, *, device: torch.device | str | None = None
+                      ) -> tuple[State, dict[str, Any]]:
         """Load, verify and rebuild a `State` saved with ``save(step, state, metadata)`` (or by
         `esper_fn.run.grow`).
 
@@ -420,6 +422,9 @@ class CheckpointManager:
         Args:
             host: the host the state was made with.
             step: the step to restore; None means the latest.
+            device: where the restored state lives ("cpu", "cuda", ...); None: the CPU. A state
+                saved from any device restores onto any other (checkpoints hold CPU tensors), in
+                the dtype it was saved in.
 
         Returns:
             ``(state, metadata)``: the state, and the metadata saved with it (without its "state"
@@ -429,7 +434,10 @@ class CheckpointManager:
             CheckpointError: as `restore`; the checkpoint holds no State; or it does not fit `host`
                 (the message names the tensor, the expected and the found shape and dtype).
             NonFiniteCheckpointError: a parameter, buffer or optimizer moment is NaN or infinite.
+            ConfigError, CapabilityError: `device` is not a device, or not one this machine has
+                (checked before anything is read).
         """
+        device = check_device(device, "restore_state")
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -442,6 +450,8 @@ class CheckpointManager:
         n = len(STATE_PREFIX)
         state = state_from_tensors(host, {k[n:]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)},
                                    meta["state"], source=f"checkpoint {where}")
+        if device is not None:
+            state = state.to(device)
         return state, {k: v for k, v in meta.items() if k != "state"}
 
 

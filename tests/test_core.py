@@ -159,7 +159,9 @@ def test_export_equals_apply(host, generator):
     m = ef.export(s)
     assert isinstance(m, nn.Module)
     assert torch.equal(m(x), ef.apply(s, x))
-    assert any(n.startswith("seeds.") for n in m.state_dict())
+    # the seed is an ordinary submodule, grafted after the layer its slot follows
+    grafts = [mod for mod in m.modules() if isinstance(mod, ef.Graft)]
+    assert len(grafts) == 1 and any(".seed." in n for n in m.state_dict())
     # training the export does not touch the state
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     F.cross_entropy(m(x), y).backward()

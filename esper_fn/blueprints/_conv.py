@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._blueprint import Blueprint, BlueprintMeta, register
-from ._common import channels_first, restore_layout, signal_shape, uniform
+from ._common import channels_first, conv_module, restore_layout, signal_shape, uniform
 
 SIGNAL_KINDS = ("vector", "conv1d")
 
@@ -70,8 +70,12 @@ def _conv1d_plain(kernel: int, hidden: int) -> Blueprint:
         description=f"residual Conv1d block, kernel {kernel}, C -> {hidden} -> C channels, output conv zero-initialised",
         hyperparams={"kernel": kernel, "hidden": hidden},
     )
+    def module(spec, t):  # conv_k(relu(conv_k(z))), 'same' padding
+        return conv_module(spec, t, [("w1", "b1", pad, 1), "relu", ("w2", "b2", pad, 1)]), "h"
+
     return Blueprint(meta, init, apply, count, flops,
-                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel")
+                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel",
+                     module=module)
 
 
 for _bp in (_conv1d_plain(5, 16), _conv1d_plain(3, 16)):
@@ -110,8 +114,14 @@ def _conv1d_dwsep(kernel: int) -> Blueprint:
                     "zero-initialised",
         hyperparams={"kernel": kernel},
     )
+
+    def module(spec, t):  # pw(relu(dw_k(z))), the depthwise conv with one group per channel
+        c, _ = signal_shape(spec)
+        return conv_module(spec, t, [("dw_w", "dw_b", pad, c), "relu", ("pw_w", "pw_b", 0, 1)]), "h"
+
     return Blueprint(meta, init, apply, count, flops,
-                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel")
+                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel",
+                     module=module)
 
 
 def _conv1d_bottleneck(kernel: int) -> Blueprint:
@@ -151,8 +161,14 @@ def _conv1d_bottleneck(kernel: int) -> Blueprint:
                     "(zero-initialised), ReLU between",
         hyperparams={"kernel": kernel},
     )
+
+    def module(spec, t):
+        layers = [("w1", "b1", 0, 1), "relu", ("w2", "b2", pad, 1), "relu", ("w3", "b3", 0, 1)]
+        return conv_module(spec, t, layers), "h"
+
     return Blueprint(meta, init, apply, count, flops,
-                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel")
+                     check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel",
+                     module=module)
 
 
 for _bp in (_conv1d_dwsep(5), _conv1d_bottleneck(3)):

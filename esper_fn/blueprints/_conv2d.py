@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._blueprint import Blueprint, BlueprintMeta, register
-from ._common import uniform
+from ._common import conv_module, uniform
 
 IMAGE_KINDS = ("conv2d",)
 
@@ -54,7 +54,11 @@ def _conv2d_plain(kernel: int) -> Blueprint:
                     "zero-initialised",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops)
+
+    def module(spec, t):
+        return conv_module(spec, t, [("w1", "b1", pad, 1), "relu", ("w2", "b2", pad, 1)]), "h"
+
+    return Blueprint(meta, init, apply, count, flops, module=module)
 
 
 def _conv2d_dwsep(kernel: int) -> Blueprint:
@@ -87,7 +91,11 @@ def _conv2d_dwsep(kernel: int) -> Blueprint:
                     "zero-initialised",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops)
+
+    def module(spec, t):
+        return conv_module(spec, t, [("dw_w", "dw_b", pad, spec.shape[0]), "relu", ("pw_w", "pw_b", 0, 1)]), "h"
+
+    return Blueprint(meta, init, apply, count, flops, module=module)
 
 
 def _conv2d_bottleneck(kernel: int) -> Blueprint:
@@ -125,7 +133,12 @@ def _conv2d_bottleneck(kernel: int) -> Blueprint:
                     "(zero-initialised), ReLU between",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops)
+
+    def module(spec, t):
+        layers = [("w1", "b1", 0, 1), "relu", ("w2", "b2", pad, 1), "relu", ("w3", "b3", 0, 1)]
+        return conv_module(spec, t, layers), "h"
+
+    return Blueprint(meta, init, apply, count, flops, module=module)
 
 
 for _bp in (_conv2d_plain(3), _conv2d_dwsep(3), _conv2d_bottleneck(3)):

@@ -5,9 +5,13 @@ All act on the last dimension of "vector" ([B, d]) and "sequence" ([B, T, d]) sl
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .. import _modules as M
 from .._blueprint import Blueprint, BlueprintMeta, register
 from .._errors import GraftError
 from .._host import ACTIVATIONS
@@ -35,13 +39,20 @@ def _mlp_gelu(ratio: float, version: str = "1.0.0") -> Blueprint:
         d, k = spec.features, hidden(spec)
         return 2 * d * k + k + d
 
+    def module(spec, t):
+        k, d = t["w1"].shape
+        with M.on_meta():
+            m = nn.Sequential(OrderedDict(fc1=nn.Linear(d, k), act=nn.GELU(), fc2=nn.Linear(k, d)))
+        return M.load(m, {"fc1.weight": t["w1"], "fc1.bias": t["b1"], "fc2.weight": t["w2"], "fc2.bias": t["b2"]}), "h"
+
     name = "mlp_gelu" if ratio == 1 else f"mlp_gelu_x{ratio:g}".replace(".", "_")
     meta = BlueprintMeta(
         name=name, version=version, slot_kinds=FEATURE_KINDS, risk_score=0.2,
         description=f"residual 2-layer GELU MLP, hidden = {ratio:g} x features, output layer zero-initialised",
         hyperparams={"hidden_ratio": ratio},
     )
-    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1))
+    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
+                     module=module)
 
 
 # --- residual SwiGLU ---------------------------------------------------------------------------
@@ -61,12 +72,19 @@ def _swiglu(ratio: float) -> Blueprint:
     def count(spec):
         return 3 * spec.features * hidden(spec)
 
+    def module(spec, t):
+        k, d = t["w_gate"].shape
+        with M.on_meta():
+            m = M.SwiGLU(d, k)
+        return M.load(m, {"gate.weight": t["w_gate"], "up.weight": t["w_up"], "down.weight": t["w_down"]}), "h"
+
     meta = BlueprintMeta(
         name="swiglu", version="1.0.0", slot_kinds=FEATURE_KINDS, risk_score=0.25,
         description=f"residual SwiGLU block, hidden = {ratio:g} x features, down projection zero-initialised",
         hyperparams={"hidden_ratio": ratio},
     )
-    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1))
+    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
+                     module=module)
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -94,6 +112,12 @@ def _lora(rank: int) -> Blueprint:
     def count(spec):
         return rank * (spec.in_shape[-1] + spec.features)
 
+    def module(spec, t):
+        (r, d_in), d_out = t["A"].shape, t["B"].shape[0]
+        with M.on_meta():
+            m = nn.Sequential(OrderedDict(A=nn.Linear(d_in, r, bias=False), B=nn.Linear(r, d_out, bias=False)))
+        return M.load(m, {"A.weight": t["A"], "B.weight": t["B"]}), "x_in"
+
     meta = BlueprintMeta(
         name=f"lora_r{rank}", version="1.0.0", slot_kinds=FEATURE_KINDS, layer_types=("linear",),
         mergeable=True, risk_score=0.1,
@@ -101,7 +125,8 @@ def _lora(rank: int) -> Blueprint:
         hyperparams={"rank": rank},
     )
     return Blueprint(meta, init, apply, count,
-                     lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1), merge=merge, check=check)
+                     lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1), merge=merge, check=check,
+                     module=module)
 
 
 # --- IA3 -----------------------------------------------------------------------------------------
@@ -125,8 +150,13 @@ def _ia3() -> Blueprint:
         name="ia3", version="1.0.0", slot_kinds=FEATURE_KINDS, layer_types=("linear",), mergeable=True,
         risk_score=0.05, description="IA3: learned per-feature rescaling of the preceding Linear; folds into W",
     )
+    def module(spec, t):
+        with M.on_meta():
+            m = M.Scale(t["scale"].shape[0])
+        return M.load(m, {"scale": t["scale"]}), "h"
+
     return Blueprint(meta, init, apply, lambda s: s.features,
-                     lambda s: s.features * (s.shape[0] if s.kind == "sequence" else 1), merge=merge)
+                     lambda s: s.features * (s.shape[0] if s.kind == "sequence" else 1), merge=merge, module=module)
 
 
 # --- Net2Net width growth ----------------------------------------------------------------------
