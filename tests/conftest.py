@@ -14,6 +14,27 @@ settings.register_profile(
 settings.load_profile("esper")
 
 
+REQUIRE_CUDA = os.environ.get("ESPER_FN_REQUIRE_CUDA") == "1"
+"""Set by `make test-gpu`: the `device` fixture is CUDA only, and a machine without CUDA fails."""
+
+
+def _device_params() -> list[str]:
+    if REQUIRE_CUDA:
+        return ["cuda"]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_device_params())
+def device(request) -> torch.device:
+    """Every device this machine has: the CPU always, CUDA where available (`make test` on a CPU machine
+    runs the device tests on the CPU with an explicit ``device="cpu"``); with ESPER_FN_REQUIRE_CUDA=1
+    (`make test-gpu`) CUDA only, and its absence is a failure, not a skip."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.fail("ESPER_FN_REQUIRE_CUDA=1 (make test-gpu), but torch sees no CUDA device "
+                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}).")
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A seeded generator; library code never touches the global RNG, so tests pass one in."""
