@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast test-gpu install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: install
 
 test-fast: install  # the suite without the tests marked slow (subprocesses, worker processes, compiles)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" --durations=10
+
+# The device tests on CUDA only (ESPER_FN_REQUIRE_CUDA=1: no CUDA is a failure, not a skip), on a GPU
+# machine's own CUDA build of torch (not .venv's CPU wheel): install the project there first with
+# `$(GPU_PY) -m pip install --no-deps -e .`, then `make test-gpu GPU_PY=/path/to/python`.
+GPU_PY ?= python3
+test-gpu:
+	ESPER_FN_REQUIRE_CUDA=1 OMP_NUM_THREADS=1 $(GPU_PY) -m pytest -m device -p no:cacheprovider --durations=10
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py

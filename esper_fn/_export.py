@@ -154,7 +154,8 @@ def export(state: State) -> nn.Module:
             _check_foldable(state, slot, bp)
             flat.update(bp.merge(flat, seed, spec, alpha[i]))
         else:
-            grafts[slot] = (bp, spec, seed, alpha[i])
+            full = float(state.slots["alpha"][i]) == 1.0  # the CPU record: no device read
+            grafts[slot] = (bp, spec, seed, None if full else alpha[i].detach().clone())
     module, paths = host.module_fn(flat)
     for slot, (bp, spec, seed, a) in grafts.items():
         if bp.module is not None:
@@ -165,14 +166,14 @@ def export(state: State) -> nn.Module:
             seed_module, reads = M.SeedFn(bp.id, spec, params, buffers), "h,x_in"
         path = paths[slot]
         if path == "":  # a slot on the input, read before the module's own forward
-            graft = M.Graft(nn.Identity(), seed_module, a.detach().clone(), reads, at_input=True)
+            graft = M.Graft(nn.Identity(), seed_module, a, reads, at_input=True)
             module = nn.Sequential(OrderedDict(input=graft, net=module))
             paths = {k: (f"net.{v}" if v else "") for k, v in paths.items()}
             continue
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
         layer = parent.get_submodule(name)
-        graft = M.Graft(layer, seed_module, a.detach().clone(), reads, at_input=slot == "input")
+        graft = M.Graft(layer, seed_module, a, reads, at_input=slot == "input")
         parent.register_module(name, graft)
     return module.eval()
 

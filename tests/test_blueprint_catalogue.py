@@ -482,6 +482,7 @@ FLASH_MODE = "cuda_flash_kernel" if {"cuda", "flash_attention"} <= ef.blueprints
     else "fallback_without_cuda"
 
 
+@pytest.mark.device  # `make test-gpu` runs the kernel path
 @pytest.mark.parametrize("mode", [FLASH_MODE])
 def test_flash_attention_kernel_or_fallback(mode):
     """`flash_attention` runs the FlashAttention kernel and nothing else. With CUDA (sm80+) the kernel is

@@ -124,6 +124,8 @@ def test_a_meta_host_germinates_meta_seeds():
         _placed(s, torch.device("meta"), torch.float32)
         x = torch.empty(4, *s.host.input_shapes[0], device="meta")
         assert ef.apply(s, x).shape == (4, 10) and ef.apply(s, x).device.type == "meta"
+        net = ef.export(s)  # the exported module too: shapes, no memory
+        assert {t.device.type for t in [*net.parameters(), *net.buffers()]} == {"meta"} and net(x).shape == (4, 10)
 
 
 def test_wrap_keeps_the_modules_device_and_a_generator_draws_the_same_weights_everywhere(device):
@@ -351,3 +353,20 @@ def test_an_epoch_synchronises_a_fixed_number_of_times_whatever_its_batch_count(
 
         counts[bs] = _syncs(epoch)
     assert counts[100] == counts[300], counts
+
+
+def test_a_flash_attention_seed_trains_in_a_cuda_state(device):
+    """The capability-gated design runs its real kernel inside a state on the GPU (sm80+)."""
+    _cuda_only(device)
+    if "flash_attention" not in ef.blueprints.available_capabilities():
+        pytest.skip("the FlashAttention kernel needs an sm80+ GPU")
+    s = ef.init(ef.hosts.transformer(seq_len=8, d_model=32, n_heads=4, n_layers=1),
+                generator=torch.Generator().manual_seed(0), device=device)
+    s = ef.germinate(s, "input", "flash_attention", generator=torch.Generator().manual_seed(1), tempo=1)
+    assert s.blueprints[s.index("input")] == "flash_attention@2.0.0"
+    s = ef.tick(ef.advance(ef.advance(s, "input"), "input"))
+    x, y = torch.randn(16, 8, device=device), torch.randint(0, 10, (16,), device=device)
+    for _ in range(3):
+        s, m = ef.train_step(s, x, y)
+    assert math.isfinite(float(m["loss"]))
+    assert float(s.seed_params("input")["w_o"].abs().max()) > 0  # the zero-born output projection learned

@@ -185,6 +185,7 @@ def test_a_live_width_growth_seed_is_folded_into_the_linears():
         ef.export(blocked)
 
 
+@pytest.mark.device
 def test_the_export_lives_on_the_states_device(device):
     s, x, _ = _live(ef.hosts.preset("mlp-impaired"), (40,), [("fc1", "lora_r4")])
     s = s.to(device)
