@@ -243,7 +243,7 @@ def forward_pass(state, plan, entries, params, x, train, alpha: Tensor | None = 
 
     def one(h, s, a, o, xi):
         y, aux, hb, sb = _forward(state, plan, entries, h, s, a, xi, train, o)
-        return y, (aux if aux is not None else torch.zeros(())), hb, sb
+        return y, (aux if aux is not None else y.new_zeros((), dtype=torch.float32)), hb, sb  # on y's device
 
     y, aux, hb, sb = torch.vmap(one, randomness="different")(host_flat, seeds, alphas, on, x)
     return y, aux, hb, sb

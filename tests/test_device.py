@@ -370,3 +370,47 @@ def test_a_flash_attention_seed_trains_in_a_cuda_state(device):
         s, m = ef.train_step(s, x, y)
     assert math.isfinite(float(m["loss"]))
     assert float(s.seed_params("input")["w_o"].abs().max()) > 0  # the zero-born output projection learned
+
+
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _python_reads(monkeypatch, fn) -> int:
+    """How many times `fn()` reads a tensor's value into Python (`.item()`, `.tolist()`, `bool`,
+    `float`, `int`): on CUDA each such read waits for the device."""
+    count = [0]
+    for name in _READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return count[0]
+
+
+def test_an_epoch_reads_numbers_once_whatever_its_batch_count(device, monkeypatch):
+    """The device-independent half of the no-sync rule: `train_epoch` and `telemetry` read tensor
+    values into Python a fixed number of times per epoch, not per batch (CUDA tests above check the
+    syncs themselves)."""
+    task = _task(n=600).to(device)
+    (s,) = _incubating_and_blending(device)
+    train_epoch(s, task, TrainConfig(batch_size=120), generator=torch.Generator().manual_seed(0))  # warm-up
+    counts = {}
+    for bs in (120, 40):  # 3 and 9 batches of the 360 training samples
+        def epoch(bs=bs):
+            st, m = train_epoch(s, task, TrainConfig(batch_size=bs), generator=torch.Generator().manual_seed(0))
+            telemetry(st, task, m)
+
+        counts[bs] = _python_reads(monkeypatch, epoch)
+    assert 0 < counts[40] == counts[120], counts  # (0 would mean the counting itself failed)
+    # and a train step alone reads none (once its structure is known)
+    x, y = task.split("train")
+    s1, _ = ef.train_step(s, x[:40], y[:40])
+    assert _python_reads(monkeypatch, lambda: ef.train_step(s1, x[:40], y[:40], grad_stats=True,
+                                                            with_output=True)) == 0
