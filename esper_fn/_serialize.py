@@ -29,7 +29,7 @@ from . import _blueprint as bpm
 from ._errors import BlueprintError, CheckpointError, NonFiniteCheckpointError
 from ._host import Host
 from ._lifecycle import CURVES, SEEDED_STAGES, Stage
-from ._state import SLOT_FIELDS, State, check_not_donated, place
+from ._state import SLOT_FIELDS, State, check_not_donated, place, placement
 from .optim import Optimizer, zero_leaf
 
 __all__ = ["state_from_tensors", "state_to_tensors"]
@@ -54,7 +54,7 @@ def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
         ``opt/<mirror>/<key>`` and ``slots/<field>`` (the state's own tensors, not copies), in the
         state's key order; metadata holds the host name and config, the optimizer, the slot names,
         blueprints, seed count and the key order of every tree (and "dtype" for a state cast to a
-        floating-point dtype other than float32). `state_from_tensors` inverts it. The tensors stay
+        floating-point dtype other than its host's, e.g. a built-in host in float64). `state_from_tensors` inverts it. The tensors stay
         where the state lives; `CheckpointManager.save` copies them to the CPU.
 
     Raises:
@@ -84,7 +84,7 @@ def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "buffer_keys": [list(k) for k in state.buffers_flat],
         "opt_keys": [list(k) for k in state.opt_flat],
     }
-    if state.dtype != torch.float32:  # a cast state (`State.to(dtype=...)`); float32 metadata is unchanged
+    if state.dtype != placement(state.host.init_like()[0])[1]:  # a cast state (`init(dtype=)`, `State.to`)
         meta["dtype"] = str(state.dtype).removeprefix("torch.")
     return out, meta
 
@@ -113,7 +113,7 @@ class _StateMeta(BaseModel):
     param_keys: list[list[str]]
     buffer_keys: list[list[str]]
     opt_keys: list[list[str]]
-    dtype: Literal["float64", "float16", "bfloat16"] | None = None
+    dtype: Literal["float64", "float32", "float16", "bfloat16"] | None = None
 
 
 # The optimizer constructors' hyperparameters and mirrors (esper_fn.optim.adam / adamw / sgd).
@@ -305,6 +305,7 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
     p0, b0 = host.init_like()
     if m.dtype is not None:  # the state was cast: its floating-point tensors are in that dtype
         p0, b0 = place(p0, None, getattr(torch, m.dtype)), place(b0, None, getattr(torch, m.dtype))
+    dtype = placement(p0)[1]  # seeds are born in the state's dtype
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     growth = _growth_groups(host, p0)
@@ -363,8 +364,7 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
         except BlueprintError as err:
             raise CheckpointError(f"{source}: slot {spec.name!r}: blueprint {bid!r} cannot be built there: "
                                   f"{err}") from None
-        if m.dtype is not None:
-            sp, sb = place(sp, None, getattr(torch, m.dtype)), place(sb, None, getattr(torch, m.dtype))
+        sp, sb = place(sp, None, dtype), place(sb, None, dtype)
         for k, v in sp.items():
             params[_SEP.join(("params", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
         for k, v in sb.items():

@@ -259,6 +259,19 @@ def test_a_float32_checkpoint_keeps_its_metadata():
     assert ef.state_to_tensors(s.to(dtype=torch.float64))[1]["dtype"] == "float64"
 
 
+def test_a_float64_module_cast_to_float32_restores(tmp_path):
+    """The dtype recorded is the state's when it differs from its host's own (here a float64 module)."""
+    net = nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 10)).double()
+    host = ef.wrap(net, torch.randn(2, 40, dtype=torch.float64), slots=[nn.Linear])
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    for step, s in enumerate((ef.init(host), ef.init(host, dtype=torch.float32))):
+        s = ef.germinate(s, "0", "lora_r4")
+        assert ("dtype" in ef.state_to_tensors(s)[1]) == (s.dtype == torch.float32)
+        mgr.save(step, s)
+        back, _ = mgr.restore_state(host, step)
+        assert back.dtype == s.dtype and _same(back, s)
+
+
 def test_grow_runs_on_the_configured_device(device, tmp_path):
     base = dict(task="spirals", host="mlp-w8", controller="schedule", schedule_every=1, epochs=3, seed=0,
                 checkpoint_every=2)

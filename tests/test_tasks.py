@@ -260,7 +260,8 @@ def test_task_validates_its_tensors() -> None:
     )
     Task(**good)  # type: ignore[arg-type]
     cases = [
-        ({"x_val": x.double()}, "x must be float32"),
+        ({"x_val": x.double()}, "share one dtype and device"),  # every split in x_train's dtype (`Task.to`)
+        ({"x_train": x.long(), "x_val": x.long(), "x_test": x.long()}, "x must be floating-point"),
         ({"y_test": y.int()}, "y must be int64"),
         ({"input_shape": (4,)}, r"input_shape is \(4,\)"),
         ({"y_train": torch.zeros(3, dtype=torch.int64)}, "y must be"),
