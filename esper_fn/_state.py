@@ -604,7 +604,7 @@ def fossilize(
     nb = len(state.batch)
     host_flat = {".".join(k[1:]): v for k, v in state.params_flat.items() if k[0] == "host"}
     seed = state.seed_params(slot)
-    alpha = state.slots["alpha"][..., i]
+    alpha = state.slots["alpha"][..., i].to(state.device)  # the record stays on the CPU; the merge runs on the device
     merge = bp.merge
     if nb:
         merge_one = lambda h, s, a: bp.merge(h, s, spec, a)  # noqa: E731

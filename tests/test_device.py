@@ -233,6 +233,30 @@ def test_stacked_hosts_train_on_a_device_in_float64(device):
     assert all(_same(a, b) for a, (b, _) in zip(back, stacked))
 
 
+def test_lifecycle_ops_run_on_the_states_device(device):
+    """Merging folds (LoRA; width growth with its moments), prunes and ticks, single and stacked."""
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+
+    def grown(where, bid):
+        s = ef.init(ef.hosts.preset("mlp-impaired"), generator=torch.Generator().manual_seed(0), device=where)
+        s = ef.germinate(s, "fc1", bid, generator=torch.Generator().manual_seed(1), tempo=2)
+        s = ef.tick(ef.advance(ef.advance(s, "fc1"), "fc1"))
+        s, _ = ef.train_step(s, x.to(where), y.to(where))
+        return ef.advance(s, "fc1", force=True)
+
+    for bid in ("lora_r4", "width_k4"):
+        cpu, there = grown("cpu", bid), grown(device, bid)
+        folded = ef.fossilize(there, "fc1", force=True)
+        _placed(folded, device, torch.float32)
+        torch.testing.assert_close(ef.apply(folded, x.to(device)).cpu(), ef.apply(ef.fossilize(cpu, "fc1", force=True), x),
+                                   rtol=1e-5, atol=1e-5)
+        stacked = ef.fossilize(ef.stack([there, there]), "fc1", force=True)  # the vmapped merge
+        _placed(stacked, device, torch.float32)
+        assert _same(ef.unstack(stacked)[0], folded)
+        pruned = ef.tick(ef.prune(there, "fc1"))
+        assert pruned.stage("fc1") == ef.Stage.EMBARGOED and not pruned.seed_params("fc1")
+
+
 # --- checkpoints and runs ---------------------------------------------------------------------------
 
 
