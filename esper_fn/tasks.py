@@ -67,7 +67,7 @@ import math
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +78,8 @@ from torch import Tensor
 
 from ._errors import TaskError
 
-__all__ = ["AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load"]
+__all__ = [
+    "AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load", "register"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -392,6 +393,28 @@ def _check_batch_size(batch_size: int) -> None:
         raise TaskError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
+_REGISTERED: dict[str, Callable[[int, float], Task]] = {}
+
+
+def register(name: str, loader: Callable[[int, float], Task]) -> None:
+    """Make `load` (and so a benchmark `esper_fn.bench.Instance`, ``esper-fn grow --task``) build a
+    task of your own by name: ``loader(seed, val_fraction) -> Task`` (e.g. a `Task.from_arrays` call).
+
+    The registration lives in this process: with ``esper-fn bench run --workers K`` (worker
+    processes) register in a module every worker imports, or write the data to a CSV file and name
+    it ``"csv:<path>"``, which every process can read.
+
+    Raises:
+        TaskError: the name is built in, uses a reserved prefix ("aeon:", "csv:"), or is taken.
+    """
+    if not isinstance(name, str) or not name or name in TASK_NAMES or name.startswith((AEON_PREFIX, CSV_PREFIX)):
+        raise TaskError(f"cannot register a task as {name!r}: built-in names ({list(TASK_NAMES)}) and the prefixes "
+                        f"{AEON_PREFIX!r} and {CSV_PREFIX!r} are reserved; choose another name.")
+    if name in _REGISTERED and _REGISTERED[name] is not loader:
+        raise TaskError(f"a task called {name!r} is registered already; choose another name.")
+    _REGISTERED[name] = loader
+
+
 def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
     """Build a task by name. Same arguments, same tensors.
 
@@ -401,7 +424,7 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
             module docstring), ``"aeon:<NAME>"`` for a classification set bundled in the aeon wheel
             (its shipped split; e.g. "aeon:ArrowHead"), or ``"csv:<path>"`` for a CSV file (one
             sample per row, numeric features, the label in the last column, an optional header
-            line; split 60/20/20 stratified, like `Task.from_arrays`).
+            line; split 60/20/20 stratified, like `Task.from_arrays`), or a name given to `register`.
         seed: chooses the splits: the validation carve-out everywhere; the test split too for
             the pooled tasks and the resampled ones (gunpoint, basicmotions); the points of
             "spirals" and "moons". MNIST-1D's and italypower's test data never depend on it.
@@ -418,6 +441,12 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2) -> Task:
             bundle (listing those it does), an unreadable or malformed CSV file (naming the line),
             or a missing ``bench`` extra for the real data sets.
     """
+    if isinstance(name, str) and name in _REGISTERED:
+        _check_seed(seed)
+        task = _REGISTERED[name](seed, val_fraction)
+        if not isinstance(task, Task):
+            raise TaskError(f"the loader registered as {name!r} returned a {type(task).__name__}, not a Task.")
+        return task
     if not isinstance(name, str) or not (
         name in TASK_NAMES or name.startswith(AEON_PREFIX) or name.startswith(CSV_PREFIX)
     ):
