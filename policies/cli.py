@@ -49,6 +49,9 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+_TEMPOS = "3,5,8"
+
+
 def _env_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("environment (use the same values for training and evaluation)")
     g.add_argument("--task", default="mnist1d")
@@ -59,8 +62,10 @@ def _env_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rent", type=float, default=None,
                    help="train-tamiyo: the reward's parameter rent (default: the reward's own, 0.1; also read as "
                         "`reward: {rent: ...}` from --config; eval ignores it)")
-    g.add_argument("--blueprints", default=None, help="comma-separated blueprint ids (default: the catalogue)")
-    g.add_argument("--tempos", default="3,5,8")
+    g.add_argument("--blueprints", default=None, help="comma-separated blueprint ids (default: the catalogue; eval: "
+                                                      "the first Tamiyo's when one is evaluated)")
+    g.add_argument("--tempos", default=_TEMPOS, help="blending tempos (eval: default the first Tamiyo's, when one is "
+                                                     "evaluated and --blueprints is not given)")
     g.add_argument("--max-param-ratio", type=float, default=None, help="mask germinations beyond this size ratio")
     g.add_argument("--subset-train", type=int, default=None, help="keep the first N training samples")
 
@@ -213,6 +218,18 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     torch.set_num_threads(args.threads)
     envs = load_envs()
     kw = env_kwargs(args)
+    learned = [c.strip() for c in args.controllers.split(",") if c.strip().startswith("tamiyo")]
+    if learned and not args.blueprints and args.tempos == _TEMPOS:  # play in the first policy's action space
+        import safetensors
+
+        from . import SHIPPED_WEIGHTS
+
+        path = learned[0].partition(":")[2] or str(SHIPPED_WEIGHTS)
+        if Path(path).is_file():
+            with safetensors.safe_open(path, framework="pt") as f:
+                c = json.loads((f.metadata() or {}).get("config", "{}"))
+            if c.get("blueprints") and c.get("tempos"):
+                kw["blueprints"], kw["tempos"] = tuple(c["blueprints"]), tuple(c["tempos"])
 
     def make_env(n: int):
         return envs.MorphogenesisEnv(num_envs=n, **kw)
