@@ -142,7 +142,8 @@ class MorphogenesisEnv(EnvBase):
             first seen (at the start of an epoch, never mid-epoch). Eager (None) is the default and
             the reference; compiled rows agree with it within float rounding.
         max_slots: slot positions of the action space (default: the most slots of any host here);
-            give a suite's ``num_slots`` so that envs over different instances share one action space.
+            give a suite's ``num_slots`` so that envs over different instances share one action space
+            and one observation layout (graph nodes padded to ``2 * max_slots - 1``).
 
     Every row is an `esper_fn.episode.Episode`; a step is `esper_fn.episode.step` over all rows (the
     same function `esper-fn grow` loops over), then `Observer` (the observation, pure) and the reward.
@@ -262,7 +263,10 @@ class MorphogenesisEnv(EnvBase):
         if max_slots is not None and max_slots < most:
             raise ConfigError(f"max_slots={max_slots} is fewer than the {most} slots of a host here.")
         self.action_space = ActionSpace(max_slots or most, ids, tempos)
-        self.observer = Observer(self.action_space, max_nodes=max(len(graph_nodes(s)) for s in specs0),
+        nodes = max(len(graph_nodes(s)) for s in specs0)
+        if max_slots is not None:  # one observation layout for every env of a suite: a layer before each slot
+            nodes = max(nodes, 2 * max_slots - 1)
+        self.observer = Observer(self.action_space, max_nodes=nodes,
                                  horizon=max_epochs + 1, gates=self.rules.gates, lifecycle=lifecycle,
                                  max_rollbacks=self.rules.governor.max_rollbacks)
         self._episodes: list[Episode | None] = [None] * num_envs

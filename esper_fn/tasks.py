@@ -67,7 +67,7 @@ import math
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -79,7 +79,8 @@ from torch import Tensor
 from ._device import check_device, check_float_dtype
 from ._errors import TaskError
 
-__all__ = ["AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load"]
+__all__ = [
+    "AEON_PREFIX", "CSV_PREFIX", "TASK_NAMES", "Split", "Task", "load", "register"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -435,6 +436,28 @@ def _check_batch_size(batch_size: int) -> None:
         raise TaskError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
+_REGISTERED: dict[str, Callable[[int, float], Task]] = {}
+
+
+def register(name: str, loader: Callable[[int, float], Task]) -> None:
+    """Make `load` (and so a benchmark `esper_fn.bench.Instance`, ``esper-fn grow --task``) build a
+    task of your own by name: ``loader(seed, val_fraction) -> Task`` (e.g. a `Task.from_arrays` call).
+
+    The registration lives in this process: with ``esper-fn bench run --workers K`` (worker
+    processes) register in a module every worker imports, or write the data to a CSV file and name
+    it ``"csv:<path>"``, which every process can read.
+
+    Raises:
+        TaskError: the name is built in, uses a reserved prefix ("aeon:", "csv:"), or is taken.
+    """
+    if not isinstance(name, str) or not name or name in TASK_NAMES or name.startswith((AEON_PREFIX, CSV_PREFIX)):
+        raise TaskError(f"cannot register a task as {name!r}: built-in names ({list(TASK_NAMES)}) and the prefixes "
+                        f"{AEON_PREFIX!r} and {CSV_PREFIX!r} are reserved; choose another name.")
+    if name in _REGISTERED and _REGISTERED[name] is not loader:
+        raise TaskError(f"a task called {name!r} is registered already; choose another name.")
+    _REGISTERED[name] = loader
+
+
 def load(name: str, *, seed: int = 0, val_fraction: float = 0.2, device: torch.device | str | None = None) -> Task:
     """Build a task by name. Same arguments, same tensors.
 
@@ -444,7 +467,7 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2, device: torch.d
             module docstring), ``"aeon:<NAME>"`` for a classification set bundled in the aeon wheel
             (its shipped split; e.g. "aeon:ArrowHead"), or ``"csv:<path>"`` for a CSV file (one
             sample per row, numeric features, the label in the last column, an optional header
-            line; split 60/20/20 stratified, like `Task.from_arrays`).
+            line; split 60/20/20 stratified, like `Task.from_arrays`), or a name given to `register`.
         seed: chooses the splits: the validation carve-out everywhere; the test split too for
             the pooled tasks and the resampled ones (gunpoint, basicmotions); the points of
             "spirals" and "moons". MNIST-1D's and italypower's test data never depend on it.
@@ -465,6 +488,13 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2, device: torch.d
         ConfigError: `device` is not a device name.
         CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
     """
+    device = check_device(device, "load")
+    if isinstance(name, str) and name in _REGISTERED:
+        _check_seed(seed)
+        task = _REGISTERED[name](seed, val_fraction)
+        if not isinstance(task, Task):
+            raise TaskError(f"the loader registered as {name!r} returned a {type(task).__name__}, not a Task.")
+        return task if device is None else task.to(device)
     if not isinstance(name, str) or not (
         name in TASK_NAMES or name.startswith(AEON_PREFIX) or name.startswith(CSV_PREFIX)
     ):
@@ -482,7 +512,6 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.2, device: torch.d
             f"val_fraction must be a number in (0, {1.0 - TEST_FRACTION:g}) (a fraction of all samples of a pooled "
             f"task, {TEST_FRACTION:g} of which are test, or of an aeon task's training split), got {val_fraction!r}."
         )
-    device = check_device(device, "load")
     task = _build(name, seed, float(val_fraction))
     return task if device is None else task.to(device)
 

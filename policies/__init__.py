@@ -21,9 +21,14 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_mnist1d.safetensors"
-"""The shipped Tamiyo policy (MNIST-1D, mlp-impaired; how it was trained: docs/results.md).
-``esper-fn grow --controller tamiyo`` and ``esper-fn eval --controllers tamiyo`` use it."""
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_growthbench.safetensors"
+"""The shipped Tamiyo policy: trained on growthbench-v1's train split (docs/tamiyo.md, "Tamiyo v2").
+``esper-fn grow --controller tamiyo``, ``esper-fn bench run --controllers tamiyo`` and ``esper-fn eval
+--controllers tamiyo`` use it."""
+
+V1_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_mnist1d.safetensors"
+"""The first Tamiyo (MNIST-1D, mlp-impaired, the full catalogue; docs/results.md): kept to reproduce
+the results recorded with it."""
 
 _LAZY: dict[str, str] = {
     "OBS_KEYS": "._tamiyo",
@@ -67,7 +72,7 @@ _LAZY: dict[str, str] = {
     "load_rollouts": "._offline",
 }
 
-__all__ = ["SHIPPED_WEIGHTS", *_LAZY]
+__all__ = ["SHIPPED_WEIGHTS", "V1_WEIGHTS", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -64,11 +64,13 @@ class TamiyoTrunk(nn.Module):
         layers: GATv2 layers (each residual, with LayerNorm).
         value_heads: K value heads (the ensemble whose spread is the uncertainty).
         dropout: dropout in the MLPs.
+        instance_dim: I, instance features read beside the globals (``"instance"``; 0: none).
 
     Forward inputs (``*B`` any batch dims, including none):
         node_features f32 [*B, L, F], node_mask bool [*B, L], node_slot int64 [*B, L] (slot index of
         a slot node, -1 otherwise), edge_index int64 [*B, 2, E], edge_mask bool [*B, E],
-        global_features f32 [*B, G], slot_mask bool [*B, S], slot_blueprint int64 [*B, S].
+        global_features f32 [*B, G], slot_mask bool [*B, S], slot_blueprint int64 [*B, S], and with
+        ``instance_dim`` instance f32 [*B, I].
 
     Returns:
         graph f32 [*B, H] (pooled nodes + globals), slots f32 [*B, S, H] (one embedding per slot, with
@@ -76,7 +78,7 @@ class TamiyoTrunk(nn.Module):
     """
 
     def __init__(self, node_dim: int, global_dim: int, num_blueprints: int, *, hidden: int = 64, heads: int = 4,
-                 layers: int = 2, value_heads: int = 5, dropout: float = 0.0):
+                 layers: int = 2, value_heads: int = 5, dropout: float = 0.0, instance_dim: int = 0):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}).")
@@ -84,7 +86,8 @@ class TamiyoTrunk(nn.Module):
         self.convs = nn.ModuleList(GATv2Conv(hidden, hidden // heads, heads=heads, add_self_loops=True)
                                    for _ in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
-        self.global_in = _mlp(global_dim, hidden, hidden, dropout)
+        self.instance_dim = instance_dim
+        self.global_in = _mlp(global_dim + instance_dim, hidden, hidden, dropout)
         self.graph_out = _mlp(3 * hidden, hidden, hidden, dropout)
         self.seed_blueprint = nn.Embedding(num_blueprints + 1, hidden)
         self.slot_out = _mlp(3 * hidden, hidden, hidden, dropout)
@@ -92,7 +95,7 @@ class TamiyoTrunk(nn.Module):
 
     def forward(self, node_features: Tensor, node_mask: Tensor, node_slot: Tensor, edge_index: Tensor,
                 edge_mask: Tensor, global_features: Tensor, slot_mask: Tensor,
-                slot_blueprint: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                slot_blueprint: Tensor, instance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         lead = node_features.shape[:-2]
         L, S = node_features.shape[-2], slot_mask.shape[-1]
         M = int(torch.Size(lead).numel())
@@ -109,7 +112,10 @@ class TamiyoTrunk(nn.Module):
         mean = (dense * m).sum(1) / m.sum(1).clamp_min(1.0)
         mx = dense.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        g = self.global_in(global_features.reshape(M, -1))
+        glob = global_features.reshape(M, -1)
+        if self.instance_dim:
+            glob = torch.cat([glob, instance.reshape(M, -1)], -1)
+        g = self.global_in(glob)
         graph = self.graph_out(torch.cat([mean, mx, g], -1))
         # Slot nodes -> per-slot rows: a one-hot matmul keeps shapes static.
         onehot = (node_slot.reshape(M, L, 1) == torch.arange(S, device=x.device)).to(dense.dtype)

@@ -57,6 +57,9 @@ class TamiyoConfig(BaseModel):
         uncertainty_bias: decision-time bonus ``uncertainty_bias * value_std`` on WAIT (0: off).
         wait_bias: initial bias of the WAIT logit (init only; ln(k) makes WAIT as likely as k
             other actions together at the start of training).
+        instance_dim: instance features the trunk reads beside the globals (the observation's
+            ``"instance"``: data size, input kind, classes, horizon, budget room); 0 for policies
+            trained before the env had them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +76,7 @@ class TamiyoConfig(BaseModel):
     safety_bias: float = Field(default=0.0, ge=0)
     uncertainty_bias: float = Field(default=0.0, ge=0)
     wait_bias: float = 0.0
+    instance_dim: int = Field(default=0, ge=0)
 
 
 def config_from_specs(observation_spec, action_spec, *, blueprints, tempos, **kwargs) -> TamiyoConfig:
@@ -101,6 +105,8 @@ def config_from_specs(observation_spec, action_spec, *, blueprints, tempos, **kw
         raise TamiyoError(f"the action mask has {A} actions but S={S} slots, B={len(blueprints)} blueprints and "
                           f"T={len(tempos)} tempos give 1 + S*B*T + 3*S = {expected}; pass the env's "
                           "action_space.blueprints and .tempos.")
+    kwargs.setdefault("instance_dim", observation_spec["instance"].shape[-1] if "instance" in observation_spec.keys()
+                      else 0)
     return TamiyoConfig(node_dim=observation_spec["node_features"].shape[-1],
                         global_dim=observation_spec["global_features"].shape[-1],
                         blueprints=tuple(blueprints), tempos=tuple(int(t) for t in tempos), **kwargs)
@@ -112,12 +118,14 @@ def build_tamiyo(config: TamiyoConfig, action_spec=None) -> tuple[ProbabilisticA
     RNG (seed it, or load weights, for reproducibility)."""
     B, T = len(config.blueprints), len(config.tempos)
     trunk = TamiyoTrunk(config.node_dim, config.global_dim, B, hidden=config.hidden, heads=config.heads,
-                        layers=config.layers, value_heads=config.value_heads, dropout=config.dropout)
+                        layers=config.layers, value_heads=config.value_heads, dropout=config.dropout,
+                        instance_dim=config.instance_dim)
     head = TamiyoHead(config.hidden, B, T, safety_bias=config.safety_bias, uncertainty_bias=config.uncertainty_bias)
     with torch.no_grad():
         head.wait[-1].bias[0] += config.wait_bias
     hidden_keys = [("tamiyo", "graph"), ("tamiyo", "slots"), "value_ensemble"]
-    common = TensorDictModule(trunk, in_keys=list(OBS_KEYS), out_keys=hidden_keys)
+    common = TensorDictModule(trunk, in_keys=list(OBS_KEYS) + (["instance"] if config.instance_dim else []),
+                              out_keys=hidden_keys)
     policy_head = TensorDictModule(head, in_keys=hidden_keys, out_keys=["logits", "harm_logits", "value_uncertainty"])
     actor_head = ProbabilisticActor(policy_head, in_keys={"logits": "logits", "mask": "action_mask"},
                                     out_keys=["action"], distribution_class=MaskedCategorical,

@@ -49,6 +49,9 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+_TEMPOS = "3,5,8"
+
+
 def _env_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("environment (use the same values for training and evaluation)")
     g.add_argument("--task", default="mnist1d")
@@ -59,8 +62,10 @@ def _env_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rent", type=float, default=None,
                    help="train-tamiyo: the reward's parameter rent (default: the reward's own, 0.1; also read as "
                         "`reward: {rent: ...}` from --config; eval ignores it)")
-    g.add_argument("--blueprints", default=None, help="comma-separated blueprint ids (default: the catalogue)")
-    g.add_argument("--tempos", default="3,5,8")
+    g.add_argument("--blueprints", default=None, help="comma-separated blueprint ids (default: the catalogue; eval: "
+                                                      "the first Tamiyo's when one is evaluated)")
+    g.add_argument("--tempos", default=_TEMPOS, help="blending tempos (eval: default the first Tamiyo's, when one is "
+                                                     "evaluated and --blueprints is not given)")
     g.add_argument("--max-param-ratio", type=float, default=None, help="mask germinations beyond this size ratio")
     g.add_argument("--subset-train", type=int, default=None, help="keep the first N training samples")
 
@@ -86,7 +91,14 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
     torch.set_num_threads(args.threads)
     envs = load_envs()
-    kw = env_kwargs(args)
+    if args.suite:  # the suite's train split, its action space; --task/--hosts/--epochs/... do not apply
+        from esper_fn.bench import suite
+
+        s = suite(args.suite)
+        kw = dict(instances=s.split("train"), blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots,
+                  reward=args.reward)
+    else:
+        kw = env_kwargs(args)
     make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
     probe = envs.MorphogenesisEnv(num_envs=1, **kw)
     space = probe.action_space
@@ -110,21 +122,91 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
         except TypeError as e:
             raise ConfigError(f"reward {reward['name']!r}: {e}") from None
         make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
+    bc_only = bool(args.imitate) and args.iterations == 0
+    if bc_only:  # no PPO: the config still gives the seed and the architecture
+        fields["iterations"] = 1
     config = validate_config(fields, PPOConfig, where=args.config or "", flags=set(fields) - from_file)
-    print(f"esper-fn train-tamiyo: {[c.name for c in probe.contexts]}, {args.num_envs} rows x {args.epochs} epochs, "
+    print(f"esper-fn train-tamiyo: {list(probe.draws)}, {args.num_envs} rows x {probe.max_epochs} epochs, "
           f"{config.iterations} iterations, {probe.action_space.n} actions, seed {config.seed} -> {args.out}")
-    env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+    env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "instances"}
     env_meta["reward"] = reward
+    if args.suite:
+        env_meta["suite"] = args.suite
+    metadata = {"command": " ".join(["esper-fn", *sys.argv[1:]]), "env": json.loads(json.dumps(env_meta, default=str))}
+    init = args.init
+    if args.imitate:
+        init = _imitate(args, envs, kw, probe, config, metadata)
+        if bc_only:  # imitation only: its weights are the result
+            import shutil
+
+            weights = Path(args.out) / "tamiyo.safetensors"
+            shutil.copyfile(init, weights)
+            print(f"weights: {weights}")
+            return 0
     summary = train_ppo(make_env, config, args.out, space, resume=args.resume, progress=not args.no_progress,
-                        init=args.init,
-                        metadata={"command": " ".join(["esper-fn", *sys.argv[1:]]),
-                                  "env": json.loads(json.dumps(env_meta, default=str))})
+                        init=init, metadata=metadata)
     last = summary["last"]
     print(f"done: {summary['frames']} frames; last iteration: return {last.get('episode_return', float('nan')):.3f}, "
           f"final val acc {last.get('final_val_accuracy', float('nan')):.3f}, explained variance "
           f"{last.get('explained_variance', float('nan')):.2f}, entropy {last.get('entropy', float('nan')):.2f}")
     print(f"weights: {summary['weights']}")
     return 0
+
+
+def _imitate(args, envs, kw, probe, config, metadata) -> Path:
+    """Behaviour cloning of the per-instance teachers on the suite's train split; returns the weights."""
+    from functools import partial
+
+    import torch
+
+    from esper_fn.bench import suite
+
+    from ._bench import make_policy
+    from ._bench_stats import read_runs
+    from ._imitation import behavior_clone, demonstrations, teachers
+    from ._offline import load_rollouts, save_rollouts
+    from ._tamiyo import make_tamiyo, save_tamiyo
+
+    if not args.suite:
+        raise ConfigError("--imitate needs --suite: the teachers are the suite's per-instance best fixed policies.")
+    runs = Path(args.imitate) / "runs.csv"
+    if not runs.is_file():
+        raise ConfigError(f"--imitate {args.imitate}: no runs.csv there; give the --out of an `esper-fn bench run` "
+                          "that ran the family on the train split (its controllers include astar).")
+    s = suite(args.suite)
+    train = s.split("train")
+    chosen = teachers(read_runs(runs), train)
+    print("teachers (best fixed policy per train instance, by validation accuracy on training seeds):")
+    for name, t in chosen.items():
+        print(f"  {name}: {t}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demos_dir = out / "demonstrations"
+    if (demos_dir / "rollouts.json").is_file():
+        data = load_rollouts(demos_dir)[:]
+    else:
+        plays = [(i.model_copy(update={"epochs": max(2, round(i.epochs * m))}), chosen[i.name])
+                 for i in train for m in (float(x) for x in args.horizons.split(","))]
+        make = partial(envs.MorphogenesisEnv, **{k: v for k, v in kw.items() if k != "instances"})
+        data = demonstrations(make, plays, parse_seeds(args.demo_seeds), make_policy, progress=not args.no_progress)
+        save_rollouts(data, demos_dir)
+    print(f"{data.shape[0]} demonstrated transitions ({int((data['action'] != 0).sum())} growth decisions)")
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        actor, critic = make_tamiyo(probe.observation_spec, probe.action_spec, blueprints=probe.action_space.blueprints,
+                                    tempos=probe.action_space.tempos, **config.tamiyo)
+    log = (out / "imitation.jsonl").open("w")
+
+    def on_epoch(e, m):
+        log.write(json.dumps({"epoch": e, **m}) + "\n")
+        log.flush()
+
+    m = behavior_clone(actor, critic, data, epochs=args.bc_epochs, generator=torch.Generator().manual_seed(config.seed),
+                       on_epoch=on_epoch)
+    log.close()
+    print(f"imitation: holdout accuracy {m['holdout_accuracy']:.3f} (growth decisions {m['holdout_growth_accuracy']:.3f})")
+    return save_tamiyo(out / "tamiyo_imitation.safetensors", actor, critic,
+                       metadata={**metadata, "teachers": chosen, "imitation": m})
 
 
 def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
@@ -136,6 +218,18 @@ def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     torch.set_num_threads(args.threads)
     envs = load_envs()
     kw = env_kwargs(args)
+    learned = [c.strip() for c in args.controllers.split(",") if c.strip().startswith("tamiyo")]
+    if learned and not args.blueprints and args.tempos == _TEMPOS:  # play in the first policy's action space
+        import safetensors
+
+        from . import SHIPPED_WEIGHTS
+
+        path = learned[0].partition(":")[2] or str(SHIPPED_WEIGHTS)
+        if Path(path).is_file():
+            with safetensors.safe_open(path, framework="pt") as f:
+                c = json.loads((f.metadata() or {}).get("config", "{}"))
+            if c.get("blueprints") and c.get("tempos"):
+                kw["blueprints"], kw["tempos"] = tuple(c["blueprints"]), tuple(c["tempos"])
 
     def make_env(n: int):
         return envs.MorphogenesisEnv(num_envs=n, **kw)
@@ -321,6 +415,14 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     t.add_argument("--out", default="runs/tamiyo")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--init", help="Tamiyo weights to start from (warm start; same architecture and env)")
+    t.add_argument("--suite", help="train on this benchmark suite's train split (its instances and action space; "
+                                   "--task, --hosts, --epochs, --blueprints, --tempos, --max-param-ratio do not apply)")
+    t.add_argument("--imitate", metavar="BENCH_DIR",
+                   help="first clone the per-instance best fixed policies of the suite's train split, chosen on the "
+                        "family runs in BENCH_DIR/runs.csv (training seeds); --iterations 0: imitation only")
+    t.add_argument("--demo-seeds", default="0-4", help="training seeds the teachers are demonstrated on")
+    t.add_argument("--horizons", default="0.67,1,2", help="demonstrations at these multiples of each instance's epochs")
+    t.add_argument("--bc-epochs", type=int, default=40, help="behaviour-cloning passes over the demonstrations")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=lambda a: _train(a, load_envs))
 

@@ -81,8 +81,11 @@ def test_rows_draw_instances_with_their_own_data_horizon_and_budget():
 def test_one_action_space_across_the_suite():
     a = make_env(instances=TINY.split("train"), seed=0)
     b = make_env(instances=TINY.split("test"), seed=0)
-    assert a.action_space == b.action_space and a.observation_spec["action_mask"].shape == \
-        b.observation_spec["action_mask"].shape
+    assert a.action_space == b.action_space
+    for key in ("action_mask", "node_features", "edge_index", "slot_features", "instance"):
+        assert a.observation_spec[key].shape == b.observation_spec[key].shape, key
+    c = make_env(instances=[Instance(name="c", split="test", task="mnist1d", host="cnn1d-w2", epochs=2)], seed=0)
+    assert c.observation_spec["node_features"].shape == a.observation_spec["node_features"].shape
 
 
 def _obs(inst: Instance, seed=0, epoch=0):
@@ -222,3 +225,23 @@ def test_bench_run_with_every_comparator_then_report(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(argv) == 0  # resumed: every job is done, nothing is added
     assert len(list((out / "jobs").iterdir())) == n_jobs
+
+
+def test_a_custom_instance_from_arrays(tmp_path):
+    import numpy as np
+
+    from esper_fn.tasks import Task, register
+
+    g = np.random.default_rng(0)
+    X = g.normal(size=(400, 12)).astype("float32")
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)  # XOR-like: a hidden layer must bend the boundary
+    register("xor-test", lambda seed, vf: Task.from_arrays(X, y, name="xor-test", seed=seed, val_fraction=vf))
+    with pytest.raises(ef.TaskError, match="reserved"):
+        register("csv:x", lambda seed, vf: None)
+    mine = Suite(name="mine", blueprints=TINY.blueprints, tempos=TINY.tempos, num_slots=4, instances=(
+        Instance(name="xor", split="test", task="xor-test", host="mlp-w2", epochs=3, budget_ratio=4.0),))
+    jobs = B.plan_jobs(mine, "test", ["static", "recipe:first-mlp-0"], [0, 1], load_task=load)
+    B.run_jobs(jobs, make_env, tmp_path, progress=False)
+    rows = read_runs(B.collect(tmp_path))
+    assert {(r.instance, r.controller) for r in rows} == {("xor", "static"), ("xor", "recipe:first-mlp-0")}
+    assert all(r.params0 == 12 * 2 + 2 + 2 * 2 + 2 for r in rows)
