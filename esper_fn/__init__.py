@@ -37,7 +37,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "GraftError": ("._errors", "GraftError"),
     "GrownNetwork": ("._export", "GrownNetwork"),
     "Graft": ("._modules", "Graft"),
-    "SeedFn": ("._modules", "SeedFn"),
+    "SeedFn": ("._export", "SeedFn"),
     "Host": ("._host", "Host"),
     "HostError": ("._errors", "HostError"),
     "IllegalTransitionError": ("._errors", "IllegalTransitionError"),
@@ -138,8 +138,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         TaskError,
         WarmStartError,
     )
-    from ._export import GrownNetwork, export
-    from ._modules import Graft, SeedFn
+    from ._export import GrownNetwork, SeedFn, export
+    from ._modules import Graft
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
     from ._serialize import state_from_tensors, state_to_tensors

@@ -26,6 +26,7 @@ host's functional forward (not picklable: it holds the host's functions).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,43 @@ from ._apply import make_plan, make_slot_fn
 from ._errors import GraftError
 from ._state import State, check_not_donated
 
-__all__ = ["GrownNetwork", "export"]
+__all__ = ["GrownNetwork", "SeedFn", "export"]
+
+
+class SeedFn(nn.Module):
+    """A seed whose design is not made of standard layers (attention seeds, mixtures of experts,
+    RMSNorm, taps, ...): its tensors as parameters and buffers, its forward the registered
+    blueprint's ``apply`` (looked up by id, so the blueprint must be registered in the process that
+    loads a pickled export: the built-in catalogue always is).
+
+    Buffers a training forward updates (an activation tap's statistics, a router's balance) are
+    updated in place in train mode, as BatchNorm's are; an auxiliary loss is not returned.
+    """
+
+    def __init__(self, blueprint: str, spec, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]):
+        super().__init__()
+        self.blueprint = blueprint
+        self.spec = spec
+        self.param_names = tuple(params)
+        for k, v in params.items():
+            self.register_parameter(k, nn.Parameter(v.detach().clone()))
+        for k, v in buffers.items():
+            self.register_buffer(k, v.detach().clone())
+
+    def forward(self, h: Tensor, x_in: Tensor | None = None) -> Tensor:
+        tensors = dict(self.named_parameters(recurse=False))
+        tensors.update(self.named_buffers(recurse=False))
+        out = bpm.registry()[self.blueprint].apply(tensors, h, x_in, self.spec, self.training)
+        if isinstance(out, bpm.SeedOut):
+            if self.training and out.buffers:
+                with torch.no_grad():
+                    for k, v in out.buffers.items():
+                        self.get_buffer(k).copy_(v)
+            out = out.delta
+        return out
+
+    def extra_repr(self) -> str:
+        return f"blueprint={self.blueprint!r}, slot={self.spec.name!r}"
 
 
 def _tree(flat: dict[tuple[str, ...], Tensor], as_param: bool) -> nn.Module:
@@ -163,7 +200,7 @@ def export(state: State) -> nn.Module:
         else:
             params = {k[2]: v for k, v in state.params_flat.items() if k[:2] == ("seeds", slot)}
             buffers = {k[2]: v for k, v in state.buffers_flat.items() if k[:2] == ("seeds", slot)}
-            seed_module, reads = M.SeedFn(bp.id, spec, params, buffers), "h,x_in"
+            seed_module, reads = SeedFn(bp.id, spec, params, buffers), "h,x_in"
         path = paths[slot]
         if path == "":  # a slot on the input, read before the module's own forward
             graft = M.Graft(nn.Identity(), seed_module, a, reads, at_input=True)

@@ -4,9 +4,9 @@ few small modules where no standard layer does the job.
 An exported network is an ordinary `nn.Module` tree: the host's layers (`nn.Linear`, `nn.Conv1d`,
 `nn.Conv2d`, `nn.LayerNorm`, ...; a wrapped host is a copy of its own module), and at every live
 seed a `Graft` that holds the layer the slot follows and the seed as a submodule (itself built from
-standard layers where the design is made of them). Every class here is defined at module level and
-holds only tensors, submodules and plain values, so an export pickles, `torch.save`s,
-`torch.jit.trace`s, `torch.export.export`s and can be wrapped again (`esper_fn.wrap`).
+standard layers where the design is made of them; `esper_fn.SeedFn` otherwise). Every class here is
+defined at module level and holds only tensors, submodules and plain values, so an export pickles,
+`torch.save`s, `torch.jit.trace`s, `torch.export.export`s and can be wrapped again (`esper_fn.wrap`).
 
 Modules are built on the "meta" device (no memory, no random draw: the global generator never
 moves) and then given copies of the state's tensors with `load`, so they land on the state's device
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._errors import HostError
 
 __all__ = [
-    "CompositeAttention", "Graft", "Scale", "SeedFn", "SelfAttention", "SwiGLU", "Transpose", "TransformerBlock",
+    "CompositeAttention", "Graft", "Scale", "SelfAttention", "SwiGLU", "Transpose", "TransformerBlock",
     "TransformerNet", "activation", "load", "on_meta",
 ]  # fmt: skip
 
@@ -135,44 +135,6 @@ class Graft(nn.Module):
             if name.startswith("_"):
                 raise
             return getattr(nn.Module.__getattr__(self, "layer"), name)
-
-
-class SeedFn(nn.Module):
-    """A seed whose design is not made of standard layers (attention seeds, mixtures of experts,
-    RMSNorm, taps, ...): its tensors as parameters and buffers, its forward the registered
-    blueprint's ``apply`` (looked up by id, so the blueprint must be registered in the process that
-    loads a pickled export: the built-in catalogue always is).
-
-    Buffers a training forward updates (an activation tap's statistics, a router's balance) are
-    updated in place in train mode, as BatchNorm's are; an auxiliary loss is not returned.
-    """
-
-    def __init__(self, blueprint: str, spec, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]):
-        super().__init__()
-        self.blueprint = blueprint
-        self.spec = spec
-        self.param_names = tuple(params)
-        for k, v in params.items():
-            self.register_parameter(k, nn.Parameter(v.detach().clone()))
-        for k, v in buffers.items():
-            self.register_buffer(k, v.detach().clone())
-
-    def forward(self, h: Tensor, x_in: Tensor | None = None) -> Tensor:
-        from . import _blueprint as bpm
-
-        tensors = dict(self.named_parameters(recurse=False))
-        tensors.update(self.named_buffers(recurse=False))
-        out = bpm.registry()[self.blueprint].apply(tensors, h, x_in, self.spec, self.training)
-        if isinstance(out, bpm.SeedOut):
-            if self.training and out.buffers:
-                with torch.no_grad():
-                    for k, v in out.buffers.items():
-                        self.get_buffer(k).copy_(v)
-            out = out.delta
-        return out
-
-    def extra_repr(self) -> str:
-        return f"blueprint={self.blueprint!r}, slot={self.spec.name!r}"
 
 
 class Scale(nn.Module):
