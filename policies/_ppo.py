@@ -48,7 +48,7 @@ from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_fr
                       tamiyo_parameters,
                       save_tamiyo, tamiyo_tensors)
 
-__all__ = ["PPOConfig", "action_stats", "harm_labels", "train_ppo"]
+__all__ = ["PPOConfig", "action_stats", "harm_labels", "plot_training", "train_ppo"]
 
 
 class PPOConfig(BaseModel):
@@ -465,7 +465,60 @@ def _loop(run: _Session) -> dict[str, Any]:
     weights = save_tamiyo(out / "tamiyo.safetensors", actor, critic,
                           metadata={**run.metadata, "ppo": json.loads(config.model_dump_json()),
                                     "iterations": iterations})
+    plot_training(out)
     return {"iterations": iterations, "frames": iterations * N * T, "last": last, "weights": str(weights)}
+
+
+_PPO_PANELS = (("episode_return", "episode return"), ("final_val_accuracy", "final validation accuracy"),
+               ("explained_variance", "explained variance"), ("entropy", "policy entropy"),
+               ("ops/germinate", "germinations per step"), ("final_param_ratio", "final params / host"))
+_BC_PANELS = (("loss", "imitation loss"), ("value_loss", "critic warm-up loss"),
+              ("holdout_accuracy", "held-out action accuracy"), ("holdout_growth_accuracy", "held-out growth-decision accuracy"))
+
+
+def plot_training(out: str | Path) -> list[Path]:
+    """Plot a Tamiyo training directory's curves: ``training.png`` from PPO's ``history.jsonl``
+    (return, validation accuracy, explained variance, entropy, germination rate, parameters per
+    iteration) and ``imitation.png`` from behaviour cloning's ``imitation.jsonl`` (losses and
+    held-out accuracies per pass). Either file may be absent.
+
+    Returns:
+        The PNGs written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    written = []
+    for log, x_key, panels, png, xlabel in (("history.jsonl", "iteration", _PPO_PANELS, "training.png", "PPO iteration"),
+                                            ("imitation.jsonl", "epoch", _BC_PANELS, "imitation.png", "imitation pass")):
+        if not (out / log).is_file():
+            continue
+        rows = [json.loads(line) for line in (out / log).read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        cols = 3 if len(panels) > 4 else 2
+        rows_n = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 2.6 * rows_n), squeeze=False)
+        for ax, (key, title) in zip(axes.flat, panels):
+            xs = [r[x_key] for r in rows if key in r]
+            ys = [float(r[key]) for r in rows if key in r]
+            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, alpha=0.5 if len(xs) >= 10 else 1.0)
+            if len(xs) >= 10:  # episodes draw different instances: the running mean shows the trend
+                w = 5
+                ax.plot(xs[w - 1:], [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))], color="C1",
+                        label=f"mean of {w}")
+                ax.legend(fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / png, dpi=100)
+        plt.close(fig)
+        written.append(out / png)
+    return written
 
 
 def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config, init_meta=None) -> None:

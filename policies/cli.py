@@ -87,7 +87,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
     import torch
 
-    from ._ppo import PPOConfig, train_ppo
+    from ._ppo import PPOConfig, plot_training, train_ppo
 
     torch.set_num_threads(args.threads)
     envs = load_envs()
@@ -141,6 +141,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
             weights = Path(args.out) / "tamiyo.safetensors"
             shutil.copyfile(init, weights)
+            plot_training(args.out)
             print(f"weights: {weights}")
             return 0
     summary = train_ppo(make_env, config, args.out, space, resume=args.resume, progress=not args.no_progress,

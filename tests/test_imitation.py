@@ -4,6 +4,7 @@ behaviour cloning that reproduces the teachers' decisions."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from esper_fn.envs import MorphogenesisEnv
 from esper_fn.policies import RunRecord, make_tamiyo
 from esper_fn.policies._bench import make_policy
 from esper_fn.policies._imitation import behavior_clone, demonstrations, teachers
+from esper_fn.policies._ppo import plot_training
 
 SUITE = Suite(
     name="imitation-test",
@@ -48,7 +50,7 @@ def test_teachers_are_chosen_on_the_train_split_by_validation_accuracy():
         teachers(recs[:1], SUITE.split("train"))
 
 
-def test_cloning_reproduces_the_teachers_decisions():
+def test_cloning_reproduces_the_teachers_decisions(tmp_path):
     make = functools.partial(MorphogenesisEnv, blueprints=SUITE.blueprints, tempos=SUITE.tempos,
                              max_slots=SUITE.num_slots)
     plays = [(SUITE.instance("moons"), "recipe:first-mlp-0"), (SUITE.instance("mnist1d"), "recipe:input-conv-0")]
@@ -61,9 +63,14 @@ def test_cloning_reproduces_the_teachers_decisions():
     actor, critic = make_tamiyo(env.observation_spec, env.action_spec, blueprints=env.action_space.blueprints,
                                 tempos=env.action_space.tempos, hidden=16, heads=2, layers=1, value_heads=2)
     assert actor.tamiyo_config.instance_dim == data["instance"].shape[-1]
+    log = []
     m = behavior_clone(actor, critic, data, epochs=60, lr=3e-3, batch_size=16, holdout=0.0,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), on_epoch=lambda e, mm: log.append({"epoch": e, **mm}))
     assert m["train_growth_accuracy"] == 1.0 and m["train_accuracy"] > 0.95
+    assert [r["epoch"] for r in log] == list(range(1, 61)) and log[-1]["loss"] < log[0]["loss"]
+    (tmp_path / "imitation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert plot_training(tmp_path) == [tmp_path / "imitation.png"]  # the cloning curves, as train-tamiyo writes them
+    assert (tmp_path / "imitation.png").read_bytes()[:4] == b"\x89PNG"
     # played greedily, the clone takes the teachers' decisions on their instances
     for inst, teacher in plays:
         e = make(instances=[inst], num_envs=1, seed=0)

@@ -41,6 +41,8 @@ def test_ppo_smoke_run_logs_diagnostics_and_writes_weights(tmp_path):
     assert (scalars / "entropy.csv").read_text().count("\n") == 3
     hist = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in hist] == [1, 2, 3]
+    png = tmp_path / "training.png"  # the curves of this run, written at the end
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     actor, critic, meta = load_tamiyo(summary["weights"])
     assert meta["iterations"] == 3
 
