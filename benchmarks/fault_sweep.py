@@ -22,7 +22,8 @@ corrupt
     ``tensors.safetensors``; a deleted, truncated or re-hashed manifest; two manifests swapped; a NaN
     or an infinity written into a parameter or an Adam moment (with `CheckpointManager`, so the
     manifest matches); leftovers of crashed saves; a checkpoint of another run; events.jsonl or
-    metrics.jsonl truncated mid-line, emptied, deleted or given a garbage line; summary.json deleted;
+    metrics.jsonl truncated mid-line or deleted; events.jsonl emptied, given a garbage line or
+    replaced by another run's; summary.json deleted;
     config.yaml edited (another value, a YAML syntax error, an unknown key, a comment only) or
     deleted. Then ``esper-fn report DIR`` (for faults in the logs) and a bare ``esper-fn grow
     --resume --out DIR``. Each command must succeed or fail with exit code 1 or 2 and exactly one
@@ -48,19 +49,25 @@ input
 The counts:
 
 - traceback: "Traceback" on stderr, or an exit code other than 0, 1, 2 from a command not killed;
-- mixed run: a directory holding data of two runs (two run_ids; a checkpoint step beyond the
-  config's epochs; config.yaml other than the checkpoints' config; a duplicated epoch, metrics row
-  or checkpoint event; events after the kept ones), or a finished run that differs from its
-  uninterrupted reference;
-- lost run: a finished run without summary.json or whose checkpoints fail their hashes; an
-  interrupted run that a bare resume cannot finish; events silently dropped; a failed command that
-  deleted or changed files;
+- mixed run: a directory holding data of two runs or a log that disagrees with its checkpoints
+  (two run_ids among the events, checkpoints and summary; a checkpoint step beyond the config's
+  epochs; config.yaml other than the checkpoints' config; an event line that does not parse; a
+  repeated epoch in the events or metrics.jsonl; a checkpoint step on disk without exactly one
+  checkpoint_saved event, or whose event precedes the last resumed event although the step was
+  saved after it; only an interrupted run's newest step may lack its event, which the resume puts
+  back), or a finished run that differs from its uninterrupted reference;
+- lost run: a finished run without summary.json, or short of its epochs; a checkpoint that fails
+  its hashes (other than one damaged on purpose); an interrupted run that a bare resume cannot
+  finish (with the damage undone, for corrupt trials); events dropped without a resumed event
+  saying so; a failed command that deleted or changed files;
 - other: a wrong exit code, not exactly one stderr line, a refused command that created something,
   a resume past a damaged checkpoint that does not say so, a command that hung.
 
 Trial ``i`` of ``--seed S`` draws everything (config, fault, kill time, values) from
 ``random.Random(f"{S}:{i}")`` and its kind is ``kinds[i % len(kinds)]``; ``--only i`` reruns it
-(a kill lands at the same time after start; what the process had done by then depends on the load).
+(a kill lands at the same fraction of the reference run's duration, measured again; what the process
+had done by then depends on the load). A command killed by a signal the sweep did not send (another
+process on the machine) counts as one more kill in a kill trial, as an "other" failure elsewhere.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fault_sweep.py --trials 90 --seed 0
 
@@ -132,6 +139,7 @@ class Problem:
 class Trial:
     index: int
     kind: str
+    turn: int = 0  # how many trials of this kind came before it in the sweep
     fault: str = ""
     detail: str = ""
     outcome: str = ""  # every command's result, in order
@@ -154,6 +162,7 @@ class Proc:
     killed: bool = False
     timed_out: bool = False
     t_dir: float | None = None  # seconds from spawn until the run directory appeared (if watched)
+    external_signal: int | None = None  # killed by this signal, which the sweep did not send
 
 
 def run(argv: list[str], *, cwd: Path | None = None, timeout: float = 300.0, kill_after: float | None = None,
@@ -186,8 +195,11 @@ def run(argv: list[str], *, cwd: Path | None = None, timeout: float = 300.0, kil
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return Proc(full, None if (killed or timed_out) and rc == -signal.SIGKILL else rc, out.read(), err.read(),
-                    wall, killed=killed and rc == -signal.SIGKILL, timed_out=timed_out, t_dir=t_dir)
+        ours = (killed or timed_out) and rc == -signal.SIGKILL
+        external = -rc if rc < 0 and not ours else None  # a signal the sweep did not send (another process's)
+        return Proc(full, None if ours or external else rc, out.read(), err.read(), wall,
+                    killed=(killed and ours) or external is not None, timed_out=timed_out, t_dir=t_dir,
+                    external_signal=external)
 
 
 def shell(argv: list[str]) -> str:
@@ -198,6 +210,9 @@ def check_output(t: Trial, p: Proc, expect: set[int], what: str) -> bool:
     """The rules for one finished command: no traceback, an expected exit code, one stderr line on
     failure. Returns True when the command succeeded (exit 0)."""
     cmd = shell(["esper-fn", *p.argv[len(esper_cmd()):]])
+    if p.external_signal is not None:
+        t.add("other", f"{what}: `{cmd}` was killed by signal {p.external_signal}, which the sweep did not send")
+        return False
     if p.timed_out:
         t.add("other", f"{what}: `{cmd}` hung (killed after its timeout)")
         return False
@@ -583,10 +598,13 @@ def kill_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
         p = run(grow, kill_after=delays[0], timeout=tmo)
     else:
         p = run(grow, watch=out, kill_after_dir=delays[0], timeout=tmo)
+    outside = lambda p: p.external_signal is not None and t.notes.append(  # noqa: E731
+        f"a command was killed by signal {p.external_signal}, which the sweep did not send: taken as one more kill")
+    outside(p)
     outcomes = ["killed" if p.killed else "finished before the kill"]
     if not p.killed:
         check_output(t, p, {0}, "run")
-    for i in range(1, n_kills + 1):
+    for i in range(1, n_kills + 2):  # one more round where an outside signal took the last kill
         check_run(t, out, cfg, finished=not p.killed, what=f"after kill {i}")
         if not holds_run(out):  # killed before the run wrote anything: a resume refuses, a new start works
             r = run(resume, timeout=tmo)
@@ -598,12 +616,17 @@ def kill_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
         else:
             p = run(resume, kill_after=delays[i] if i < n_kills else None, timeout=tmo)
             outcomes.append("resume killed" if p.killed else "resumed")
+        outside(p)
         if not p.killed:
             if not check_output(t, p, {0}, "resume"):
                 t.add("lost", f"the interrupted run could not be resumed: {p.stderr.strip()[:300]}")
                 t.outcome, t.result = " > ".join(outcomes), "resume failed"
                 return
             break
+    else:
+        t.add("other", "every resume was killed from outside the sweep")
+        t.outcome = t.result = " > ".join(outcomes)
+        return
     t.outcome = " > ".join(outcomes)
     t.result = ("finished before the kill" if outcomes[0] != "killed" else
                 "started again (no run yet)" if "started again" in t.outcome else "resumed")
@@ -831,6 +854,19 @@ def _unlinked(path: Path) -> dict[Path, bytes | None]:
     return saved
 
 
+CORRUPT_ORDER = ["flip bytes", "truncate events.jsonl", "non-finite tensor", "edit config.yaml: a value",
+                 "delete manifest", "truncate metrics.jsonl", "truncate tensors", "garbage line in events.jsonl",
+                 "edit manifest hash", "edit config.yaml: YAML syntax error", "checkpoint of another run",
+                 "empty events.jsonl", "swap manifests", "delete summary.json", "truncate manifest",
+                 "edit config.yaml: unknown key", "delete tensors", "events.jsonl of another run", "crash leftovers",
+                 "delete events.jsonl", "edit config.yaml: a comment", "delete metrics.jsonl", "delete config.yaml"]
+"""The faults the corrupt-file trials of a sweep go through in turn (on a base they apply to)."""
+NEEDS_FINISHED = {"delete summary.json", "swap manifests"}
+NEEDS_CHECKPOINT = {"flip bytes", "non-finite tensor", "edit config.yaml: a value", "delete manifest", "truncate tensors",
+                    "edit manifest hash", "checkpoint of another run", "truncate manifest", "delete tensors",
+                    "crash leftovers"}
+
+
 def corrupt_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
     name = rng.choice(sw.configs)
     cfg = POOL[name]
@@ -838,10 +874,11 @@ def corrupt_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
     d = sw.trial_dir(t)
     out = d / "run"
     ce, n = cfg["checkpoint_every"], cfg["epochs"]
-    if rng.random() < 0.4:
+    want = CORRUPT_ORDER[t.turn % len(CORRUPT_ORDER)]
+    if want in NEEDS_FINISHED or rng.random() < 0.4:
         base, label = ref["dir"], "finished"
     else:
-        k = rng.choice([0] + list(range(ce, n, ce)))
+        k = rng.choice(([] if want in NEEDS_CHECKPOINT else [0]) + list(range(ce, n, ce)))
         base, interrupted = sw.interrupted_base(name, k)
         label = f"interrupted at checkpoint {k}" if interrupted else f"finished (the kill at checkpoint {k} came late)"
     shutil.copytree(base, out)
@@ -849,8 +886,9 @@ def corrupt_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
     steps_before = checkpoint_steps(out)
     choices = {**ckpt_faults(sw, out, rng, name), **log_faults(sw, out, rng, name, finished, bool(steps_before))}
     fault = None
-    while fault is None:
-        pick = rng.choice(sorted(choices))
+    while fault is None:  # the fault whose turn it is, else (where it does not apply) a random one
+        pick = want if want in choices else rng.choice(sorted(choices))
+        want = ""
         fault = choices.pop(pick)()
     t.fault, t.detail = fault.name, f"{name}, {label}" + (f": {fault.detail}" if fault.detail else "")
     exempt = {s: tree_hash(step_dir(out, s)) for s in fault.steps if step_dir(out, s).exists()}
@@ -944,10 +982,14 @@ FLAG_VALUES = {"--epochs": ["0", "-5", "ten", "1.5", "", "1e3"], "--lr": ["-1", 
 GOOD = "task: mnist1d\nhost: mlp-impaired\ncontroller: static\nepochs: 2\ncheckpoint_every: 1\n"
 
 
-def input_case(rng: random.Random, sandbox_has_finished: bool) -> tuple[str, Case]:
-    """A bad command: (its family, the case)."""
-    family = rng.choice(["flag", "flag", "config-type", "config-range", "config-range", "config-key", "config-syntax",
-                         "config-file", "out", "out", "report"])
+INPUT_ORDER = ["flag", "config-range", "config-type", "out", "config-syntax", "config-key", "report", "flag",
+               "config-range", "out", "config-file"]
+"""The families the bad-input trials of a sweep go through in turn (a random case of each)."""
+
+
+def input_case(rng: random.Random, sandbox_has_finished: bool, family: str | None = None) -> tuple[str, Case]:
+    """A bad command of `family` (default: a random one): (the family's name, the case)."""
+    family = family or rng.choice(INPUT_ORDER)
     return FAMILIES[family], _case(family, rng, sandbox_has_finished)
 
 
@@ -1056,7 +1098,7 @@ def input_trial(sw: Sweep, t: Trial, rng: random.Random) -> None:
     finished = rng.random() < 0.6
     if finished:  # a finished run to aim second runs, resumes and reports at
         shutil.copytree(sw.reference(sw.configs[0])["dir"], box / "finished")
-    family, case = input_case(rng, finished)
+    family, case = input_case(rng, finished, INPUT_ORDER[t.turn % len(INPUT_ORDER)])
     t.fault, t.detail = family, case.name
     for rel, data in case.files.items():
         p = box / rel
@@ -1094,7 +1136,7 @@ TRIALS = {"kill": kill_trial, "corrupt": corrupt_trial, "input": input_trial}
 
 def run_trial(sw: Sweep, i: int) -> Trial:
     kind = sw.kinds[i % len(sw.kinds)]
-    t = Trial(i, kind)
+    t = Trial(i, kind, turn=sum(sw.kinds[j % len(sw.kinds)] == kind for j in range(i)))
     rng = random.Random(f"{sw.seed}:{i}")
     try:
         TRIALS[kind](sw, t, rng)
