@@ -44,7 +44,7 @@ def _table(rows: list[list[str]], header: list[str], wrap: int = 72) -> str:
 def _grow(args) -> int:
     from pathlib import Path
 
-    from .run import grow, load_config, read_run_config
+    from .run import RUN_FILES, grow, load_config, read_run_config
 
     flags = dict(task=args.task, host=args.host, controller=args.controller, epochs=args.epochs, seed=args.seed,
                  lr=args.lr, param_budget=args.param_budget, param_budget_ratio=args.param_budget_ratio,
@@ -54,6 +54,11 @@ def _grow(args) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out, the directory of the run to continue.")
         on_disk = read_run_config(args.out) if Path(args.out).is_dir() else None
+        if on_disk is None and args.config is None and any((Path(args.out) / f).exists() for f in RUN_FILES):
+            # without it a bare --resume would continue with the default config
+            raise ConfigError(f"--resume: {args.out} holds a run but no config.yaml, so its config is unknown; put the "
+                              "file back, or give the run's config with --config (every checkpoint's manifest.json "
+                              "holds it under metadata.run.config).")
         base = on_disk.model_dump() if on_disk is not None else None
     config = load_config(args.config, base=base, **flags)
     label = config.controller.partition(":")[0]  # tamiyo:PATH -> tamiyo

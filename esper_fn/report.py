@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._errors import RunDirError
+from ._errors import ConfigError, RunDirError
 from .events import Advanced, Fossilized, Germinated, Pruned, Rollback, read_events
 
 __all__ = ["plot_run", "read_metrics", "timeline"]
@@ -57,8 +57,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
         RunDirError: the directory lacks ``metrics.jsonl`` or ``events.jsonl`` (also a
             `FileNotFoundError`).
+        ConfigError: `out` names an image format matplotlib cannot write (nothing is created).
     """
     run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "report.png"
     mpath, epath = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
     if not mpath.exists() or not epath.exists():
         missing = [p.name for p in (mpath, epath) if not p.exists()]
@@ -68,6 +70,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"report --out {out}: matplotlib cannot write {out.suffix!r} images; use one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}.")
 
     rows, _ = read_metrics(mpath)
     ok = [r for r in rows if not r.get("rolled_back")]
@@ -116,7 +125,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         title += f": test accuracy {s['test_accuracy']:.3f}, params {s['params_before']} -> {s['params_after']}"
     fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "report.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -89,9 +91,11 @@ class RunConfig(BaseModel):
             learned controller lives outside the core and is handed to `grow` by the caller
             (``esper-fn grow`` builds it with `esper_fn.envs.tamiyo_controller`; docs/tamiyo.md).
         epochs: the epoch budget.
-        seed: the run seed; host init, data order and seed init each draw from their own stream
-            derived from it (`rng_streams`). It also chooses the task's validation split.
-        lr: Adam learning rate of the host; seed_lr: of the seeds (default: lr).
+        seed: the run seed, in [-2**63, 2**64 - 1] (what `torch.Generator.manual_seed` takes); host
+            init, data order and seed init each draw from their own stream derived from it
+            (`rng_streams`). It also chooses the task's validation split.
+        lr: Adam learning rate of the host; seed_lr: of the seeds (default: lr). Both > 0; no float
+            of a run config may be NaN or infinite.
         param_budget: the most parameters the grown network may have, absolute. None: use
             `param_budget_ratio`.
         param_budget_ratio: with no `param_budget`, the budget is ``floor(ratio x the host's
@@ -117,15 +121,15 @@ class RunConfig(BaseModel):
             orders are drawn on the CPU streams, so a seed starts the same run on every device.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: str = "mnist1d"
     host: str = "mlp-impaired"
     controller: str = "heuristic"
     epochs: int = Field(default=200, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
     lr: float = Field(default=1e-2, gt=0)
-    seed_lr: float | None = None
+    seed_lr: float | None = Field(default=None, gt=0)
     param_budget: int | None = Field(default=None, ge=1)
     param_budget_ratio: float | None = Field(default=1.3, gt=0)
     train: TrainConfig = TrainConfig()
@@ -232,9 +236,16 @@ def read_yaml_config(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start].decode("utf-8", errors="replace")
+        line, col = before.count("\n") + 1, len(before) - before.rfind("\n")
+        raise ConfigError(f"{path}:{line}:{col}: not UTF-8 text (byte {data[e.start:e.start + 1]!r}); save the config "
+                          "as UTF-8.") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -301,7 +312,8 @@ def param_budget(config: RunConfig, host_params: int) -> int | None:
     if config.param_budget is not None:
         return config.param_budget
     if config.param_budget_ratio is not None:
-        return math.floor(config.param_budget_ratio * host_params)
+        budget = config.param_budget_ratio * host_params
+        return math.floor(budget) if math.isfinite(budget) else None  # beyond any float: no budget
     return None
 
 
@@ -433,13 +445,15 @@ def grow(
     flags: dict = {"growth_blocked": None, "growth_blocked_epoch": None}
     born: dict[str, int] = {}  # slot -> epoch its seed was germinated (for the library's record)
     restored = None
+    resume_why = ""  # with no checkpoint to resume from: what the run found instead
     if resume:
         on_disk = read_run_config(out)
         ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep) if (
             out / "checkpoints").is_dir() else None
+        steps = ckpts.steps() if ckpts is not None else []
         skipped: list[tuple[int, str | None]] = []
         found_ckpt = None
-        for step_no in reversed(ckpts.steps() if ckpts is not None else []):
+        for step_no in reversed(steps):
             tensors, meta = ckpts.restore(step_no)
             try:
                 found_ckpt = (episode_from_tensors(task, host, tensors, meta), meta)
@@ -450,6 +464,11 @@ def grow(
             raise CheckpointError(f"resume: every checkpoint in {out / 'checkpoints'} holds non-finite values "
                                   f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
                                   "--out.")
+        # A step_* directory without a manifest is no checkpoint (a save never leaves one): it was damaged.
+        after = found_ckpt[0].epoch if found_ckpt is not None else -1
+        no_manifest = [n for n in _step_dirs(out / "checkpoints") if n not in steps and n > after]
+        skipped = sorted([(n, f"non-finite values in {k}") for n, k in skipped]
+                         + [(n, "no manifest.json") for n in no_manifest], reverse=True)
         if found_ckpt is not None:
             ep_restored, meta = found_ckpt
             saved = RunConfig.model_validate(meta["run"]["config"])
@@ -461,11 +480,20 @@ def grow(
                 raise ConfigError(f"resume: config differs from the run's ({_differences(config, saved)}; given vs "
                                   f"run); resume with the run's config (a bare `esper-fn grow --resume --out {out}` "
                                   "reads its config.yaml).")
-            restored = (ep_restored, meta["run"])
+            restored = (ep_restored, meta["run"], _resumed_log(out, ckpts, ep_restored.epoch, meta["run"], skipped))
         elif on_disk is not None and config != on_disk:
             raise ConfigError(f"resume: config differs from the run's ({_differences(config, on_disk)}; given vs run); "
                               f"resume with the run's config (a bare `esper-fn grow --resume --out {out}` reads its "
                               "config.yaml).")
+        elif skipped:
+            resume_why = ("no usable checkpoint (" + ", ".join(f"step_{n:08d}: {k}" for n, k in skipped)
+                          + "); started again from epoch 0")
+    if restored is None:  # a new run: built before anything is written, so a run that cannot start writes nothing
+        run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
+        optimizer = adam({"host": config.lr, "seeds": config.seed_lr or config.lr})
+        ep = start(task, host, seed=config.seed, optimizer=optimizer, max_epochs=config.epochs,
+                   preinstall=config.preinstall, run_id=run_id)
+        ep = replace(ep, param_budget=param_budget(config, ep.params0))
     library = None
     if config.library is not None:
         from .urza import Library
@@ -474,38 +502,26 @@ def grow(
     try:
         moved = _move_aside(out) if overwrite and found and not resume else None
         out.mkdir(parents=True, exist_ok=True)
-        ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep)
+        for f in RUN_LOGS:  # leftovers of a write a crash interrupted (`_write_atomic`)
+            for tmp in out.glob(f".tmp-{f}-*"):
+                tmp.unlink()
         if restored is not None:
-            ep, run = restored
+            ep, run, (kept, metrics_rows) = restored
             run_id, history, timing, flags = run["run_id"], run["history"], run["timing"], run["flags"]
-            # Drop what the interrupted run logged after its last checkpoint (the resumed run redoes it),
-            # and put back a checkpoint_saved event lost to a crash just after the checkpoint landed.
-            (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-            kept = read_events(out / "events.jsonl", skip_truncated_tail=True)[: run["n_events"]]
-            kept.append(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch,
-                                        path=str(ckpts.step_dir(ep.epoch))))
-            why = f"continued from checkpoint {ckpts.step_dir(ep.epoch).name}"
-            if skipped:
-                why += ("; skipped the later checkpoint(s) holding non-finite values: "
-                        + ", ".join(f"{ckpts.step_dir(n).name} ({k})" for n, k in skipped))
-            kept.append(Resumed(run_id=run_id, epoch=ep.epoch, from_step=ep.epoch, skipped=[n for n, _ in skipped],
-                                reason=why))
             born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
-            (out / "events.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in kept))
+            _write_atomic(out / "metrics.jsonl", metrics_rows)
+            _write_atomic(out / "events.jsonl", "".join(e.model_dump_json() + "\n" for e in kept))
         else:
-            run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
-            (out / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+            # config.yaml first: a crash never leaves a run directory without its config.
+            _write_atomic(out / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
             for f in ("events.jsonl", "metrics.jsonl", "summary.json", "metrics.csv"):
                 (out / f).unlink(missing_ok=True)
-            optimizer = adam({"host": config.lr, "seeds": config.seed_lr or config.lr})
-            ep = start(task, host, seed=config.seed, optimizer=optimizer, max_epochs=config.epochs,
-                       preinstall=config.preinstall, run_id=run_id)
-            ep = replace(ep, param_budget=param_budget(config, ep.params0))
             if resume:  # a run that stopped before its first checkpoint starts again from epoch 0
                 with EventLog(out / "events.jsonl") as first:
-                    first.append(Resumed(run_id=run_id, epoch=0, from_step=0,
-                                         reason="the run stopped before its first checkpoint; started again from "
-                                                "epoch 0"))
+                    first.append(Resumed(run_id=run_id, epoch=0, from_step=0, skipped=[n for n, _ in skipped],
+                                         reason=resume_why or "the run stopped before its first checkpoint; started "
+                                                              "again from epoch 0"))
+        ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep)
         log = EventLog(out / "events.jsonl", drop_truncated_tail=True)
         metrics_log = (out / "metrics.jsonl").open("a")
         n_events = len(read_events(out / "events.jsonl"))
@@ -586,10 +602,69 @@ def grow(
     )
     try:
         _write_csv(out / "metrics.csv", history)
-        (out / "summary.json").write_text(summary.model_dump_json(indent=2))
+        _write_atomic(out / "summary.json", summary.model_dump_json(indent=2))
     except OSError as e:
         raise _write_error(out, e) from None
     return summary
+
+
+RUN_LOGS = ("config.yaml", "events.jsonl", "metrics.jsonl", "summary.json", "metrics.csv")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` with one rename: a crash leaves the old file or the new one, never a
+    cut one (a leftover ``.tmp-<name>-*`` at worst, removed by the next `grow`)."""
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _step_dirs(directory: Path) -> list[int]:
+    """Steps of every ``step_*`` directory in a checkpoint directory, with a manifest or not."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"step_(\d{8,})", p.name)))
+
+
+def _resumed_log(out: Path, ckpts: CheckpointManager, epoch: int, run: Mapping,
+                 skipped: list[tuple[int, str]]) -> tuple[list, str]:
+    """The event log and the metrics rows a resume from checkpoint `epoch` writes, read and checked
+    before anything is written.
+
+    The events the interrupted run logged after the checkpoint are dropped (the resumed run redoes
+    them), a checkpoint_saved event lost to a crash just after the checkpoint landed is put back, and
+    a `Resumed` event says where the run continues from, which checkpoints it skipped, and which
+    events were lost when events.jsonl was cut short or deleted.
+
+    Raises:
+        EventLogError: a line of events.jsonl other than a cut-off last one is not an event.
+        ConfigError: events.jsonl holds events of another run.
+    """
+    path, n, run_id = out / "events.jsonl", run["n_events"], run["run_id"]
+    logged = read_events(path, skip_truncated_tail=True) if path.is_file() else []
+    kept = logged[:n]
+    foreign = sorted({e.run_id for e in kept} - {run_id})
+    if foreign:
+        raise ConfigError(f"resume: {path} holds events of another run ({', '.join(foreign)}; the checkpoints are run "
+                          f"{run_id}): the directory mixes two runs; put back the run's own events.jsonl, or start a "
+                          "new run in another --out.")
+    kept.append(CheckpointSaved(run_id=run_id, epoch=epoch, step=epoch, path=str(ckpts.step_dir(epoch))))
+    why = f"continued from checkpoint {ckpts.step_dir(epoch).name}"
+    if skipped:
+        why += "; skipped the later checkpoint(s) " + ", ".join(f"{ckpts.step_dir(s).name} ({k})" for s, k in skipped)
+    if len(logged) < n:
+        how = "was cut short" if path.is_file() else "was missing"
+        why += (f"; {path.name} {how}: it held {len(logged)} of the {n} events logged up to this checkpoint, the other "
+                f"{n - len(logged)} are lost")
+    kept.append(Resumed(run_id=run_id, epoch=epoch, from_step=epoch, skipped=[s for s, _ in skipped], reason=why))
+    return kept, "".join(json.dumps(h) + "\n" for h in run["history"])
 
 
 def _write_error(out: Path, e: OSError) -> RunWriteError:

@@ -15,7 +15,7 @@ import yaml
 import esper_fn as ef
 from esper_fn.checkpoint import CheckpointManager
 from esper_fn.cli import main
-from esper_fn.events import CheckpointSaved, Resumed, read_events
+from esper_fn.events import CheckpointSaved, EventLogError, Resumed, read_events
 from esper_fn.run import RunConfig, grow
 
 FAST = dict(task="mnist1d", host="mlp-impaired", controller="static", epochs=4, checkpoint_every=2)
@@ -210,3 +210,174 @@ def test_resume_skips_a_checkpoint_with_a_nan_and_says_so(tmp_path, finished):
 def test_a_run_checkpoint_restores_as_a_state(finished):
     state, meta = CheckpointManager(finished / "checkpoints").restore_state(ef.hosts.preset("mlp-impaired"), 4)
     assert state.num_params() == 826 and meta["epoch"] == 4 and meta["run"]["config"]["epochs"] == 4
+
+
+# --- found by the fault sweep (benchmarks/fault_sweep.py) ------------------------------------------
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    for name, data in _snapshot(src).items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def test_a_config_that_is_not_utf8_is_one_line_naming_where(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_bytes(b"epochs: 2\ncontroller: static\nnote: caf\xe9\n")
+    assert main(["grow", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'c.yaml'}:3:10: not UTF-8 text" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("seed: 1180591620717411303424\n", "seed: input should be less than or equal to 18446744073709551615"),
+    ("param_budget_ratio: .inf\n", "param_budget_ratio: input should be a finite number"),
+    ("lr: .inf\n", "lr: input should be a finite number"),
+    ("seed_lr: -1\n", "seed_lr: input should be greater than 0"),
+    ("seed_lr: .nan\n", "seed_lr: input should be a finite number"),
+    ("preinstall: [[fc9, lora_r4]]\n", "has no slot 'fc9'"),
+    ("preinstall: [[fc1, no_such_blueprint]]\n", "unknown blueprint 'no_such_blueprint'"),
+])
+def test_a_config_the_run_cannot_use_is_refused_before_anything_is_written(tmp_path, capsys, text, expected):
+    """These were tracebacks (a seed torch cannot take, an infinite budget) or refusals that left a
+    run directory behind (config.yaml and checkpoints/: the next try was refused as a second run)."""
+    (tmp_path / "c.yaml").write_text("controller: static\nepochs: 2\n" + text)
+    assert main(["grow", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_budget_ratio_beyond_any_float_is_no_budget():
+    from esper_fn.run import param_budget
+
+    assert param_budget(RunConfig(param_budget_ratio=1e308), 826) is None
+    assert param_budget(RunConfig(param_budget_ratio=1.3), 826) == 1073
+
+
+def test_config_yaml_is_written_before_anything_else_of_a_run(tmp_path, monkeypatch):
+    """A crash while a run starts never leaves a run directory without its config (a bare --resume
+    of such a directory would continue with the default config: 200 epochs of another run)."""
+    import esper_fn.run as run_module
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash("killed while starting")
+
+    monkeypatch.setattr(run_module, "CheckpointManager", crash)
+    with pytest.raises(Crash):
+        grow(RunConfig(**FAST), tmp_path / "r", progress=False)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
+    monkeypatch.undo()
+    assert main(["grow", "--resume", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs"] == FAST["epochs"]
+
+
+def test_a_bare_resume_without_config_yaml_is_refused(tmp_path, crash_at, capsys):
+    cfg = RunConfig(**{**FAST, "checkpoint_every": 3})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(2))
+    (tmp_path / "r" / "config.yaml").unlink()
+    before = _snapshot(tmp_path / "r")
+    assert main(["grow", "--resume", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run but no config.yaml" in err and "--config" in err and "\n" not in err
+    assert _snapshot(tmp_path / "r") == before
+
+
+def test_a_crash_while_a_resume_rewrites_the_logs_leaves_them_whole(tmp_path, crash_at, monkeypatch):
+    """A resume rewrites events.jsonl and metrics.jsonl (dropping what followed the checkpoint): a
+    crash in that write must leave the old files, not cut ones (events lost for good)."""
+    import os
+
+    cfg = RunConfig(**{**FAST, "epochs": 6})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(3))  # epoch 3 is logged after step 2
+    before = _snapshot(tmp_path / "r")
+
+    class Crash(Exception):
+        pass
+
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):  # killed just after the file was truncated
+        if "w" in mode and self.name in ("events.jsonl", "metrics.jsonl"):
+            os.truncate(self, 0)
+            raise Crash(f"killed writing {self.name}")
+        return real_open(self, mode, *args, **kwargs)
+
+    def replace(src, dst):  # killed just before the new file was renamed into place
+        raise Crash(f"killed renaming {src}")
+
+    monkeypatch.setattr(Path, "open", open_)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Crash):
+        grow(cfg, tmp_path / "r", resume=True, progress=False)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path / "r") == before
+    s = grow(cfg, tmp_path / "r", resume=True, progress=False)
+    assert s.epochs == 6 and [e.epoch for e in read_events(tmp_path / "r" / "events.jsonl")
+                              if e.kind == "epoch_metrics"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_a_resume_says_which_events_a_damaged_log_lost(tmp_path, finished, damage):
+    out = _copy_run(finished, tmp_path / "r")
+    log = out / "events.jsonl"
+    if damage == "cut":
+        data = log.read_bytes()
+        log.write_bytes(data[: data.index(b"\n", len(data) // 3) + 20])  # a third of the log and a partial line
+    else:
+        log.unlink()
+    grow(RunConfig(**FAST), out, resume=True, progress=False)
+    events = read_events(log)
+    (resumed,) = [e for e in events if isinstance(e, Resumed)]
+    how = "was cut short" if damage == "cut" else "was missing"
+    assert f"events.jsonl {how}: it held" in resumed.reason and "are lost" in resumed.reason
+    assert resumed.from_step == 4 and [e.step for e in events if isinstance(e, CheckpointSaved)][-1] == 4
+
+
+def test_a_resume_names_a_checkpoint_directory_without_its_manifest(tmp_path, finished):
+    out = _copy_run(finished, tmp_path / "r")
+    (out / "checkpoints" / "step_00000004" / "manifest.json").unlink()
+    s = grow(RunConfig(**FAST), out, resume=True, progress=False)
+    full = json.loads((finished / "summary.json").read_text())
+    assert (s.epochs, s.test_accuracy) == (full["epochs"], full["test_accuracy"])
+    (resumed,) = [e for e in read_events(out / "events.jsonl") if isinstance(e, Resumed)]
+    assert resumed.from_step == 2 and resumed.skipped == [4]
+    assert "step_00000004 (no manifest.json)" in resumed.reason
+
+
+def test_a_resume_refuses_events_of_another_run_and_changes_nothing(tmp_path, finished):
+    out = _copy_run(finished, tmp_path / "r")
+    other = tmp_path / "other"
+    grow(RunConfig(**{**FAST, "epochs": 2}), other, progress=False)
+    (out / "events.jsonl").write_bytes((other / "events.jsonl").read_bytes())
+    before = _snapshot(out)
+    with pytest.raises(ef.ConfigError, match="holds events of another run.*mixes two runs"):
+        grow(RunConfig(**FAST), out, resume=True, progress=False)
+    assert _snapshot(out) == before
+
+
+def test_a_refused_resume_leaves_the_metrics_as_they_were(tmp_path, crash_at):
+    """A resume that refuses a corrupt event log used to rewrite metrics.jsonl first."""
+    cfg = RunConfig(**{**FAST, "epochs": 6})
+    with pytest.raises(crash_at.error):
+        grow(cfg, tmp_path / "r", progress=False, on_epoch_start=crash_at(3))  # metrics of epoch 3 follow step 2
+    log = tmp_path / "r" / "events.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    log.write_bytes(b"\n".join(lines[:2] + [b"{not an event"] + lines[2:]))
+    before = _snapshot(tmp_path / "r")
+    with pytest.raises(EventLogError, match="events.jsonl:3"):
+        grow(cfg, tmp_path / "r", resume=True, progress=False)
+    assert _snapshot(tmp_path / "r") == before
+
+
+def test_report_refuses_an_unknown_image_format_and_creates_nothing(finished, tmp_path, capsys):
+    assert main(["report", str(finished), "--out", str(tmp_path / "new" / "r.xyz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write '.xyz' images" in err and ".png" in err and "\n" not in err
+    assert not (tmp_path / "new").exists()
