@@ -21,6 +21,7 @@ from torchrl.envs import EnvBase
 import esper_fn as ef
 from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host
 from esper_fn import blueprints as bpm
+from esper_fn._device import check_device
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
 from esper_fn.bench import Instance
 from esper_fn.episode import Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors, start, step
@@ -144,16 +145,23 @@ class MorphogenesisEnv(EnvBase):
         max_slots: slot positions of the action space (default: the most slots of any host here);
             give a suite's ``num_slots`` so that envs over different instances share one action space
             and one observation layout (graph nodes padded to ``2 * max_slots - 1``).
+        device: where the hosts train ("cpu", "cuda", "cuda:1"; default the CPU). Given `Task`s are
+            moved there (`Task.to`); a seed plays the same episode on every device, to the device's
+            float rounding (weights and data orders are drawn on CPU generators).
 
     Every row is an `esper_fn.episode.Episode`; a step is `esper_fn.episode.step` over all rows (the
     same function `esper-fn grow` loops over), then `Observer` (the observation, pure) and the reward.
     `episode(i)` gives row i's record.
 
-    The env runs on the CPU (its hosts train where the tasks' tensors are); a policy on another
-    device gets its inputs through the collector (``Collector(..., policy_device=...)``).
+    The hosts train on `device`, where the tasks' tensors are moved (batches are indexed there);
+    specs, observations, rewards and done flags are on it too, as TorchRL envs do. Observations are
+    built from the per-epoch numbers a decision needs anyway, so a step synchronises with the device
+    once per epoch, not per batch. A policy on another device than the env gets its inputs through
+    the collector (``Collector(..., policy_device=...)``).
 
     Raises:
-        ConfigError: invalid arguments.
+        ConfigError: invalid arguments (a `device` that is not a device, or "meta").
+        CapabilityError: a device this machine does not have (e.g. "cuda" without a GPU).
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class MorphogenesisEnv(EnvBase):
         terminal_at_budget: bool = True,
         kernels: KernelCache | None = None,
         max_slots: int | None = None,
+        device: torch.device | str | None = None,
     ):
         given = [name for name, v in (("contexts", contexts), ("task/host", task or host), ("instances", instances))
                  if v is not None]
@@ -223,7 +232,11 @@ class MorphogenesisEnv(EnvBase):
             reward = REWARDS[reward]()
         if max_param_ratio is not None and not max_param_ratio > 0:
             raise ConfigError(f"max_param_ratio must be positive (or None), got {max_param_ratio!r}.")
-        super().__init__(batch_size=torch.Size([num_envs]))  # CPU: the hosts train where the tasks' tensors are
+        device = check_device(device, "MorphogenesisEnv") or torch.device("cpu")
+        if device.type == "meta":
+            raise ConfigError("MorphogenesisEnv: hosts cannot train on the 'meta' device (it holds no values); use "
+                              "device='cpu' or 'cuda'.")
+        super().__init__(batch_size=torch.Size([num_envs]), device=device)  # the hosts train where the tasks are
         self.num_envs = num_envs
         self.max_epochs = max_epochs
         self.reward_fn: Reward = reward
@@ -244,9 +257,10 @@ class MorphogenesisEnv(EnvBase):
         for t, h in contexts or ():
             if isinstance(t, Task):
                 tk = _subset(t, subset)
+                tk = tk if tk.device == device else tk.to(device)
             else:
                 if t not in tasks:  # one Task object per task name: rows of one context must share it
-                    tasks[t] = _subset(load(t, **dict(task_kwargs or {})), subset)
+                    tasks[t] = _subset(load(t, **{**dict(task_kwargs or {}), "device": device}), subset)
                 tk = tasks[t]
             hst = _build_host(h, tk)
             built.append(Context(f"{tk.name}/{hst.name}", tk, hst))
@@ -370,7 +384,7 @@ class MorphogenesisEnv(EnvBase):
         if task is None:
             if len(self._tasks) >= 256:  # bounded: a long run enumerates many seeds
                 self._tasks.pop(next(iter(self._tasks)))
-            task = load(inst.task, seed=seed)
+            task = load(inst.task, seed=seed, device=self.device)
             if inst.train_subset is not None:
                 task = _subset(task, {"train": inst.train_subset})
             self._tasks[key] = task
@@ -406,8 +420,9 @@ class MorphogenesisEnv(EnvBase):
 
     def _observe(self) -> TensorDictBase:
         out = self.observer([self.episode(i) for i in range(self.num_envs)], self._context)
-        self._mask = out["action_mask"].clone()
-        self.action_spec.update_mask(self._mask.clone())
+        self._mask = out["action_mask"].clone()  # on the CPU: `_check` reads it
+        out = out.to(self.device)
+        self.action_spec.update_mask(out["action_mask"].clone())
         return out
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
@@ -418,7 +433,7 @@ class MorphogenesisEnv(EnvBase):
             if reset is None or reset[i] or self._episodes[i] is None:
                 self._reset_row(i)
         out = self._observe()
-        false = torch.zeros(self.num_envs, 1, dtype=torch.bool)
+        false = torch.zeros(self.num_envs, 1, dtype=torch.bool, device=self.device)
         out.update({"done": false, "terminated": false.clone(), "truncated": false.clone()})
         return out
 
@@ -455,7 +470,7 @@ class MorphogenesisEnv(EnvBase):
         with torch.enable_grad():  # collectors and rollouts step under no_grad; training a host needs autograd
             new, events = step(episodes, decisions, self.rules)
         self._episodes = list(new)
-        t = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt)  # noqa: E731
+        t = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt)  # noqa: E731  (CPU: the reward's inputs)
         failed = [ep.stopped is not None for ep in new]
         budget = [ep.epoch >= ep.max_epochs for ep in new]
         done = [f or b for f, b in zip(failed, budget)]
@@ -469,10 +484,11 @@ class MorphogenesisEnv(EnvBase):
             fossilized_contribution=t(fossil), rolled_back=t([ep.rolled_back for ep in new], torch.bool),
             failed=t(failed, torch.bool), done=t(done, torch.bool)))
         out = self._observe()
-        out.set("reward", reward.to(torch.float32).reshape(N, 1))
-        out.set("done", t(done, torch.bool).reshape(N, 1))
-        out.set("terminated", t(terminated, torch.bool).reshape(N, 1))
-        out.set("truncated", t(budget, torch.bool).reshape(N, 1))
+        dev = self.device
+        out.set("reward", reward.to(torch.float32).reshape(N, 1).to(dev))
+        out.set("done", t(done, torch.bool).reshape(N, 1).to(dev))
+        out.set("terminated", t(terminated, torch.bool).reshape(N, 1).to(dev))
+        out.set("truncated", t(budget, torch.bool).reshape(N, 1).to(dev))
         return out
 
     # -- snapshots -------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def parse_recipe(name: str) -> Recipe:
         raise ConfigError(f"{name!r} is not a recipe name like 'recipe:input-conv-0' ({e}).") from None
 
 
-def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | None = None):
+def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | None = None, *, device=None):
     """The TorchRL policy of comparator `name` over an env with this action space.
 
     Args:
@@ -73,6 +73,7 @@ def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | N
             ``static`` on their variant instances).
         space: the env's action space.
         params: tuned parameters per baseline name (``{"heuristic": {"patience": 1}, ...}``).
+        device: the env's device, where a learned policy acts (default the CPU).
 
     Raises:
         ConfigError: an unknown comparator, or a ``py:`` factory that cannot be imported.
@@ -92,7 +93,7 @@ def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | N
         from ._eval import tamiyo_policy
 
         path = name.partition(":")[2] or str(SHIPPED_WEIGHTS)
-        return tamiyo_policy(path, space)
+        return tamiyo_policy(path, space, device=device)
     if name.startswith("py:"):
         module, _, attr = name[3:].partition(":")
         try:
@@ -167,7 +168,7 @@ def _run_job(job: Job, make_env, params: Mapping[str, Mapping], out_dir: str) ->
     space = env.action_space
     if job.params:
         params = {**params, job.policy: json.loads(job.params)}
-    policy = make_policy(job.policy, space, params)
+    policy = make_policy(job.policy, space, params, device=env.device)
     t0 = time.perf_counter()
     records = run_episodes(env, policy, list(job.seeds), space, job.comparator)
     seconds = (time.perf_counter() - t0) / len(job.seeds)

@@ -378,8 +378,9 @@ def plot_runs(records: Sequence[RunRecord], path: str | Path, title: str = "") -
     return path
 
 
-def tamiyo_policy(path: str | Path, space: ActionSpace, action_spec=None, **overrides):
-    """Load Tamiyo's actor from a weights file for an env with this action space.
+def tamiyo_policy(path: str | Path, space: ActionSpace, action_spec=None, *, device=None, **overrides):
+    """Load Tamiyo's actor from a weights file for an env with this action space, on `device`
+    (default: the action spec's device, else the CPU), where the env's observations are.
 
     Raises:
         TamiyoError: the weights were trained for other blueprints or tempos (the slot count is
@@ -388,6 +389,7 @@ def tamiyo_policy(path: str | Path, space: ActionSpace, action_spec=None, **over
     from ._tamiyo import TamiyoError, load_tamiyo
 
     actor, _, _ = load_tamiyo(path, action_spec, **overrides)
+    actor.to(device if device is not None else action_spec.device if action_spec is not None else "cpu")
     c = actor.tamiyo_config
     if tuple(c.blueprints) != tuple(space.blueprints) or tuple(c.tempos) != tuple(space.tempos):
         raise TamiyoError(f"{path} was trained with blueprints {list(c.blueprints)} and tempos {list(c.tempos)}; "

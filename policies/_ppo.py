@@ -40,6 +40,7 @@ from torchrl.objectives.value import GAE
 from torchrl.record import CSVLogger
 
 from esper_fn import Op
+from esper_fn._device import check_device
 from esper_fn._errors import ConfigError
 from esper_fn.actions import ActionSpace
 from esper_fn.checkpoint import CheckpointManager
@@ -166,7 +167,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     tensors = {}
     for i, st in sd["state"].items():
         for k, v in st.items():
-            tensors[f"optim/{i}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim/{i}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).cpu()  # loads onto any device
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -217,7 +218,7 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
               resume: bool = False, progress: bool = True, tensorboard: bool = True,
               metadata: Mapping[str, Any] | None = None,
               on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-              init: str | Path | None = None) -> dict[str, Any]:
+              init: str | Path | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     """Train Tamiyo with PPO.
 
     Args:
@@ -240,6 +241,11 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
             from the checkpoint and `init` is not loaded; it must then be None or the same file
             (by SHA-256) the run was warm-started from (recorded in the checkpoints). With
             ``resume`` and no checkpoint yet, the run starts from `init`.
+        device: where Tamiyo acts and learns (the collector stores its batches there and the PPO
+            update runs there); default the env's device. An env on the CPU with Tamiyo on "cuda"
+            is the usual split: the collector moves observations and actions. Checkpoints and the
+            final weights hold CPU tensors (they load onto any device); on CUDA the checkpoints
+            also keep the device's RNG state, so a resume samples the same actions.
 
     Returns:
         A summary: iterations run, frames, wall seconds, the last iteration's scalars, the weights
@@ -250,6 +256,7 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
             different PPO config than the checkpoint's, or with an `init` other than the file the
             checkpointed run started from.
         CheckpointError: ``resume`` with a corrupt checkpoint.
+        CapabilityError: a `device` this machine does not have.
         TamiyoError: `init` is not a Tamiyo weights file, or its architecture or action layout
             differs from this run's (the message lists each differing field and its two values).
         FileNotFoundError: `init` does not exist.
@@ -284,9 +291,12 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
         if len(env.batch_size) != 1 or not hasattr(env, "max_epochs"):
             raise ConfigError("train_ppo needs a batched env with batch_size [N] and a max_epochs budget.")
         N, T = int(env.batch_size[0]), int(env.max_epochs)
+        device = check_device(device, "train_ppo") or env.device or torch.device("cpu")
         tconf = config_from_specs(env.observation_spec, env.action_spec, blueprints=space.blueprints,
                                   tempos=space.tempos, **config.tamiyo)
-        actor, critic, _ = build_tamiyo(tconf, env.action_spec)
+        actor, critic, _ = build_tamiyo(tconf, env.action_spec.to(device))
+        actor.to(device)
+        critic.to(device)
         actor.tamiyo_config = tconf
         params = tamiyo_parameters(actor, critic)
         opt = torch.optim.Adam(params, lr=config.lr, eps=1e-5)
@@ -299,10 +309,13 @@ def train_ppo(make_env: Callable[[], Any], config: PPOConfig, out: str | Path, s
             load_into(actor, critic, _init_tensors(init, tconf), where=str(init))
         env.set_seed(config.seed + start * N)  # whole episodes per batch: the enumeration continues
         collector = Collector(env, actor, frames_per_batch=N * T, total_frames=N * T * (config.iterations - start),
-                              auto_register_policy_transforms=False, trust_policy=True)
+                              auto_register_policy_transforms=False, trust_policy=True, policy_device=device,
+                              storing_device=device)
         if saved is not None:  # after the collector's first reset, as in the uninterrupted run
             torch.set_rng_state(saved[0]["rng/torch"])
             shuffle.set_state(saved[0]["rng/shuffle"])
+            if device.type == "cuda" and "rng/cuda" in saved[0]:
+                torch.cuda.set_rng_state(saved[0]["rng/cuda"], device)
         return _loop(_Session(collector=collector, actor=actor, critic=critic, opt=opt, shuffle=shuffle, config=config,
                               out=out, space=space, ckpts=ckpts, start=start, rows=N, epochs=T, progress=progress,
                               tensorboard=tensorboard, metadata=dict(metadata or {}), on_iteration=on_iteration,
@@ -397,13 +410,13 @@ def _loop(run: _Session) -> dict[str, Any]:
                     g["lr"] = config.lr * (1 - it / iterations)
             data.set(("next", "reward"), data["next", "reward"] * config.reward_scale)
             harm = harm_labels(data, space, drop=config.harm_drop)
-            boot = torch.rand(data.shape + (actor.tamiyo_config.value_heads,), generator=shuffle) < 0.5
+            boot = (torch.rand(data.shape + (actor.tamiyo_config.value_heads,), generator=shuffle) < 0.5).to(data.device)
             stats: dict[str, list[float]] = {}
             for _ in range(config.ppo_epochs):
                 with torch.no_grad():
                     gae(data)  # on the [N, T] batch, with the current critic
                 flat, fharm, fboot = data.reshape(-1), harm.reshape(-1), boot.reshape(-1, boot.shape[-1])
-                perm = torch.randperm(flat.shape[0], generator=shuffle)
+                perm = torch.randperm(flat.shape[0], generator=shuffle).to(data.device)  # drawn on the CPU generator
                 for idx in perm.split(config.minibatch_size):
                     mb = flat[idx]
                     lt = loss_module(mb)
@@ -527,6 +540,9 @@ def _checkpoint(ckpts, it, actor, critic, opt, shuffle, config, init_meta=None) 
     tensors.update(opt_t)
     tensors["rng/torch"] = torch.get_rng_state()
     tensors["rng/shuffle"] = shuffle.get_state()
+    device = next(actor.parameters()).device
+    if device.type == "cuda":  # actions are sampled on the device's generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     ckpts.save(it, tensors, {"iteration": it, "config": json.loads(config.model_dump_json()),
                              "optimizer": json.loads(json.dumps(opt_meta)),
                              "tamiyo": json.loads(actor.tamiyo_config.model_dump_json()),

@@ -173,7 +173,7 @@ def _joint_state(actor, critic) -> dict[str, torch.Tensor]:
         if key in seen:
             continue
         seen[key] = k
-        out[k] = v.detach().clone().contiguous()
+        out[k] = v.detach().to("cpu", copy=True).contiguous()  # files hold CPU tensors, from any device
     return out
 
 

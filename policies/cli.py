@@ -68,13 +68,15 @@ def _env_args(p: argparse.ArgumentParser) -> None:
                                                      "evaluated and --blueprints is not given)")
     g.add_argument("--max-param-ratio", type=float, default=None, help="mask germinations beyond this size ratio")
     g.add_argument("--subset-train", type=int, default=None, help="keep the first N training samples")
+    g.add_argument("--device", default="cpu", help="where the hosts train and Tamiyo acts (and learns): cpu, cuda, "
+                                                   "cuda:<index>")
 
 
 def env_kwargs(args) -> dict:
     """MorphogenesisEnv keyword arguments from the parsed environment flags."""
     kw = dict(contexts=[(args.task, h.strip()) for h in args.hosts.split(",") if h.strip()], max_epochs=args.epochs,
               reward=args.reward, tempos=tuple(int(t) for t in args.tempos.split(",")),
-              max_param_ratio=args.max_param_ratio)
+              max_param_ratio=args.max_param_ratio, device=args.device)
     if args.blueprints:
         kw["blueprints"] = tuple(b.strip() for b in args.blueprints.split(","))
     if args.subset_train:
@@ -96,7 +98,7 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
 
         s = suite(args.suite)
         kw = dict(instances=s.split("train"), blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots,
-                  reward=args.reward)
+                  reward=args.reward, device=args.device)
     else:
         kw = env_kwargs(args)
     make_env = partial(envs.MorphogenesisEnv, num_envs=args.num_envs, seed=args.seed, **kw)
@@ -189,7 +191,8 @@ def _imitate(args, envs, kw, probe, config, metadata) -> Path:
         plays = [(i.model_copy(update={"epochs": max(2, round(i.epochs * m))}), chosen[i.name])
                  for i in train for m in (float(x) for x in args.horizons.split(","))]
         make = partial(envs.MorphogenesisEnv, **{k: v for k, v in kw.items() if k != "instances"})
-        data = demonstrations(make, plays, parse_seeds(args.demo_seeds), make_policy, progress=not args.no_progress)
+        data = demonstrations(make, plays, parse_seeds(args.demo_seeds), make_policy,
+                              progress=not args.no_progress).to("cpu")  # cloning runs on the CPU (small batches)
         save_rollouts(data, demos_dir)
     print(f"{data.shape[0]} demonstrated transitions ({int((data['action'] != 0).sum())} growth decisions)")
     with torch.random.fork_rng():
@@ -326,7 +329,8 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
     if set(seeds) & set(train_seeds):
         raise ConfigError(f"--seeds and --train-seeds overlap ({sorted(set(seeds) & set(train_seeds))}): evaluation "
                           "seeds must never be used for tuning or choosing a*.")
-    make_env = partial(envs.MorphogenesisEnv, blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots)
+    make_env = partial(envs.MorphogenesisEnv, blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots,
+                       device=args.device)
     tasks: dict[str, object] = {}
 
     def load_task(name):
@@ -458,6 +462,8 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     br.add_argument("--seeds", default="1000000-1000004", help="evaluation seeds (never used for tuning)")
     br.add_argument("--train-seeds", default="0-4", help="seeds for tuning the baselines and choosing a*")
     br.add_argument("--workers", type=int, default=1, help="worker processes")
+    br.add_argument("--device", default="cpu", help="where the hosts train and a learned policy acts: cpu, cuda, "
+                                                    "cuda:<index>")
     br.add_argument("--out", default="runs/bench")
     br.add_argument("--no-progress", action="store_true")
     br.set_defaults(fn=lambda a: _bench_run(a, load_envs))
