@@ -15,6 +15,16 @@ same data (`Task.to(device)`) on every device this machine has:
 It also counts host-device synchronisations per epoch on CUDA (`torch.cuda.set_sync_debug_mode`,
 "warn"): they must not grow with the number of batches. Without CUDA it prints the CPU rows and says
 that the CUDA rows were not measured (or fails with `--require-cuda`).
+
+Then the growth env and Tamiyo on each device (`--env-n`, default 64 256 1024; `--env-n` with no
+value skips them):
+
+- env:  `MorphogenesisEnv(device=...)` with `benchmarks/bench_env.py`'s mixed population (half the
+        rows with a conv1d_k5 seed at the input, a quarter an mlp_gelu seed after fc1, at alpha 1;
+        MNIST-1D, mlp-impaired, full split, batch 100), host-epochs/s of one env step (the median
+        of `--repeats` steps);
+- ppo:  `train_ppo(..., device=...)` on a 16-row env, two iterations of 16 x 5 frames; the seconds
+        of the update (an iteration's seconds minus its collection seconds, the second iteration).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import warnings
 import torch
 
 import esper_fn as ef
+from bench_env import MAKE, kinds, step_batched, warm_actions
 from esper_fn.tasks import load
 from esper_fn.training import TrainConfig, train_epoch, train_epochs
 
@@ -114,6 +125,43 @@ def syncs_per_epoch(state: ef.State, task, batch: int) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def env_host_epochs(n: int, device: torch.device, repeats: int) -> float:
+    """Host-epochs/s of a mixed-population env step on `device` (bench_env.py's population)."""
+    from esper_fn.envs import MorphogenesisEnv
+
+    env = MorphogenesisEnv(num_envs=n, seed=0, device=device, **MAKE)
+    env.reset()
+    plans = [warm_actions(env.action_space, k) for k in kinds(n, "mixed")]
+    for t in range(len(plans[0])):
+        step_batched(env, [p[t] for p in plans])
+    wait = [0] * n
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        step_batched(env, wait)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
+def ppo_update_seconds(device: torch.device, out) -> float:
+    """Seconds of one PPO update (16 rows x 5 epochs, PPOConfig defaults otherwise) on `device`."""
+    import functools
+    import json
+
+    from esper_fn import GateConfig
+    from esper_fn.envs import MorphogenesisEnv
+    from esper_fn.policies import PPOConfig, train_ppo
+
+    make = functools.partial(MorphogenesisEnv, task="mnist1d", host="mlp-impaired", num_envs=16, max_epochs=5,
+                             subset={"train": 500}, gates=GateConfig(min_training_epochs=1), device=device)
+    train_ppo(make, PPOConfig(iterations=2, checkpoint_every=2), out, make().action_space, progress=False,
+              tensorboard=False)
+    last = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][-1]
+    return last["seconds_iteration"] - last["seconds_collect"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs per row (default 5)")
@@ -121,6 +169,8 @@ def main() -> int:
     ap.add_argument("--population", type=int, nargs="*", default=[16, 64], help="stacked hosts per row")
     ap.add_argument("--require-cuda", action="store_true", help="fail when CUDA is absent")
     ap.add_argument("--configs", type=int, nargs="*", help="indices into CONFIGS (default: all)")
+    ap.add_argument("--env-n", type=int, nargs="*", default=[64, 256, 1024],
+                    help="env rows of the mixed-population env rows (none: skip the env and PPO rows)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if args.require_cuda and not cuda:
@@ -159,6 +209,17 @@ def main() -> int:
             c, g = per["cpu"], per["cuda"]
             print(f"| {label} | cuda speed-up | {c['step_ms'] / g['step_ms']:.2f}x | {c['epoch_s'] / g['epoch_s']:.2f}x |"
                   + "".join(f" {g[f'pop{n}'] / c[f'pop{n}']:.2f}x |" for n in args.population) + " |")
+    if args.env_n:
+        import tempfile
+        from pathlib import Path
+
+        print("\n| device |" + "".join(f" env host-epochs/s N={n} |" for n in args.env_n) + " PPO update s |")
+        print("|---|" + "---|" * len(args.env_n) + "---|")
+        for dev in devices:
+            eps = [env_host_epochs(n, dev, max(1, args.repeats // 2)) for n in args.env_n]
+            with tempfile.TemporaryDirectory() as tmp:
+                upd = ppo_update_seconds(dev, Path(tmp))
+            print(f"| {dev.type} |" + "".join(f" {e:.1f} |" for e in eps) + f" {upd:.2f} |")
     return 0
 
 
