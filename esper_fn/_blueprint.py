@@ -115,6 +115,12 @@ class Blueprint:
         merge_moment: for merges that change host shapes (width growth), ``merge_moment(host,
             seed, spec) -> updates`` applied to every optimizer moment tree; None keeps host moments.
         check: extra fit test ``check(spec) -> reason | None`` beyond slot kind and layer type.
+        units: the seed's hidden units that Emrakul (`esper_fn.sculpt`) may remove once it is
+            fossilized: one group per hidden layer, each a tuple of ``(tensor, dim, role)``: the
+            tensors that index the group's units along `dim`, role "in" for the producing layer's
+            weight rows and bias, "out" for the consuming layer's input columns. Only units between
+            an elementwise nonlinearity and a linear map qualify (removing one drops exactly its
+            term from the consumer's output). Empty: the seed cannot be sculpted.
     """
 
     meta: BlueprintMeta
@@ -125,6 +131,7 @@ class Blueprint:
     merge: MergeFn | None = None
     merge_moment: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], SlotSpec], dict[str, Tensor]] | None = None
     check: Callable[[SlotSpec], str | None] | None = None
+    units: tuple[tuple[tuple[str, int, str], ...], ...] = ()
 
     @property
     def id(self) -> str:

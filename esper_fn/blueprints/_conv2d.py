@@ -54,7 +54,7 @@ def _conv2d_plain(kernel: int) -> Blueprint:
                     "zero-initialised",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops)
+    return Blueprint(meta, init, apply, count, flops, units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")),))
 
 
 def _conv2d_dwsep(kernel: int) -> Blueprint:
@@ -125,7 +125,8 @@ def _conv2d_bottleneck(kernel: int) -> Blueprint:
                     "(zero-initialised), ReLU between",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops)
+    return Blueprint(meta, init, apply, count, flops,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")), (("w2", 0, "in"), ("b2", 0, "in"), ("w3", 1, "out"))))
 
 
 for _bp in (_conv2d_plain(3), _conv2d_dwsep(3), _conv2d_bottleneck(3)):

@@ -41,7 +41,8 @@ def _mlp_gelu(ratio: float, version: str = "1.0.0") -> Blueprint:
         description=f"residual 2-layer GELU MLP, hidden = {ratio:g} x features, output layer zero-initialised",
         hyperparams={"hidden_ratio": ratio},
     )
-    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1))
+    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")),))
 
 
 # --- residual SwiGLU ---------------------------------------------------------------------------
@@ -66,7 +67,8 @@ def _swiglu(ratio: float) -> Blueprint:
         description=f"residual SwiGLU block, hidden = {ratio:g} x features, down projection zero-initialised",
         hyperparams={"hidden_ratio": ratio},
     )
-    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1))
+    return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
+                     units=((("w_gate", 0, "in"), ("w_up", 0, "in"), ("w_down", 1, "out")),))
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
