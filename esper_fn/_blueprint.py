@@ -118,7 +118,9 @@ class Blueprint:
         units: the seed's hidden units that Emrakul (`esper_fn.sculpt`) may remove once it is
             fossilized: one group per hidden layer, each a tuple of ``(tensor, dim, role)``: the
             tensors that index the group's units along `dim`, role "in" for the producing layer's
-            weight rows and bias, "out" for the consuming layer's input columns. Only units between
+            weight rows and bias, "out" for the consuming layer's input columns, and "bias" for the
+            consuming layer's bias (not cut: it receives the removed units' mean contribution, its
+            `dim` is its output dim). Only units between
             an elementwise nonlinearity and a linear map qualify (removing one drops exactly its
             term from the consumer's output). Empty: the seed cannot be sculpted.
     """

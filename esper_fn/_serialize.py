@@ -311,6 +311,7 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
     buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     groups = host_units(host, {n: tuple(v.shape) for n, v in p0.items()})
     growable = {s.name for s in host.slots(p0) if s.consumer_layer is not None}
+    groups = {slot: [m for m in ms if m[3] != "bias"] for slot, ms in groups.items()}
     member_of = {(n, d): (slot, block) for slot, ms in groups.items() for n, d, block, _ in ms}
     fresh = {_SEP.join(("params", "host", *n.split("."))): v for n, v in p0.items()}
     deltas: dict[str, dict[str, float]] = {}  # unit group -> {checkpoint key: units added (< 0: removed)}
@@ -396,6 +397,7 @@ def _sculpted_units(slot: str, bp: bpm.Blueprint, want: dict[str, list[int]], te
     sculpt explains them: every tensor of a unit group (`Blueprint.units`) holds the same number of
     units, between 1 and the blueprint's own. Anything else is left for the shape check to report."""
     for group in bp.units:
+        group = [m for m in group if m[2] != "bias"]
         have = set()
         for name, dim, _ in group:
             t = tensors.get(_SEP.join(("params", "seeds", slot, name)))

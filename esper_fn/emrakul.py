@@ -94,7 +94,7 @@ def host_units(host: Host, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, t
             continue
         bias = (f"{s.layer}.bias", 0, 1, "in") if f"{s.layer}.bias" in shapes else None
         if s.consumer_layer is not None:
-            members = [(f"{s.layer}.weight", 0, 1, "in"), bias, (f"{s.consumer_layer}.weight", 1, 1, "out")]
+            consumer, block = s.consumer_layer, 1
         elif s in convs:
             i = convs.index(s)
             if i + 1 < len(convs):
@@ -102,9 +102,10 @@ def host_units(host: Host, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, t
             else:
                 consumer = "fc"
                 block = shapes["fc.weight"][1] // shapes[f"{s.layer}.weight"][0]
-            members = [(f"{s.layer}.weight", 0, 1, "in"), bias, (f"{consumer}.weight", 1, block, "out")]
         else:
             continue
+        members = [(f"{s.layer}.weight", 0, 1, "in"), bias, (f"{consumer}.weight", 1, block, "out"),
+                   (f"{consumer}.bias", 0, 1, "bias") if f"{consumer}.bias" in shapes else None]
         out[s.name] = tuple(m for m in members if m is not None)
     return out
 
@@ -175,13 +176,14 @@ def _target(state: State, slot: str) -> Target:
     kind, name, groups = got
     units, costs = [], []
     for g in groups:
-        counts = {state.params_flat[k].shape[d] // b for k, d, b, _ in g}
+        cut = [(k, d, b) for k, d, b, r in g if r != "bias"]
+        counts = {state.params_flat[k].shape[d] // b for k, d, b in cut}
         if len(counts) != 1:
             raise SculptError(f"sculpt {slot!r}: the tensors of one unit group disagree on its unit count {sorted(counts)}"
-                              f" ({[('/'.join(k), d) for k, d, _, _ in g]}); the state is inconsistent.")
+                              f" ({[('/'.join(k), d) for k, d, _ in cut]}); the state is inconsistent.")
         n = counts.pop()
         units.append(n)
-        costs.append(sum(state.params_flat[k].numel() // n for k, _, _, _ in g))
+        costs.append(sum(state.params_flat[k].numel() // n for k, _, _ in cut))
     return Target(slot, kind, name, groups, tuple(units), tuple(costs))
 
 
@@ -341,28 +343,17 @@ def sculpt(
         targets = [_target(state, s) for s in names]
     params0 = state.num_params()
     _check_keep(keep, targets, params0)
-    removed = _choose(state, targets, keep, by, x)
-    new = _remove(state, targets, removed)
-    report = _report(state, new, targets, removed, keep, by, x, y)
+    terms = {} if x is None else _mean_terms(state, targets, x)
+    removed = _choose(state, targets, keep, by, x, terms)
+    new = _remove(state, targets, removed, terms)
+    report = _report(state, new, targets, removed, keep, by, x, y, terms)
     return new, report
 
 
 # --- choosing units --------------------------------------------------------------------------------
 
-
-def _zeroed(params: dict[Key, Tensor], targets: Sequence[Target], removed: Mapping[tuple[int, int], set[int]]
-            ) -> dict[Key, Tensor]:
-    """`params` with the outgoing weights of the removed units zeroed (the same function as removing them)."""
-    out = dict(params)
-    for (t, g), units in removed.items():
-        if not units:
-            continue
-        for key, dim, block, role in targets[t].groups[g]:
-            if role != "out":
-                continue
-            idx = _indices(sorted(units), block, out[key].device)
-            out[key] = out[key].index_fill(dim, idx, 0.0)
-    return out
+Removed = dict[tuple[int, int], set[int]]
+"""The units chosen for removal: ``{(target index, group index): {unit, ...}}``."""
 
 
 def _indices(units: Sequence[int], block: int, device) -> Tensor:
@@ -370,22 +361,106 @@ def _indices(units: Sequence[int], block: int, device) -> Tensor:
     return (u[:, None] * block + torch.arange(block, device=device)).flatten()
 
 
+def _mean_terms(state: State, targets: Sequence[Target], x: Tensor) -> dict[tuple[int, int], Tensor]:
+    """Per unit group with a consumer bias: the mean contribution of each unit to each output of its
+    consumer over the batch (and the output positions), ``[out, units]``.
+
+    The consumer's output is linear in its weight W, so ``sum(W * dY/dW)`` over a unit's slice, with
+    Y the consumer's output summed over the batch and positions, is the unit's total contribution;
+    divided by the number of (sample, position) pairs it is its mean contribution.
+    """
+    wanted = {(t, g): tg for t, target in enumerate(targets) for g, tg in enumerate(target.groups)
+              if any(r == "bias" for _, _, _, r in tg)}
+    if not wanted:
+        return {}
+    host_consumers: dict[str, list[tuple[int, int]]] = {}
+    seed_slots: dict[str, list[tuple[int, int]]] = {}
+    out_key = {k: next(m for m in tg if m[3] == "out") for k, tg in wanted.items()}
+    layer_slot = {s.layer: s.name for s in state.slot_specs() if s.layer is not None}
+    for k in wanted:
+        tg = targets[k[0]]
+        if tg.kind == "host":
+            host_consumers.setdefault(layer_slot[".".join(out_key[k][0][1:-1])], []).append(k)
+        else:
+            seed_slots.setdefault(tg.slot, []).append(k)
+    with torch.enable_grad():
+        leaves = {out_key[k][0]: state.params_flat[out_key[k][0]].detach().requires_grad_(True) for k in wanted}
+        params = {**state.params_flat, **{key: v for key, v in leaves.items() if key[0] == "host"}}
+        seen = _spy(state, params, x, set(host_consumers) | set(seed_slots))
+        ys: list[Tensor] = []
+        size: dict[tuple[int, int], int] = {}  # elements of the consumer's output
+        for slot, ks in host_consumers.items():
+            ys.append(seen[slot][0].sum())
+            size.update({k: seen[slot][0].numel() for k in ks})
+        plan = make_plan(state)
+        for slot, ks in seed_slots.items():
+            bp, spec, _ = plan.live[slot]
+            p = {key[2]: leaves.get(key, v) for key, v in state.params_flat.items()
+                 if key[0] == "seeds" and key[1] == slot}
+            p.update({key[2]: v for key, v in state.buffers_flat.items() if key[0] == "seeds" and key[1] == slot})
+            h, x_in = seen[slot]
+            out = bp.apply(p, h.detach(), None if x_in is None else x_in.detach(), spec, False)
+            out = out.delta if isinstance(out, bpm.SeedOut) else out
+            ys.append(out.sum())
+            size.update({k: out.numel() for k in ks})
+        grads = dict(zip(leaves, torch.autograd.grad(sum(ys), list(leaves.values()), allow_unused=True)))
+    terms = {}
+    for k, tg in wanted.items():
+        key, dim, block, _ = out_key[k]
+        bias_key = next(m[0] for m in tg if m[3] == "bias")
+        w, gw = state.params_flat[key].detach(), grads[key]
+        per = (w * (torch.zeros_like(w) if gw is None else gw)).movedim(dim, 1)  # [out, in, ...]
+        per = per.reshape(per.shape[0], targets[k[0]].units[k[1]], -1).sum(-1)  # [out, units]
+        terms[k] = per * (state.params_flat[bias_key].numel() / size[k])  # / (samples x positions)
+    return terms
+
+
+def _spy(state: State, params: Mapping[Key, Tensor], x: Tensor, slots: set[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """An eval forward of `state` with `params`, recording ``(h, x_in)`` at `slots` (h: the output of
+    the layer the slot follows, before its seed; x_in: that layer's input)."""
+    plan = make_plan(state)
+    host_flat, seeds, alphas = slot_inputs(state, plan, params, plan.live)
+    inner = make_slot_fn(plan.live, seeds, alphas, False, [], {})
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def spy(name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor:
+        if name in slots:
+            seen[name] = (h, x_in)
+        return inner(name, h, x_in)
+
+    state.host.forward_fn(host_flat, x, spy, False)
+    return seen
+
+
+def _without(params: Mapping[Key, Tensor], targets: Sequence[Target], removed: Removed,
+             terms: Mapping[tuple[int, int], Tensor]) -> dict[Key, Tensor]:
+    """`params` computing what the network computes once the removed units are gone: their outgoing
+    weights zeroed and, where measured, their mean contribution added to the consumer's bias."""
+    out = dict(params)
+    for (t, g), units in removed.items():
+        if not units:
+            continue
+        for key, dim, block, role in targets[t].groups[g]:
+            if role == "out":
+                out[key] = out[key].index_fill(dim, _indices(sorted(units), block, out[key].device), 0.0)
+            elif role == "bias" and (t, g) in terms:
+                out[key] = out[key] + terms[(t, g)][:, sorted(units)].sum(-1).to(out[key].dtype)
+    return out
+
+
 def _divergence(state: State, params: dict[Key, Tensor], x: Tensor, logp0: Tensor) -> float:
     logp = torch.log_softmax(apply(state.replace(params_flat=params), x), -1)
     return float((logp0.exp() * (logp0 - logp)).sum(-1).mean())
 
 
-def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | None) -> dict[tuple[int, int], set[int]]:
-    """The units to remove: ``{(target index, group index): {unit, ...}}``."""
-    removed: dict[tuple[int, int], set[int]] = {(t, g): set() for t, tg in enumerate(targets) for g in range(len(tg.units))}
+def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | None,
+            terms: Mapping[tuple[int, int], Tensor]) -> Removed:
+    """The units to remove (see `sculpt`)."""
+    removed: Removed = {(t, g): set() for t, tg in enumerate(targets) for g in range(len(tg.units))}
     count = {k: targets[k[0]].units[k[1]] for k in removed}
     cost = {k: targets[k[0]].unit_params[k[1]] for k in removed}
-    if isinstance(keep, int):
-        need = {k: max(0, count[k] - keep) for k in removed}
-        budget = None
-    else:
-        need = None
-        budget = math.floor(keep * state.num_params())
+    need = {k: max(0, count[k] - keep) for k in removed} if isinstance(keep, int) else None
+    budget = None if need is not None else math.floor(keep * state.num_params())
     left = state.num_params()
 
     def open_groups():
@@ -404,7 +479,8 @@ def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | 
             norms[k] = sq.sqrt().tolist()
         while groups := open_groups():
             k, u = min(((k, u) for k in groups for u in range(count[k]) if u not in removed[k]),
-                       key=lambda ku: (norms[ku[0]][ku[1]] / cost[ku[0]], ku))
+                       key=lambda ku: (norms[ku[0]][ku[1]] / (cost[ku[0]] if need is not None
+                                                              else min(cost[ku[0]], left - budget)), ku))
             removed[k].add(u)
             left -= cost[k]
         return removed
@@ -418,8 +494,9 @@ def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | 
                     if u in removed[k]:
                         continue
                     trial = {**removed, k: removed[k] | {u}}
-                    d = _divergence(state, _zeroed(state.params_flat, targets, trial), x, logp0)
-                    score = (d - base) / cost[k] if need is None else d
+                    d = _divergence(state, _without(state.params_flat, targets, trial, terms), x, logp0)
+                    # per parameter freed, counting no more than the budget still needs
+                    score = (d - base) / min(cost[k], left - budget) if need is None else d
                     if best is None or score < best[0]:
                         best = (score, d, k, u)
             _, base, k, u = best
@@ -431,25 +508,29 @@ def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | 
 # --- removing them ---------------------------------------------------------------------------------
 
 
-def _remove(state: State, targets: Sequence[Target], removed: Mapping[tuple[int, int], set[int]]) -> State:
-    """A new state without the removed units: parameters and every optimizer moment sliced alike."""
+def _remove(state: State, targets: Sequence[Target], removed: Removed,
+            terms: Mapping[tuple[int, int], Tensor]) -> State:
+    """A new state without the removed units: parameters and every optimizer moment cut alike, the
+    consumers' biases compensated (`_without`)."""
     slices: dict[Key, list[tuple[int, Tensor]]] = {}
     for (t, g), units in removed.items():
         if not units:
             continue
         n = targets[t].units[g]
         kept = [u for u in range(n) if u not in units]
-        for key, dim, block, _ in targets[t].groups[g]:
-            slices.setdefault(key, []).append((dim, _indices(kept, block, state.params_flat[key].device)))
+        for key, dim, block, role in targets[t].groups[g]:
+            if role != "bias":
+                slices.setdefault(key, []).append((dim, _indices(kept, block, state.params_flat[key].device)))
     if not slices:
         return derive(state, _keep_cache=True)
 
     def cut(t: Tensor, key: Key) -> Tensor:
-        for dim, idx in slices[key]:
+        for dim, idx in slices.get(key, ()):
             t = t.index_select(dim, idx)
         return t
 
-    params = {k: cut(v, k) if k in slices else v for k, v in state.params_flat.items()}
+    compensated = _without(state.params_flat, targets, removed, terms)
+    params = {k: cut(compensated[k], k) if k in slices else compensated[k] for k in state.params_flat}
     opt = {}
     for k, v in state.opt_flat.items():
         pk = k[1:]
@@ -460,7 +541,8 @@ def _remove(state: State, targets: Sequence[Target], removed: Mapping[tuple[int,
 # --- the report ------------------------------------------------------------------------------------
 
 
-def _report(state: State, new: State, targets: Sequence[Target], removed, keep, by: str, x, y) -> SculptReport:
+def _report(state: State, new: State, targets: Sequence[Target], removed: Removed, keep, by: str, x, y,
+            terms: Mapping[tuple[int, int], Tensor]) -> SculptReport:
     per = []
     for t, tg in enumerate(targets):
         gone = [len(removed[(t, g)]) for g in range(len(tg.units))]
@@ -475,52 +557,45 @@ def _report(state: State, new: State, targets: Sequence[Target], removed, keep, 
         before, after = apply(state, x), apply(new, x)
         diff = (after - before).abs()
         fields.update(samples=int(x.shape[0]), max_abs_dlogits=float(diff.max()), mean_abs_dlogits=float(diff.mean()),
-                      logit_bound=_logit_bound(state, targets, removed, x))
+                      logit_bound=_logit_bound(state, targets, removed, x, terms))
         if y is not None:
             fields.update(accuracy_before=float((before.argmax(-1) == y).float().mean()),
                           accuracy_after=float((after.argmax(-1) == y).float().mean()))
     return SculptReport(**fields)
 
 
-def _logit_bound(state: State, targets: Sequence[Target], removed, x: Tensor) -> float | None:
-    """``max_x sum_j max|a_j(x)| * max_o sum |W[o, j-block]|`` over the removed units j, when every one is
-    a host unit of a built-in host whose consumer is the output layer with no live seed after it."""
+def _logit_bound(state: State, targets: Sequence[Target], removed: Removed, x: Tensor,
+                 terms: Mapping[tuple[int, int], Tensor]) -> float | None:
+    """An upper bound on max |delta logits| over the batch, where every removed unit is a host unit of
+    a built-in host feeding the output layer directly (no live seed after it), else None.
+
+    The output changes by ``-sum_j W_j (a_j - c_j)`` with W_j the output layer's columns of unit j,
+    a_j its activations (the output layer's input) and c_j what compensation put back (the batch
+    mean, or 0), so ``|delta logit_o| <= sum_j max|a_j - c_j| * sum |W[o, j]|``.
+    """
     if state.host.config.get("kind") not in ("mlp", "cnn1d", "cnn2d"):
         return None
     last = state.slot_specs()[-1]
-    consumers: dict[str, list] = {}
+    parts = []
     for (t, g), units in removed.items():
         if not units:
             continue
         tg = targets[t]
-        key, dim, block, _ = next(m for m in tg.groups[g] if m[3] == "out")
+        key, _, block, _ = next(m for m in tg.groups[g] if m[3] == "out")
         if tg.kind != "host" or ".".join(key[1:-1]) != last.layer:
             return None
-        consumers.setdefault(last.name, []).append((state.params_flat[key], block, sorted(units)))
-    if not consumers:
+        parts.append((state.params_flat[key], block, sorted(units), (t, g) in terms))
+    if not parts:
         return 0.0
-    if state.blueprints[state.index(last.name)] is not None and state.stage(last.name) != Stage.DORMANT:
+    if state.stage(last.name) in (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED):
         return None
-    x_in = _consumer_input(state, x, last.name)  # [B, in_features]: the removed units' activations
-    total = torch.zeros(x_in.shape[0], dtype=x_in.dtype)
-    for w, block, units in consumers[last.name]:
-        for u in units:
-            a = x_in[:, u * block:(u + 1) * block].abs().amax(-1)  # [B]
-            total = total + a * w[:, u * block:(u + 1) * block].abs().sum(-1).max()
+    with torch.no_grad():
+        a = _spy(state, state.params_flat, x, {last.name})[last.name][1]  # [B, in]: the units' activations
+        total = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+        for w, block, units, centred in parts:
+            for u in units:
+                au = a[:, u * block:(u + 1) * block]
+                if centred:
+                    au = au - au.mean(0)
+                total = total + au.abs().amax(-1) * w[:, u * block:(u + 1) * block].abs().sum(-1).max()
     return float(total.max())
-
-
-def _consumer_input(state: State, x: Tensor, slot: str) -> Tensor:
-    """The input of the layer `slot` follows, on batch `x` (eval forward)."""
-    plan = make_plan(state)
-    host_flat, seeds, alphas = slot_inputs(state, plan, state.params_flat, plan.live)
-    inner = make_slot_fn(plan.live, seeds, alphas, False, [], {})
-    seen: dict[str, Tensor] = {}
-
-    def spy(name: str, h: Tensor, x_in: Tensor | None = None) -> Tensor:
-        if name == slot:
-            seen[name] = x_in
-        return inner(name, h, x_in)
-
-    state.host.forward_fn(host_flat, x, spy, False)
-    return seen[slot]

@@ -54,7 +54,8 @@ def _conv2d_plain(kernel: int) -> Blueprint:
                     "zero-initialised",
         hyperparams={"kernel": kernel},
     )
-    return Blueprint(meta, init, apply, count, flops, units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")),))
+    return Blueprint(meta, init, apply, count, flops,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),))
 
 
 def _conv2d_dwsep(kernel: int) -> Blueprint:
@@ -126,7 +127,8 @@ def _conv2d_bottleneck(kernel: int) -> Blueprint:
         hyperparams={"kernel": kernel},
     )
     return Blueprint(meta, init, apply, count, flops,
-                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")), (("w2", 0, "in"), ("b2", 0, "in"), ("w3", 1, "out"))))
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),
+                            (("w2", 0, "in"), ("b2", 0, "in"), ("w3", 1, "out"), ("b3", 0, "bias"))))
 
 
 for _bp in (_conv2d_plain(3), _conv2d_dwsep(3), _conv2d_bottleneck(3)):

@@ -42,7 +42,7 @@ def _mlp_gelu(ratio: float, version: str = "1.0.0") -> Blueprint:
         hyperparams={"hidden_ratio": ratio},
     )
     return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
-                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out")),))
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),))
 
 
 # --- residual SwiGLU ---------------------------------------------------------------------------
