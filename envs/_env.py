@@ -23,7 +23,8 @@ from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host
 from esper_fn import blueprints as bpm
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
 from esper_fn.bench import Instance
-from esper_fn.episode import Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors, start, step
+from esper_fn.episode import (SCULPT_KEEP, Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors,
+                              start, step)
 from esper_fn.events import Fossilized
 from esper_fn.tasks import Task, load
 from esper_fn.tezzeret import KernelCache
@@ -144,6 +145,13 @@ class MorphogenesisEnv(EnvBase):
         max_slots: slot positions of the action space (default: the most slots of any host here);
             give a suite's ``num_slots`` so that envs over different instances share one action space
             and one observation layout (graph nodes padded to ``2 * max_slots - 1``).
+        sculpt: also offer SCULPT at every slot (Emrakul, `esper_fn.sculpt`; S more actions after
+            PRUNE, so the default layout, and the policies trained on it, are unchanged). SCULPT slot
+            s removes hidden units of its fossilized seed or of the host layer it follows, keeping
+            `sculpt_keep` of them (at least one goes), chosen by their measured contribution on the
+            validation split; it is masked wherever it could not apply
+            (`esper_fn.episode.sculpt_offered`).
+        sculpt_keep: the fraction of a target's units one SCULPT keeps, in (0, 1) (default 0.75).
 
     Every row is an `esper_fn.episode.Episode`; a step is `esper_fn.episode.step` over all rows (the
     same function `esper-fn grow` loops over), then `Observer` (the observation, pure) and the reward.
@@ -182,6 +190,8 @@ class MorphogenesisEnv(EnvBase):
         terminal_at_budget: bool = True,
         kernels: KernelCache | None = None,
         max_slots: int | None = None,
+        sculpt: bool = False,
+        sculpt_keep: float = SCULPT_KEEP,
     ):
         given = [name for name, v in (("contexts", contexts), ("task/host", task or host), ("instances", instances))
                  if v is not None]
@@ -221,6 +231,9 @@ class MorphogenesisEnv(EnvBase):
             if reward not in REWARDS:
                 raise ConfigError(f"unknown reward {reward!r}; built-in rewards are {sorted(REWARDS)}.")
             reward = REWARDS[reward]()
+        if not isinstance(sculpt_keep, (int, float)) or not 0.0 < sculpt_keep < 1.0:
+            raise ConfigError(f"sculpt_keep must lie in (0, 1) (the fraction of a target's units one SCULPT keeps), got "
+                              f"{sculpt_keep!r}.")
         if max_param_ratio is not None and not max_param_ratio > 0:
             raise ConfigError(f"max_param_ratio must be positive (or None), got {max_param_ratio!r}.")
         super().__init__(batch_size=torch.Size([num_envs]))  # CPU: the hosts train where the tasks' tensors are
@@ -262,7 +275,7 @@ class MorphogenesisEnv(EnvBase):
         most = max(len(s) for s in specs0)
         if max_slots is not None and max_slots < most:
             raise ConfigError(f"max_slots={max_slots} is fewer than the {most} slots of a host here.")
-        self.action_space = ActionSpace(max_slots or most, ids, tempos)
+        self.action_space = ActionSpace(max_slots or most, ids, tempos, sculpt=bool(sculpt), sculpt_keep=float(sculpt_keep))
         nodes = max(len(graph_nodes(s)) for s in specs0)
         if max_slots is not None:  # one observation layout for every env of a suite: a layer before each slot
             nodes = max(nodes, 2 * max_slots - 1)

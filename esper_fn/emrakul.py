@@ -54,6 +54,7 @@ from ._errors import SculptError
 from ._host import Host
 from ._lifecycle import LIVE_STAGES, Stage
 from ._state import Key, State, derive
+from .events import Sculpted
 
 __all__ = ["CRITERIA", "SculptReport", "Target", "TargetReport", "host_units", "sculpt", "sculptable"]
 
@@ -260,6 +261,15 @@ class SculptReport(BaseModel):
         if self.accuracy_before is None or self.accuracy_after is None:
             return None
         return self.accuracy_after - self.accuracy_before
+
+    def event(self, run_id: str, epoch: int) -> Sculpted:
+        """This sculpt as the run log's `esper_fn.events.Sculpted` event (measured on the validation
+        split, as the growth step and `esper-fn sculpt` measure it)."""
+        return Sculpted(run_id=run_id, epoch=epoch, slot=self.targets[0].slot if len(self.targets) == 1 else None,
+                        keep=self.keep, by=self.by, params_before=self.params_before, params_after=self.params_after,
+                        units={t.slot: t.units_after for t in self.targets}, units_removed=self.units_removed,
+                        val_accuracy_before=self.accuracy_before, val_accuracy_after=self.accuracy_after,
+                        max_abs_dlogits=self.max_abs_dlogits)
 
 
 def _single(state: State) -> None:
