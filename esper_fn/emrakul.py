@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -157,13 +157,26 @@ def _groups_of(state: State, slot: str) -> tuple[str, str, tuple] | str:
     members = layers[slot]
     consumer = next(m[0].rsplit(".", 1)[0] for m in members if m[3] == "out")
     for other in state.slot_specs():
-        j = state.index(other.name)
-        bp_other = state.blueprints[j]
-        if other.layer == consumer and bp_other is not None and bpm.registry()[bp_other].meta.layer_types is not None:
+        bp_other = state.blueprints[state.index(other.name)]
+        if other.layer == consumer and bp_other is not None and _reads_input_width(bpm.registry()[bp_other], other):
             return (f"layer {spec.layer!r} at slot {slot!r} feeds layer {consumer!r}, and slot {other.name!r} holds "
                     f"{bp_other}, which reads that layer's input and was built for its width: fossilize or prune "
                     f"the seed at {other.name!r} first")
     return "host", spec.layer, (tuple((("host", *n.split(".")), d, b, r) for n, d, b, r in members),)
+
+
+def _reads_input_width(bp: bpm.Blueprint, spec) -> bool:
+    """Whether a seed at `spec` has tensors sized by the input width of the layer its slot follows
+    (LoRA, width growth), found by building it for a narrower input."""
+    if spec.in_shape is None:
+        return False
+    narrower = replace(spec, in_shape=(*spec.in_shape[:-1], max(1, spec.in_shape[-1] - 1)) if len(spec.in_shape) == 1
+                       else (max(1, spec.in_shape[0] - 1), *spec.in_shape[1:]))
+    if bp.misfit(narrower) is not None:
+        return True
+    g = torch.Generator().manual_seed(0)
+    shapes = lambda s: {k: tuple(v.shape) for d in bp.init(s, g) for k, v in d.items()}  # noqa: E731
+    return shapes(spec) != shapes(narrower)
 
 
 def _target(state: State, slot: str) -> Target:
