@@ -62,7 +62,7 @@ from .emrakul import SculptReport, sculpt
 from .events import (CheckpointSaved, EpochMetrics, EventLog, Fossilized, Germinated, GrowthBlocked, Resumed,
                      read_events)
 from .optim import adam
-from .tasks import load
+from .tasks import Task, load
 from .training import TrainConfig, evaluate
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "validate_config",
     "never_left_chance",
     "param_budget",
+    "restore_run",
     "rng_streams",
     "sculpt_run",
     "standard_init",
@@ -467,19 +468,7 @@ def grow(
         on_disk = read_run_config(out)
         ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep) if (
             out / "checkpoints").is_dir() else None
-        skipped: list[tuple[int, str | None]] = []
-        found_ckpt = None
-        for step_no in reversed(ckpts.steps() if ckpts is not None else []):
-            tensors, meta = ckpts.restore(step_no)
-            try:
-                found_ckpt = (episode_from_tensors(task, host, tensors, meta), meta)
-                break
-            except NonFiniteCheckpointError as err:  # diverged just before it was saved: try an earlier one
-                skipped.append((step_no, err.key))
-        if skipped and found_ckpt is None:
-            raise CheckpointError(f"resume: every checkpoint in {out / 'checkpoints'} holds non-finite values "
-                                  f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
-                                  "--out.")
+        found_ckpt, skipped = _latest_episode(ckpts, task, host) if ckpts is not None else (None, [])
         if found_ckpt is not None:
             ep_restored, meta = found_ckpt
             saved = RunConfig.model_validate(meta["run"]["config"])
@@ -653,6 +642,48 @@ def grow(
     except OSError as e:
         raise _write_error(out, e) from None
     return summary
+
+
+def _latest_episode(ckpts: CheckpointManager, task, host) -> tuple[tuple[Episode, dict] | None, list]:
+    """The episode (and metadata) of the latest checkpoint without NaN or infinite values, verified,
+    and the later checkpoints skipped for holding some (``[(step, key), ...]``); None if there is none.
+
+    Raises:
+        CheckpointError: a checkpoint is corrupt, or every one holds non-finite values.
+    """
+    skipped: list[tuple[int, str | None]] = []
+    for step_no in reversed(ckpts.steps()):
+        tensors, meta = ckpts.restore(step_no)
+        try:
+            return (episode_from_tensors(task, host, tensors, meta), meta), skipped
+        except NonFiniteCheckpointError as err:  # diverged just before it was saved: try an earlier one
+            skipped.append((step_no, err.key))
+    if skipped:
+        raise CheckpointError(f"every checkpoint in {ckpts.directory} holds non-finite values "
+                              f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
+                              "--out.")
+    return None, skipped
+
+
+def restore_run(out: str | Path) -> tuple[RunConfig, Task, Episode]:
+    """A run directory's config, task and latest episode (its latest checkpoint without NaN or
+    infinite values, verified against the host and blueprints), e.g. to evaluate or sculpt it.
+
+    Raises:
+        RunDirError: `out` holds no run checkpoint.
+        CheckpointError: its checkpoints are corrupt or all non-finite.
+    """
+    out = Path(out)
+    config = read_run_config(out) if out.is_dir() else None
+    if config is None or not (out / "checkpoints").is_dir():
+        raise RunDirError(f"{out} is not a run directory with checkpoints (it lacks config.yaml or checkpoints/).")
+    task = load(config.task, seed=config.seed)
+    host = _host.preset(config.host, input_shape=task.input_shape, n_classes=task.n_classes)
+    found, _ = _latest_episode(CheckpointManager(out / "checkpoints"), task, host)
+    if found is None:
+        raise RunDirError(f"{out} holds no checkpoint yet; resume the run (`esper-fn grow --resume --out {out}`).")
+    ep, meta = found
+    return RunConfig.model_validate(meta["run"]["config"]), task, ep
 
 
 def _only_sculpt_differs(config: RunConfig, saved: RunConfig) -> bool:
