@@ -14,8 +14,9 @@ here if missing) and each keep fraction:
 * **l1_unstructured**: the unsculpted export, with `torch.nn.utils.prune.l1_unstructured` at one
   fraction on every weight tensor (Linear and conv weights, host and seeds; biases kept);
 
-the anchors' amounts chosen so that their remaining (unmasked) parameter count is the closest to
-Emrakul's. All three, and a control (the unpruned network), are then fine-tuned identically: a plain
+the anchors' amounts chosen as the largest (on a grid of 0.005) whose remaining (unmasked) parameter
+count is still at least Emrakul's: an anchor never has fewer parameters than the sculpted network.
+All three, and a control (the unpruned network), are then fine-tuned identically: a plain
 `torch.optim.Adam` loop at the run's learning rate, batch 100, `--fine-tune-epochs` epochs over the
 training split, one data order per network. The anchors' masks stay applied: `prune.remove` makes
 the pruning permanent (an export may read its parameters by name, which `prune`'s reparametrisation
@@ -26,6 +27,11 @@ the smallest KEEP whose fine-tuned validation accuracy is within 0.5 points of t
 network's); test accuracy is only reported.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sculpt.py --runs runs/grown --keep 0.9 0.8 0.7 0.6 --workers 1
+
+With ``--suite growthbench-v1 --split test --seeds ...`` the networks are instead those the plateau
+heuristic grows on the suite's test instances (`esper_fn.bench.Instance.run_config`: each
+instance's task, host, horizon, learning rate and budget), grouped per instance; a keep that a
+network cannot reach (every unit group down to one unit) is listed as not sculpted.
 
 Prints one row per network and keep, then per host and keep the mean and 95% CI (Student's t) of the
 test-accuracy change against the grown network, and the paired difference emrakul - ln_structured.
@@ -57,14 +63,30 @@ def ci(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
     return m, float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def grow_missing(root: Path, host: str, seed: int, epochs: int) -> Path:
-    from esper_fn.run import RunConfig, grow
+def grow_missing(out: Path, config) -> Path:
+    """Grow `config` into `out` unless a finished run is there already."""
+    from esper_fn.run import grow
 
-    out = root / f"{host}-s{seed}"
     if not (out / "summary.json").is_file():
-        grow(RunConfig(task="mnist1d", host=host, controller="heuristic", epochs=epochs, seed=seed,
-                       param_budget=BUDGET), out, overwrite=True, progress=False)
+        grow(config, out, overwrite=True, progress=False)
     return out
+
+
+def networks(a) -> list[tuple[Path, str]]:
+    """``[(run dir, group), ...]``: the growth table's networks (group: the host), or with ``--suite``
+    the heuristic's networks of the suite's `--split` instances (`Instance.run_config`; group: the
+    instance), grown where missing."""
+    from esper_fn.run import RunConfig
+
+    root = Path(a.runs)
+    if a.suite is None:
+        return [(grow_missing(root / f"{h}-s{s}", RunConfig(task="mnist1d", host=h, controller="heuristic",
+                                                              epochs=a.epochs, seed=s, param_budget=BUDGET)), h)
+                for h in a.hosts for s in a.seeds]
+    from esper_fn.bench import suite
+
+    return [(grow_missing(root / f"{i.name}-s{s}", i.run_config(s)), i.name)
+            for i in suite(a.suite).split(a.split) for s in a.seeds]
 
 
 def _locate(net, tensor):
@@ -142,17 +164,15 @@ def l1_unstructured(state, fraction: float):
 
 
 def matched(build, state, target: int):
-    """``(net, masks)`` of `build(state, f)` at the fraction f (a grid of 0.005) whose kept parameters
-    are the closest to `target`."""
-    best = None
-    for i in range(0, 200):
+    """``(net, masks)`` of `build(state, f)` at the largest fraction f (a grid of 0.005) that keeps at
+    least `target` parameters: the anchor never has fewer parameters than the Emrakul network."""
+    best = build(state, 0.0)
+    for i in range(1, 200):
         net, masks = build(state, i / 200)
-        gap = abs(_kept(net, masks) - target)
-        if best is None or gap < best[0]:
-            best = (gap, (net, masks))
-        if _kept(net, masks) < target - best[0]:
+        if _kept(net, masks) < target:
             break
-    return best[1]
+        best = (net, masks)
+    return best
 
 
 def fine_tune(net, masks, task, epochs: int, lr: float, seed: int):
@@ -180,14 +200,14 @@ def accuracy(net, x, y) -> float:
         return float((net(x).argmax(-1) == y).float().mean())
 
 
-def one(args: tuple[str, list[float], int]) -> list[dict]:
+def one(args: tuple[str, str, list[float], int]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     import esper_fn as ef
     from esper_fn.run import restore_run
 
-    run_dir, keeps, epochs = args
+    run_dir, group, keeps, epochs = args
     config, task, ep = restore_run(run_dir)
     state = ep.state
     (xv, yv), (xt, yt) = task.split("val"), task.split("test")
@@ -195,12 +215,18 @@ def one(args: tuple[str, list[float], int]) -> list[dict]:
     base = {"val": accuracy(grown, xv, yv), "test": accuracy(grown, xt, yt), "params": state.num_params()}
     rows = []
     for keep in keeps:
-        sculpted, report = ef.sculpt(state, keep=keep, data=(xv, yv))
+        try:
+            sculpted, report = ef.sculpt(state, keep=keep, data=(xv, yv))
+        except ef.SculptError as e:  # e.g. a keep below what removing all but one unit per group reaches
+            print(f"{Path(run_dir).name} keep {keep}: not sculpted ({e})", flush=True)
+            rows.append({"run": Path(run_dir).name, "host": group, "seed": config.seed, "keep": keep,
+                         "grown": base, "skipped": str(e)})
+            continue
         nets = {"emrakul": (ef.export(sculpted), []),
                 "ln_structured": matched(ln_structured, state, sculpted.num_params()),
                 "l1_unstructured": matched(l1_unstructured, state, sculpted.num_params()),
                 "control": (copy.deepcopy(grown), [])}
-        row = {"run": Path(run_dir).name, "host": config.host, "seed": config.seed, "keep": keep, "grown": base}
+        row = {"run": Path(run_dir).name, "host": group, "seed": config.seed, "keep": keep, "grown": base}
         for method, (net, masks) in nets.items():
             before = {"val": accuracy(net, xv, yv), "test": accuracy(net, xt, yt)}
             fine_tune(net, masks, task, epochs, config.lr, seed=config.seed)
@@ -214,6 +240,8 @@ def one(args: tuple[str, list[float], int]) -> list[dict]:
 
 
 def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
+    skipped = [r for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     pts = lambda r, m: 100 * (r[m]["test"] - r["grown"]["test"])  # noqa: E731
     out = ["| network | keep | params grown -> kept | emrakul | ln_structured | l1_unstructured | control |",
            "|---|---|---|---|---|---|---|"]
@@ -237,6 +265,7 @@ def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
             out.append(f"| {host} | {label} | {removed[0]:.1f}% | " + " | ".join(cells)
                        + f" | {d[0]:+.1f} ± {d[1]:.1f} | {pre[0]:+.1f} ± {pre[1]:.1f} |")
     out.append("")
+    out += [f"not sculpted: {r['run']} keep {r['keep']}: {r['skipped']}" for r in skipped]
     out.append("Test accuracy in % (change against the grown network in points; per host: mean ± 95% CI over "
                "seeds); params: the emrakul network's, (ln_structured's, l1_unstructured's) unmasked parameters.")
     return "\n".join(out)
@@ -258,6 +287,9 @@ def main() -> None:
     p.add_argument("--runs", default="runs/grown", help="directory of the grown run dirs (<host>-s<seed>); "
                                                         "missing ones are grown")
     p.add_argument("--hosts", nargs="+", default=["mlp-impaired", "cnn-impaired"])
+    p.add_argument("--suite", help="instead of the growth table: a benchmark suite (e.g. growthbench-v1), whose "
+                                   "--split instances are grown by the heuristic on --seeds")
+    p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=200, help="epochs of a missing grow run")
     p.add_argument("--keep", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6])
@@ -265,9 +297,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
-    root = Path(a.runs)
-    dirs = [grow_missing(root, h, s, a.epochs) for h in a.hosts for s in a.seeds]
-    jobs = [(str(d), a.keep, a.fine_tune_epochs) for d in dirs]
+    nets = networks(a)
+    jobs = [(str(d), g, a.keep, a.fine_tune_epochs) for d, g in nets]
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as pool:
             rows = [r for rs in pool.map(one, jobs) for r in rs]
@@ -275,7 +306,7 @@ def main() -> None:
         rows = [r for job in jobs for r in one(job)]
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    print(table(rows, a.keep, a.hosts))
+    print(table(rows, a.keep, list(dict.fromkeys(g for _, g in nets))))
 
 
 if __name__ == "__main__":
