@@ -34,7 +34,9 @@ instance's task, host, horizon, learning rate and budget), grouped per instance;
 network cannot reach (every unit group down to one unit) is listed as not sculpted.
 
 Prints one row per network and keep, then per host and keep the mean and 95% CI (Student's t) of the
-test-accuracy change against the grown network, and the paired difference emrakul - ln_structured.
+test-accuracy change against the grown network, and the paired differences emrakul - ln_structured
+and emrakul - control (the control shows what the fine-tuning epochs alone change). ``--table
+JSON`` prints the tables again from the rows a ``--json`` run wrote.
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
                    f"({r['ln_structured']['params']}, {r['l1_unstructured']['params']}) | "
                    + " | ".join(f"{100 * r[m]['test']:.1f} ({pts(r, m):+.1f})" for m in METHODS) + " |")
     out += ["", "| host | keep | params removed | emrakul | ln_structured | l1_unstructured | control | "
-                "emrakul - ln_structured (paired) | emrakul before fine-tune |", "|---|---|---|---|---|---|---|---|---|"]
+                "emrakul - ln_structured (paired) | emrakul - control (paired) | emrakul before fine-tune |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for host in hosts:
         for keep in keeps + ["val"]:
             rs = [r for r in rows if r["host"] == host and r["keep"] == keep] if keep != "val" else _val_chosen(
@@ -260,10 +263,11 @@ def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
             removed = ci([100 * (1 - r["emrakul"]["params"] / r["grown"]["params"]) for r in rs])
             cells = [f"{ci([pts(r, m) for r in rs])[0]:+.1f} ± {ci([pts(r, m) for r in rs])[1]:.1f}" for m in METHODS]
             d = ci([pts(r, "emrakul") - pts(r, "ln_structured") for r in rs])
+            dc = ci([pts(r, "emrakul") - pts(r, "control") for r in rs])
             pre = ci([100 * (r["emrakul"]["before"]["test"] - r["grown"]["test"]) for r in rs])
             label = keep if keep != "val" else "chosen on val: " + " ".join(str(r["keep"]) for r in rs)
             out.append(f"| {host} | {label} | {removed[0]:.1f}% | " + " | ".join(cells)
-                       + f" | {d[0]:+.1f} ± {d[1]:.1f} | {pre[0]:+.1f} ± {pre[1]:.1f} |")
+                       + f" | {d[0]:+.1f} ± {d[1]:.1f} | {dc[0]:+.1f} ± {dc[1]:.1f} | {pre[0]:+.1f} ± {pre[1]:.1f} |")
     out.append("")
     out += [f"not sculpted: {r['run']} keep {r['keep']}: {r['skipped']}" for r in skipped]
     out.append("Test accuracy in % (change against the grown network in points; per host: mean ± 95% CI over "
@@ -296,7 +300,12 @@ def main() -> None:
     p.add_argument("--fine-tune-epochs", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--table", metavar="JSON", help="only print the tables of the rows a --json run wrote")
     a = p.parse_args()
+    if a.table:
+        rows = json.loads(Path(a.table).read_text())
+        print(table(rows, sorted({r["keep"] for r in rows}, reverse=True), list(dict.fromkeys(r["host"] for r in rows))))
+        return
     nets = networks(a)
     jobs = [(str(d), g, a.keep, a.fine_tune_epochs) for d, g in nets]
     if a.workers > 1:
