@@ -24,7 +24,8 @@ from esper_fn import blueprints as bpm
 from esper_fn._device import check_device
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
 from esper_fn.bench import Instance
-from esper_fn.episode import Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors, start, step
+from esper_fn.episode import (SCULPT_KEEP, Episode, GovernorConfig, Rules, episode_from_tensors, episode_to_tensors,
+                              start, step)
 from esper_fn.events import Fossilized
 from esper_fn.tasks import Task, load
 from esper_fn.tezzeret import KernelCache
@@ -148,6 +149,13 @@ class MorphogenesisEnv(EnvBase):
         device: where the hosts train ("cpu", "cuda", "cuda:1"; default the CPU). Given `Task`s are
             moved there (`Task.to`); a seed plays the same episode on every device, to the device's
             float rounding (weights and data orders are drawn on CPU generators).
+        sculpt: also offer SCULPT at every slot (Emrakul, `esper_fn.sculpt`; S more actions after
+            PRUNE, so the default layout, and the policies trained on it, are unchanged). SCULPT slot
+            s removes hidden units of its fossilized seed or of the host layer it follows, keeping
+            `sculpt_keep` of them (at least one goes), chosen by their measured contribution on the
+            validation split; it is masked wherever it could not apply
+            (`esper_fn.episode.sculpt_offered`).
+        sculpt_keep: the fraction of a target's units one SCULPT keeps, in (0, 1) (default 0.75).
 
     Every row is an `esper_fn.episode.Episode`; a step is `esper_fn.episode.step` over all rows (the
     same function `esper-fn grow` loops over), then `Observer` (the observation, pure) and the reward.
@@ -191,6 +199,8 @@ class MorphogenesisEnv(EnvBase):
         kernels: KernelCache | None = None,
         max_slots: int | None = None,
         device: torch.device | str | None = None,
+        sculpt: bool = False,
+        sculpt_keep: float = SCULPT_KEEP,
     ):
         given = [name for name, v in (("contexts", contexts), ("task/host", task or host), ("instances", instances))
                  if v is not None]
@@ -230,6 +240,9 @@ class MorphogenesisEnv(EnvBase):
             if reward not in REWARDS:
                 raise ConfigError(f"unknown reward {reward!r}; built-in rewards are {sorted(REWARDS)}.")
             reward = REWARDS[reward]()
+        if not isinstance(sculpt_keep, (int, float)) or not 0.0 < sculpt_keep < 1.0:
+            raise ConfigError(f"sculpt_keep must lie in (0, 1) (the fraction of a target's units one SCULPT keeps), got "
+                              f"{sculpt_keep!r}.")
         if max_param_ratio is not None and not max_param_ratio > 0:
             raise ConfigError(f"max_param_ratio must be positive (or None), got {max_param_ratio!r}.")
         device = check_device(device, "MorphogenesisEnv") or torch.device("cpu")
@@ -276,7 +289,7 @@ class MorphogenesisEnv(EnvBase):
         most = max(len(s) for s in specs0)
         if max_slots is not None and max_slots < most:
             raise ConfigError(f"max_slots={max_slots} is fewer than the {most} slots of a host here.")
-        self.action_space = ActionSpace(max_slots or most, ids, tempos)
+        self.action_space = ActionSpace(max_slots or most, ids, tempos, sculpt=bool(sculpt), sculpt_keep=float(sculpt_keep))
         nodes = max(len(graph_nodes(s)) for s in specs0)
         if max_slots is not None:  # one observation layout for every env of a suite: a layer before each slot
             nodes = max(nodes, 2 * max_slots - 1)

@@ -21,7 +21,7 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from esper_fn import GateConfig, Op, Stage
 from esper_fn.actions import ActionSpace, action_mask
 from esper_fn.controllers import observations_to_tensordict, observe
-from esper_fn.episode import Episode, verdict_due
+from esper_fn.episode import Episode, sculpt_offered, verdict_due
 
 from ._features import (GLOBAL_FEATURES, INSTANCE_FEATURES, NODE_FEATURES, SLOT_FEATURES, global_row, graph_edges,
                         graph_nodes, instance_row, node_rows, slot_rows)
@@ -108,7 +108,8 @@ class Observer:
         prunable = None
         if self.lifecycle == "auto":
             prunable = [verdict_due(v.stage, v.ops, v.epochs, self.gates) for v in obs.slots]
-        return action_mask(self.space, obs, advance=self.lifecycle == "full", prunable=prunable)
+        sculptable = list(sculpt_offered(episode.state).values()) if self.space.sculpt else None
+        return action_mask(self.space, obs, advance=self.lifecycle == "full", prunable=prunable, sculptable=sculptable)
 
     def __call__(self, episodes: Sequence[Episode], contexts: Sequence[int] | None = None) -> TensorDict:
         """The observation of `episodes` (batch [N]); `contexts` fills ``"context"`` (default 0)."""

@@ -74,6 +74,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "RunDirError": ("._errors", "RunDirError"),
     "RunExistsError": ("._errors", "RunExistsError"),
     "RunWriteError": ("._errors", "RunWriteError"),
+    "SculptError": ("._errors", "SculptError"),
+    "SculptReport": (".emrakul", "SculptReport"),
+    "sculpt": (".emrakul", "sculpt"),
+    "sculptable": (".emrakul", "sculptable"),
     "DonatedStateError": ("._errors", "DonatedStateError"),
     "MissingTelemetryError": ("._errors", "MissingTelemetryError"),
     "NonFiniteCheckpointError": ("._errors", "NonFiniteCheckpointError"),
@@ -83,7 +87,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
 _SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli", "urza", "tezzeret",
-               "episode", "actions")
+               "episode", "actions", "emrakul")
 
 __all__ = list(_LAZY)
 
@@ -132,6 +136,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         RunDirError,
         RunExistsError,
         RunWriteError,
+        SculptError,
         MissingTelemetryError,
         NonFiniteCheckpointError,
         SeedNotFoundError,
@@ -143,6 +148,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._host import Host, SlotSpec, wrap
     from ._lifecycle import CURVES, TRANSITIONS, GateConfig, Op, Stage, alpha_at, legal_ops
     from ._serialize import state_from_tensors, state_to_tensors
+    from .emrakul import SculptReport, sculpt, sculptable
     from ._state import (
         State,
         advance,

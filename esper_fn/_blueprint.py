@@ -121,6 +121,14 @@ class Blueprint:
             "x_in" (the layer's input) or "h,x_in" (both). `esper_fn.export` grafts it on the
             exported host. None: the export holds the seed as a generic `SeedFn` module that calls
             `apply` (consumer-target seeds are folded into the host's layers instead).
+        units: the seed's hidden units that Emrakul (`esper_fn.sculpt`) may remove once it is
+            fossilized: one group per hidden layer, each a tuple of ``(tensor, dim, role)``: the
+            tensors that index the group's units along `dim`, role "in" for the producing layer's
+            weight rows and bias, "out" for the consuming layer's input columns, and "bias" for the
+            consuming layer's bias (not cut: it receives the removed units' mean contribution, its
+            `dim` is its output dim). Only units between
+            an elementwise nonlinearity and a linear map qualify (removing one drops exactly its
+            term from the consumer's output). Empty: the seed cannot be sculpted.
     """
 
     meta: BlueprintMeta
@@ -132,6 +140,7 @@ class Blueprint:
     merge_moment: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], SlotSpec], dict[str, Tensor]] | None = None
     check: Callable[[SlotSpec], str | None] | None = None
     module: Callable[[SlotSpec, Mapping[str, Tensor]], tuple[nn.Module, str]] | None = None
+    units: tuple[tuple[tuple[str, int, str], ...], ...] = ()
 
     @property
     def id(self) -> str:

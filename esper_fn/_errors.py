@@ -131,3 +131,11 @@ class DonatedStateError(EsperError, RuntimeError):
 
 
 __all__ += ["DonatedStateError", "MissingTelemetryError", "NonFiniteCheckpointError"]
+
+
+class SculptError(EsperError, ValueError):
+    """A sculpt (`esper_fn.sculpt`) was asked of something it cannot shrink: an unknown slot, a live
+    (unfossilized) seed, a layer whose units another seed reads, or a `keep` out of range."""
+
+
+__all__ += ["SculptError"]

@@ -8,10 +8,14 @@ an infinity. What is expected is derived from the host and the blueprints, never
 checkpoint itself:
 
 * host parameters and buffers: the host's freshly initialised ones (same keys, dtypes and shapes).
-  Width growth (a fossilized Net2Net seed) widens a Linear and its consumer together; such a
-  growth is accepted when it is the same on all the tensors it widens and the state has grafted a
-  seed (``n_seeds > 0``);
-* seed parameters and buffers: what the slot's blueprint initialises at that slot;
+  Two operations change the width of a host unit group (`esper_fn.emrakul.host_units`: a layer's
+  output units and its consumer's input, together): width growth (a fossilized Net2Net seed) widens
+  a Linear and its consumer, and is accepted when the state has grafted a seed (``n_seeds > 0``);
+  sculpting (`esper_fn.sculpt`) removes units, and is accepted when the state records a sculpt
+  (``sculpts > 0``). Either way the change must be the same number of units on every tensor of
+  the group, leaving at least one;
+* seed parameters and buffers: what the slot's blueprint initialises at that slot; a FOSSILIZED
+  seed's unit groups (`Blueprint.units`) may be smaller when the state records a sculpt;
 * optimizer mirrors: one leaf per parameter and mirror (`esper_fn.optim.zero_leaf`'s shapes).
 """
 
@@ -30,6 +34,7 @@ from ._errors import BlueprintError, CheckpointError, NonFiniteCheckpointError
 from ._host import Host
 from ._lifecycle import CURVES, SEEDED_STAGES, Stage
 from ._state import SLOT_FIELDS, State, check_not_donated, place, placement
+from .emrakul import host_units
 from .optim import Optimizer, zero_leaf
 
 __all__ = ["state_from_tensors", "state_to_tensors"]
@@ -80,6 +85,7 @@ def state_to_tensors(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "slot_names": list(state.slot_names),
         "blueprints": list(state.blueprints),
         "n_seeds": state.n_seeds,
+        "sculpts": state.sculpts,
         "param_keys": [list(k) for k in state.params_flat],
         "buffer_keys": [list(k) for k in state.buffers_flat],
         "opt_keys": [list(k) for k in state.opt_flat],
@@ -110,6 +116,7 @@ class _StateMeta(BaseModel):
     slot_names: list[str]
     blueprints: list[str | None]
     n_seeds: int
+    sculpts: int = 0
     param_keys: list[list[str]]
     buffer_keys: list[list[str]]
     opt_keys: list[list[str]]
@@ -212,7 +219,7 @@ def state_from_tensors(
     slots = TensorDict({k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith("slots" + _SEP)},
                        batch_size=[len(m.slot_names)])
     return State(host, optimizer, take("params"), take("buffers"), take("opt"), slots, tuple(m.slot_names),
-                 tuple(m.blueprints), m.n_seeds)
+                 tuple(m.blueprints), m.n_seeds, sculpts=m.sculpts)
 
 
 def _parse_meta(meta: Any, source: str) -> _StateMeta:
@@ -297,6 +304,8 @@ def _check_slots(m: _StateMeta, tensors: dict[str, Tensor], source: str) -> None
                                   "its metadata was edited or damaged: restore another checkpoint.")
     if m.n_seeds < 0:
         raise CheckpointError(f"{source}: n_seeds is {m.n_seeds}; it counts the seeds germinated so far (>= 0).")
+    if m.sculpts < 0:
+        raise CheckpointError(f"{source}: sculpts is {m.sculpts}; it counts the sculpts that shaped the state (>= 0).")
 
 
 def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str, Tensor], source: str
@@ -308,9 +317,12 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
     dtype = placement(p0)[1]  # seeds are born in the state's dtype
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    growth = _growth_groups(host, p0)
+    groups = host_units(host, {n: tuple(v.shape) for n, v in p0.items()})
+    growable = {s.name for s in host.slots(p0) if s.consumer_layer is not None}
+    groups = {slot: [m for m in ms if m[3] != "bias"] for slot, ms in groups.items()}
+    member_of = {(n, d): (slot, block) for slot, ms in groups.items() for n, d, block, _ in ms}
     fresh = {_SEP.join(("params", "host", *n.split("."))): v for n, v in p0.items()}
-    deltas: dict[int, dict[str, int]] = {}  # growth group -> {checkpoint key: units added}
+    deltas: dict[str, dict[str, float]] = {}  # unit group -> {checkpoint key: units added (< 0: removed)}
     shapes: dict[str, tuple[int, ...]] = {}
     for n, v in p0.items():
         key = _SEP.join(("params", "host", *n.split(".")))
@@ -318,9 +330,9 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
         t = tensors.get(key)
         if isinstance(t, Tensor) and t.dim() == v.dim():
             for d in range(v.dim()):
-                g = growth.get((n, d))
+                g = member_of.get((n, d))
                 if g is not None:
-                    deltas.setdefault(g, {})[key] = t.shape[d] - v.shape[d]
+                    deltas.setdefault(g[0], {})[key] = (t.shape[d] - v.shape[d]) / g[1]
                     shape[d] = t.shape[d]
         params[key] = (tuple(shape), v.dtype)
         shapes[n] = tuple(shape)
@@ -328,11 +340,19 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
         units = set(added.values())
         if units == {0}:
             continue
-        members = [_SEP.join(("params", "host", *n.split("."))) for (n, _), gg in growth.items() if gg == g]
-        if len(added) == len(members) and len(units) == 1 and min(units) > 0 and m.n_seeds > 0:
-            continue  # a width growth: every tensor it widens, by the same number of units
-        why = ("no seed was ever grafted, so the host cannot have grown" if m.n_seeds == 0 and min(units) > 0
-               else f"a width growth widens {members} together, by the same number of units")
+        members = [_SEP.join(("params", "host", *n.split("."))) for n, _, _, _ in groups[g]]
+        n0, d0, b0_ = groups[g][0][:3]
+        u = units.pop() if len(units) == 1 else None
+        if (len(added) == len(members) and u is not None and u == int(u) and p0[n0].shape[d0] // b0_ + u >= 1
+                and ((u > 0 and g in growable and m.n_seeds > 0) or (u < 0 and m.sculpts > 0))):
+            continue  # a width growth or a sculpt: every tensor of the group, by the same number of units
+        if u is not None and u > 0 and m.n_seeds == 0:
+            why = "no seed was ever grafted, so the host cannot have grown"
+        elif u is not None and u < 0 and m.sculpts == 0:
+            why = "the state records no sculpt, so the host cannot have shrunk"
+        else:
+            why = (f"a width growth or a sculpt changes {members} together, by the same number of units, leaving at "
+                   "least one")
         for key in members:
             if added.get(key, 0) != 0:
                 _check_tensor(key, tensors[key], tuple(fresh[key].shape), fresh[key].dtype, source, note=f" ({why})")
@@ -348,6 +368,7 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
         raise CheckpointError(f"{source}: the checkpoint's slots are {list(m.slot_names)}, host {host.name!r} has "
                               f"{[s.name for s in specs]}; restore it into the host it was saved from.")
     reg = bpm.registry()
+    stages = dict(zip(m.slot_names, (Stage(s) for s in tensors[f"slots{_SEP}stage"].tolist())))
     for spec, bid in zip(specs, m.blueprints):
         if bid is None:
             continue
@@ -365,8 +386,11 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
             raise CheckpointError(f"{source}: slot {spec.name!r}: blueprint {bid!r} cannot be built there: "
                                   f"{err}") from None
         sp, sb = place(sp, None, dtype), place(sb, None, dtype)
+        want = {k: list(v.shape) for k, v in sp.items()}
+        if stages[spec.name] == Stage.FOSSILIZED and m.sculpts > 0:
+            _sculpted_units(spec.name, bp, want, tensors)
         for k, v in sp.items():
-            params[_SEP.join(("params", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
+            params[_SEP.join(("params", "seeds", spec.name, k))] = (tuple(want[k]), v.dtype)
         for k, v in sb.items():
             buffers[_SEP.join(("buffers", "seeds", spec.name, k))] = (tuple(v.shape), v.dtype)
     opt = {}
@@ -377,18 +401,20 @@ def _expected(host: Host, optimizer: Optimizer, m: _StateMeta, tensors: dict[str
     return {"params": params, "buffers": buffers, "opt": opt}
 
 
-def _growth_groups(host: Host, p0: dict[str, Tensor]) -> dict[tuple[str, int], int]:
-    """``{(host parameter, dim): group}`` for the dimensions width growth may widen: at every slot
-    with a consumer Linear, the producer's output rows (weight dim 0, bias) and the consumer's input
-    columns, all by the same number of units (one group per slot)."""
-    out: dict[tuple[str, int], int] = {}
-    for g, spec in enumerate(host.slots(p0)):
-        if spec.consumer_layer is None or spec.layer is None:
-            continue
-        for name, dim in ((f"{spec.layer}.weight", 0), (f"{spec.layer}.bias", 0), (f"{spec.consumer_layer}.weight", 1)):
-            if name in p0:
-                out[(name, dim)] = g
-    return out
+def _sculpted_units(slot: str, bp: bpm.Blueprint, want: dict[str, list[int]], tensors: dict[str, Tensor]) -> None:
+    """Shrink `want` (a fossilized seed's expected shapes) to the checkpoint's unit counts where a
+    sculpt explains them: every tensor of a unit group (`Blueprint.units`) holds the same number of
+    units, between 1 and the blueprint's own. Anything else is left for the shape check to report."""
+    for group in bp.units:
+        group = [m for m in group if m[2] != "bias"]
+        have = set()
+        for name, dim, _ in group:
+            t = tensors.get(_SEP.join(("params", "seeds", slot, name)))
+            have.add(t.shape[dim] if isinstance(t, Tensor) and t.dim() == len(want[name]) else None)
+        n = have.pop() if len(have) == 1 else None
+        if n is not None and 1 <= n <= min(want[name][dim] for name, dim, _ in group):
+            for name, dim, _ in group:
+                want[name][dim] = n
 
 
 def _jsonable(x):

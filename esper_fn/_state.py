@@ -116,6 +116,8 @@ class State:
         blueprints: blueprint id per slot, or None where the slot holds no seed.
         n_seeds: seeds germinated so far (the next seed id); one count per host when stacked.
         batch: leading batch shape of every tensor (``()`` for one host, ``(N,)`` stacked).
+        sculpts: sculpts (`esper_fn.sculpt`) that shaped this state; a checkpoint whose unit groups
+            are smaller than the host's or a blueprint's own restores only with a count above 0.
     """
 
     host: Host
@@ -128,6 +130,7 @@ class State:
     blueprints: tuple[str | None, ...]
     n_seeds: int | tuple[int, ...] = 0
     batch: tuple[int, ...] = ()
+    sculpts: int = 0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _own: _Ownership = field(default_factory=_Ownership, repr=False, compare=False)
 
@@ -804,7 +807,7 @@ def stack(states: Sequence[State]) -> State:
 
     return derive(s0, params_flat=st("params_flat"), buffers_flat=st("buffers_flat"), opt_flat=st("opt_flat"),
                    slots=torch.stack([s.slots for s in states]), batch=(len(states),) + s0.batch,
-                   n_seeds=tuple(s.n_seeds for s in states))
+                   n_seeds=tuple(s.n_seeds for s in states), sculpts=max(s.sculpts for s in states))
 
 
 def unstack(state: State) -> list[State]:

@@ -7,8 +7,12 @@ Layout, for ``S`` slot positions, ``B`` blueprints and ``T`` tempos::
     1 + S*B*T + s                       ADVANCE slot s
     1 + S*B*T + S + s                   FOSSILIZE slot s
     1 + S*B*T + 2*S + s                 PRUNE slot s
+    1 + S*B*T + 3*S + s                 SCULPT slot s (only with ``sculpt=True``)
 
-so ``A = 1 + S*B*T + 3*S``. WAIT is index 0 and always legal.
+so ``A = 1 + S*B*T + 3*S`` (``+ S`` with SCULPT). WAIT is index 0 and always legal. SCULPT is opt-in
+and comes after PRUNE, so the default layout (and every policy trained on it) is unchanged: SCULPT
+slot s removes hidden units of what slot s holds (its fossilized seed, or the host layer it follows;
+`esper_fn.episode.Sculpt`), keeping ``sculpt_keep`` of them.
 
 This module is the one place the layout is written down: `esper_fn.envs.MorphogenesisEnv` encodes
 and masks with it, and every policy (Tamiyo's heads, the baselines, the evaluation harness, PPO's
@@ -28,12 +32,17 @@ from ._blueprint import resolve
 from ._errors import EsperError
 from ._lifecycle import Op
 
-from .episode import Action
+from .episode import SCULPT_KEEP, Action, Sculpt
 
 if TYPE_CHECKING:
     from .controllers import Observation
 
-__all__ = ["ActionSpace", "FlatAction", "IllegalActionError", "action_mask", "from_action", "to_action"]
+__all__ = ["SCULPT_OP", "ActionSpace", "FlatAction", "IllegalActionError", "action_mask", "from_action", "to_action"]
+
+SCULPT_OP = 5
+"""The op code of a SCULPT action in `FlatAction.op` and `ActionSpace.unravel`. Sculpting removes
+committed structure rather than moving a seed through its lifecycle, so it is no `Op` (whose members
+the transition table and the observation's per-slot legal ops enumerate)."""
 
 
 class IllegalActionError(EsperError, ValueError):
@@ -42,10 +51,10 @@ class IllegalActionError(EsperError, ValueError):
 
 @dataclass(frozen=True)
 class FlatAction:
-    """One decoded action. ``slot`` is a slot index (None for WAIT); ``blueprint`` (an id) and
-    ``tempo`` (epochs) are set for GERMINATE only."""
+    """One decoded action. ``op`` is an `Op` or `SCULPT_OP`; ``slot`` is a slot index (None for WAIT);
+    ``blueprint`` (an id) and ``tempo`` (epochs) are set for GERMINATE only."""
 
-    op: Op
+    op: Op | int
     slot: int | None = None
     blueprint: str | None = None
     tempo: int | None = None
@@ -59,24 +68,44 @@ class ActionSpace:
         num_slots: ``S``, slot positions (hosts with fewer slots leave the rest masked).
         blueprints: the ``B`` blueprint ids offered, in index order.
         tempos: the ``T`` blending tempos (epochs) a germination may choose.
+        sculpt: also offer SCULPT at every slot (S more actions, after PRUNE); off by default, so
+            the default layout is unchanged.
+        sculpt_keep: the fraction of a target's units one SCULPT keeps, in (0, 1)
+            (`esper_fn.episode.Sculpt`).
     """
 
     num_slots: int
     blueprints: tuple[str, ...]
     tempos: tuple[int, ...]
+    sculpt: bool = False
+    sculpt_keep: float = SCULPT_KEEP
+
+    def __post_init__(self):
+        if not 0.0 < self.sculpt_keep < 1.0:
+            raise IllegalActionError(f"sculpt_keep={self.sculpt_keep} must lie in (0, 1): it is the fraction of a "
+                                     "target's units one SCULPT keeps (at least one unit goes).")
 
     @property
     def n(self) -> int:
-        """Number of actions ``A = 1 + S*B*T + 3*S``."""
-        return 1 + self.n_germinate + 3 * self.num_slots
+        """Number of actions ``A = 1 + S*B*T + 3*S`` (``+ S`` with SCULPT)."""
+        return 1 + self.n_germinate + (4 if self.sculpt else 3) * self.num_slots
 
     @property
     def n_germinate(self) -> int:
         """Number of GERMINATE actions ``S*B*T`` (indices 1 to ``S*B*T``)."""
         return self.num_slots * len(self.blueprints) * len(self.tempos)
 
-    def op_base(self, op: Op) -> int:
-        """Index of `op` at slot 0, for ADVANCE, FOSSILIZE and PRUNE (slot s adds s)."""
+    def op_base(self, op: Op | int) -> int:
+        """Index of `op` at slot 0, for ADVANCE, FOSSILIZE, PRUNE and (with `sculpt`) `SCULPT_OP`
+        (slot s adds s).
+
+        Raises:
+            IllegalActionError: SCULPT in a space without it.
+        """
+        if op == SCULPT_OP:
+            if not self.sculpt:
+                raise IllegalActionError("this action space has no SCULPT actions; build it with sculpt=True.")
+            return 1 + self.n_germinate + 3 * self.num_slots
         return {Op.ADVANCE: 1 + self.n_germinate, Op.FOSSILIZE: 1 + self.n_germinate + self.num_slots,
                 Op.PRUNE: 1 + self.n_germinate + 2 * self.num_slots}[Op(op)]
 
@@ -85,7 +114,7 @@ class ActionSpace:
         """The flat index of an action.
 
         Args:
-            op: the lifecycle op.
+            op: the lifecycle op, or `SCULPT_OP`.
             slot: slot index in ``[0, S)`` (ignored for WAIT).
             blueprint: blueprint id or bare name, for GERMINATE.
             tempo: blending tempo in epochs (one of `tempos`), for GERMINATE.
@@ -93,7 +122,7 @@ class ActionSpace:
         Raises:
             IllegalActionError: a slot, blueprint or tempo outside this space.
         """
-        op = Op(op)
+        op = op if op == SCULPT_OP else Op(op)
         if op == Op.WAIT:
             return 0
         if slot is None or not 0 <= int(slot) < self.num_slots:
@@ -123,7 +152,7 @@ class ActionSpace:
             t, rest = j % T, j // T
             return FlatAction(Op.GERMINATE, rest // B, self.blueprints[rest % B], self.tempos[t])
         j -= self.n_germinate
-        return FlatAction((Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE)[j // self.num_slots], j % self.num_slots)
+        return FlatAction((Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE, SCULPT_OP)[j // self.num_slots], j % self.num_slots)
 
     def unravel(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`decode` on a tensor of indices, vectorised.
@@ -132,18 +161,18 @@ class ActionSpace:
             action: int64 [*B] flat indices.
 
         Returns:
-            ``(op, slot, blueprint, tempo)``, int64 [*B] each: the `Op` value; the slot index (-1 for
-            WAIT); the blueprint index and the tempo index (-1 unless GERMINATE).
+            ``(op, slot, blueprint, tempo)``, int64 [*B] each: the `Op` value (or `SCULPT_OP`); the
+            slot index (-1 for WAIT); the blueprint index and the tempo index (-1 unless GERMINATE).
         """
         S, B, T = self.num_slots, len(self.blueprints), len(self.tempos)
         j = action - 1
         germ = (action >= 1) & (action <= self.n_germinate)
         rest = (j - self.n_germinate).clamp_min(0)
-        which = torch.div(rest, S, rounding_mode="floor")  # 0 ADVANCE, 1 FOSSILIZE, 2 PRUNE
+        which = torch.div(rest, S, rounding_mode="floor")  # 0 ADVANCE, 1 FOSSILIZE, 2 PRUNE, 3 SCULPT
+        ops = [int(Op.ADVANCE), int(Op.FOSSILIZE), int(Op.PRUNE)] + ([SCULPT_OP] if self.sculpt else [])
         op = torch.where(action == 0, torch.full_like(action, int(Op.WAIT)),
                          torch.where(germ, torch.full_like(action, int(Op.GERMINATE)),
-                                     torch.tensor([int(Op.ADVANCE), int(Op.FOSSILIZE), int(Op.PRUNE)],
-                                                  device=action.device)[which.clamp(0, 2)]))
+                                     torch.tensor(ops, device=action.device)[which.clamp(0, len(ops) - 1)]))
         gj = j.clamp(0, max(self.n_germinate - 1, 0))
         g_slot = torch.div(gj, B * T, rounding_mode="floor")
         slot = torch.where(action == 0, torch.full_like(action, -1), torch.where(germ, g_slot, rest % S))
@@ -174,10 +203,13 @@ class ActionSpace:
         where = slot_names[a.slot] if slot_names is not None and a.slot < len(slot_names) else f"slot {a.slot}"
         if a.op == Op.GERMINATE:
             return f"GERMINATE {a.blueprint} at {where} (tempo {a.tempo})"
+        if a.op == SCULPT_OP:
+            return f"SCULPT {where} (keep {self.sculpt_keep:g} of its units)"
         return f"{a.op.name} {where}"
 
 
-def action_mask(space: ActionSpace, obs: Observation, *, advance: bool, prunable: Sequence[bool] | None) -> Tensor:
+def action_mask(space: ActionSpace, obs: Observation, *, advance: bool, prunable: Sequence[bool] | None,
+                sculptable: Sequence[bool] | None = None) -> Tensor:
     """The action mask of one episode.
 
     Args:
@@ -187,6 +219,8 @@ def action_mask(space: ActionSpace, obs: Observation, *, advance: bool, prunable
         advance: offer ADVANCE where it is legal (False under the automatic lifecycle, which advances
             seeds itself).
         prunable: per slot, whether PRUNE may be offered where it is legal (None: wherever it is).
+        sculptable: per slot, whether SCULPT is legal (`esper_fn.episode.sculpt_offered`); read only
+            by a space with `sculpt` (None there: SCULPT is never offered).
 
     Returns:
         bool [A]; index 0 (WAIT) is always True. A germination is offered only for blueprints of
@@ -210,14 +244,17 @@ def action_mask(space: ActionSpace, obs: Observation, *, advance: bool, prunable
             on.append(space.op_base(Op.FOSSILIZE) + s)
         if Op.PRUNE in v.ops and (prunable is None or prunable[s]):
             on.append(space.op_base(Op.PRUNE) + s)
+        if space.sculpt and sculptable is not None and sculptable[s]:
+            on.append(space.op_base(SCULPT_OP) + s)
     mask = torch.zeros(space.n, dtype=torch.bool)
     mask[on] = True
     return mask
 
 
 def to_action(space: ActionSpace, index: int, slot_names: Sequence[str], *, curve: str = "linear",
-              reason: str | None = None) -> Action | None:
-    """The core `esper_fn.episode.Action` a flat index stands for, or None for WAIT.
+              reason: str | None = None) -> Action | Sculpt | None:
+    """The core `esper_fn.episode.Action` (or `esper_fn.episode.Sculpt`) a flat index stands for, or
+    None for WAIT.
 
     Args:
         space: the action space.
@@ -236,17 +273,27 @@ def to_action(space: ActionSpace, index: int, slot_names: Sequence[str], *, curv
         raise IllegalActionError(f"action {index} ({space.describe(index)}) names slot position {a.slot}; the host has "
                                  f"{len(slot_names)} slots {list(slot_names)}.")
     slot = slot_names[a.slot]
+    if a.op == SCULPT_OP:
+        return Sculpt(slot, keep=space.sculpt_keep)
     if a.op == Op.GERMINATE:
         return Action(Op.GERMINATE, slot, a.blueprint, tempo=a.tempo, curve=curve)
     return Action(a.op, slot, reason=reason if a.op == Op.PRUNE else None)
 
 
-def from_action(space: ActionSpace, action: Action, slot_names: Sequence[str]) -> int:
-    """The flat index of a core `esper_fn.episode.Action` (its slot named among `slot_names`).
+def from_action(space: ActionSpace, action: Action | Sculpt, slot_names: Sequence[str]) -> int:
+    """The flat index of a core `esper_fn.episode.Action` or `esper_fn.episode.Sculpt` (its slot named
+    among `slot_names`).
 
     Raises:
-        IllegalActionError: the slot, blueprint or tempo is not in the space.
+        IllegalActionError: the slot, blueprint or tempo is not in the space; a `Sculpt` in a space
+            without SCULPT, or with another keep fraction.
     """
+    if isinstance(action, Sculpt):
+        if action.slot not in slot_names:
+            raise IllegalActionError(f"slot {action.slot!r} is not one of {list(slot_names)}.")
+        if action.keep != space.sculpt_keep or action.by != "contribution":
+            raise IllegalActionError(f"{action} is not this space's SCULPT (keep {space.sculpt_keep}, by contribution).")
+        return space.encode(SCULPT_OP, list(slot_names).index(action.slot))
     if action.op == Op.WAIT:
         return 0
     if action.slot not in slot_names:

@@ -1,4 +1,4 @@
-"""The `esper-fn` command: grow, report, blueprints, library, train-tamiyo, eval.
+"""The `esper-fn` command: grow, sculpt, report, blueprints, library, train-tamiyo, eval.
 
 Importing this module imports no torch (`esper_fn/__init__` loads its names lazily), so ``--help``
 and argument errors answer at once; each subcommand imports what it needs when it runs.
@@ -16,12 +16,12 @@ import importlib
 import sys
 
 from ._errors import (BlueprintError, ConfigError, EsperError, HostError, LibraryNotFoundError, RunDirError,
-                      SeedNotFoundError, TaskError)
+                      SculptError, SeedNotFoundError, TaskError)
 
 __all__ = ["USAGE_ERRORS", "main"]
 
 USAGE_ERRORS: tuple[type[EsperError], ...] = (ConfigError, HostError, TaskError, BlueprintError, RunDirError,
-                                               LibraryNotFoundError, SeedNotFoundError)
+                                               LibraryNotFoundError, SeedNotFoundError, SculptError)
 """Errors in what the user asked for (exit code 2, like an argparse usage error: a bad value, an
 unknown name, a path that is not what the command needs); every other error is a runtime failure
 (exit code 1)."""
@@ -48,7 +48,7 @@ def _grow(args) -> int:
 
     flags = dict(task=args.task, host=args.host, controller=args.controller, epochs=args.epochs, seed=args.seed,
                  lr=args.lr, param_budget=args.param_budget, param_budget_ratio=args.param_budget_ratio,
-                 library=args.library, device=args.device)
+                 library=args.library, device=args.device, sculpt=args.sculpt, sculpt_epochs=args.sculpt_epochs)
     base = None
     if args.resume:  # the run's own config.yaml is the base: a bare --resume continues it as it was
         if args.out is None:
@@ -63,16 +63,28 @@ def _grow(args) -> int:
     config = load_config(args.config, base=base, **flags)
     label = config.controller.partition(":")[0]  # tamiyo:PATH -> tamiyo
     out = args.out or f"runs/{config.host}-{label}-s{config.seed}"
-    controller = None
-    if label == "tamiyo":  # a learned controller lives in the RL packages; this is the composition root
-        envs = importlib.import_module("esper_fn.envs")
-        controller = envs.tamiyo_controller(config.controller, governor=config.governor)
-    print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs, "
+    controller = _learned_controller(config)
+    sculpting = f", then sculpt to {config.sculpt:g} and {config.sculpt_epochs} fine-tune epochs" if config.sculpt else ""
+    print(f"esper-fn grow: {config.task} / {config.host} / {config.controller}, {config.epochs} epochs{sculpting}, "
           f"seed {config.seed} -> {out}")
     s = grow(config, out, controller=controller, resume=args.resume, overwrite=args.overwrite,
              progress=not args.no_progress)
     if s.moved_aside:
         print(f"moved the run that was in {out} to {s.moved_aside}")
+    _print_summary(s, config, out)
+    return 0
+
+
+def _learned_controller(config):
+    """The controller a config names when it is a learned one (built from the RL packages: this is
+    the composition root), else None (`esper_fn.run` builds the core ones)."""
+    if config.controller.partition(":")[0] != "tamiyo":
+        return None
+    envs = importlib.import_module("esper_fn.envs")
+    return envs.tamiyo_controller(config.controller, governor=config.governor)
+
+
+def _print_summary(s, config, out) -> None:
     rows = [
         ["test accuracy", f"{s.test_accuracy:.4f}"],
         ["best validation accuracy", f"{s.best_val_accuracy:.4f}"],
@@ -95,8 +107,35 @@ def _grow(args) -> int:
         stored = Library(config.library).records(run_id=s.run_id)
         rows.append(["seeds stored in the library", f"{len(stored)} in {config.library}"
                      + (f" ({', '.join(r.id for r in stored)})" if stored else "")])
+    if s.sculpt is not None:
+        r = s.sculpt.report
+        units = ", ".join(f"{t.slot} ({t.kind} {t.name}) {'/'.join(map(str, t.units_before))} -> "
+                          f"{'/'.join(map(str, t.units_after))}" for t in r.targets if t.units_after != t.units_before)
+        rows += [
+            [f"sculpt (epoch {s.sculpt.epoch}, keep {r.keep:g})", f"parameters {r.params_before} -> {r.params_after} "
+             f"({100 * (1 - r.params_after / r.params_before):.1f}% removed); units {units or 'none removed'}"],
+            ["  validation accuracy", f"{r.accuracy_before:.4f} -> {r.accuracy_after:.4f} sculpted, before fine-tuning "
+             f"(max |delta logits| {r.max_abs_dlogits:.3f})"],
+            ["  test accuracy", f"{s.sculpt.test_accuracy_before:.4f} grown -> {s.test_accuracy:.4f} sculpted and "
+             f"fine-tuned {s.sculpt.fine_tune_epochs} epochs ({100 * (s.test_accuracy - s.sculpt.test_accuracy_before):+.1f}"
+             " points)"],
+        ]
     print(_table(rows, ["summary", ""]))
     print(f"run directory: {out}  (plot it: esper-fn report {out})")
+
+
+def _sculpt(args) -> int:
+    from .run import read_run_config, sculpt_run
+
+    from pathlib import Path
+
+    config = read_run_config(args.run_dir) if Path(args.run_dir).is_dir() else None
+    controller = _learned_controller(config) if config is not None else None
+    print(f"esper-fn sculpt: {args.run_dir}, keep {args.keep:g} of the parameters, {args.fine_tune_epochs} fine-tune "
+          "epochs")
+    s = sculpt_run(args.run_dir, keep=args.keep, fine_tune_epochs=args.fine_tune_epochs, controller=controller,
+                   progress=not args.no_progress)
+    _print_summary(s, read_run_config(args.run_dir), args.run_dir)
     return 0
 
 
@@ -229,8 +268,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
                                                      "(created if missing; see `esper-fn library`)")
     g.add_argument("--device", help="where the task and the network live: cpu (default), cuda, cuda:<index>")
+    g.add_argument("--sculpt", type=float, metavar="KEEP",
+                   help="end the run with Emrakul: remove the hidden units (of fossilized seeds and host layers) that "
+                        "contribute least, down to KEEP x the parameters (e.g. 0.8), then fine-tune")
+    g.add_argument("--sculpt-epochs", type=int, metavar="K", help="fine-tune epochs after --sculpt (default 10)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_grow)
+    sc = sub.add_parser("sculpt", help="sculpt a finished run (Emrakul): remove the hidden units that contribute "
+                                       "least, fine-tune, and record it in the run directory")
+    sc.add_argument("run_dir", help="the directory of a finished `esper-fn grow`")
+    sc.add_argument("--keep", type=float, required=True,
+                    help="the fraction of the network's parameters to keep, in (0, 1] (e.g. 0.8)")
+    sc.add_argument("--fine-tune-epochs", type=int, default=10, metavar="K",
+                    help="epochs to train after the sculpt (default 10)")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.set_defaults(fn=_sculpt)
     r = sub.add_parser("report", help="plot a run directory to a PNG")
     r.add_argument("run_dir")
     r.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")

@@ -5,7 +5,8 @@ the last epoch's metrics, the governor's memory, lifecycle counts, parameter and
 and whether it is done. `step(episodes, decisions, rules)` is one epoch of every episode:
 
 1. apply each episode's decisions (`esper_fn.controllers.Action`s: germinate, advance, fossilize,
-   prune) to its state, in order;
+   prune; and `Sculpt`: remove hidden units of a fossilized seed or a host layer) to its state, in
+   order;
 2. tick (advance blends and stage clocks);
 3. train the epoch, episodes of one structure and task stacked in one call
    (`esper_fn.training.train_epochs`), each with its own data order;
@@ -45,6 +46,7 @@ from ._host import Host
 from ._lifecycle import LIVE_STAGES, GateConfig, Op, Stage
 from ._serialize import state_from_tensors, state_to_tensors
 from ._state import State, advance, fossilize, germinate, init, legal_actions, prune, tick
+from .emrakul import sculpt, sculptable
 from .events import Advanced, Event, Fossilized, Germinated, Pruned, Rollback, StuckAtChance
 from .optim import Optimizer
 from .tasks import Task
@@ -55,12 +57,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RNG_STREAMS",
+    "SCULPT_KEEP",
     "Action",
     "Counts",
     "Episode",
     "EpisodeError",
     "GovernorConfig",
     "Rules",
+    "Sculpt",
     "Streams",
     "auto_advances",
     "chance_margin",
@@ -69,6 +73,7 @@ __all__ = [
     "governor_verdict",
     "never_left_chance",
     "rng_streams",
+    "sculpt_offered",
     "standard_init",
     "start",
     "step",
@@ -202,6 +207,40 @@ class Action:
     reason: str | None = None
 
 
+SCULPT_KEEP = 0.75
+"""The fraction of a target's units one `Sculpt` decision keeps by default (the env's SCULPT op)."""
+
+
+@dataclass(frozen=True)
+class Sculpt:
+    """A request to sculpt (`esper_fn.sculpt`) what slot `slot` holds: its fossilized seed, or the host
+    layer it follows. It keeps ``max(1, floor(keep x n))`` units of a target whose largest unit group
+    holds n (so at least one unit goes whenever n >= 2 and keep < 1), chosen by measured contribution
+    on the episode's validation split. The environment's SCULPT action is this decision with
+    ``keep=SCULPT_KEEP`` (or the env's ``sculpt_keep``).
+
+    Attributes:
+        slot: the slot naming the target.
+        keep: the fraction of the target's units to keep, in (0, 1).
+        by: "contribution" or "magnitude".
+    """
+
+    slot: str
+    keep: float = SCULPT_KEEP
+    by: str = "contribution"
+
+    def units(self, largest: int) -> int:
+        """The units to keep per unit group of a target whose largest group holds `largest`."""
+        return max(1, math.floor(self.keep * largest))
+
+
+def sculpt_offered(state: State) -> dict[str, bool]:
+    """Per slot, whether a `Sculpt` decision there is legal now (it then never raises): `sculptable`
+    lists the slot, and its largest unit group holds at least 2 units."""
+    can = sculptable(state)
+    return {n: n in can and max(can[n].units) >= 2 for n in state.slot_names}
+
+
 # --- the lifecycle rules -------------------------------------------------------------------------
 
 _AUTO_ADVANCE = frozenset({Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING})
@@ -240,6 +279,7 @@ class Counts:
     fossilized: int = 0
     pruned: int = 0
     rollbacks: int = 0
+    sculpted: int = 0
 
 
 @dataclass(frozen=True)
@@ -417,12 +457,19 @@ def start(task: Task, host: Host, *, seed: int | None = None, streams: Streams |
 # --- the step ------------------------------------------------------------------------------------
 
 
-def _decide(ep: Episode, state: State, decisions: Sequence[Action], gates: GateConfig, seeds: torch.Generator,
-            counts: dict[str, int], events: list[Event]) -> tuple[State, int | None]:
+def _decide(ep: Episode, state: State, decisions: Sequence[Action | Sculpt], gates: GateConfig,
+            seeds: torch.Generator, counts: dict[str, int], events: list[Event]) -> tuple[State, int | None]:
     """Apply one episode's decisions in order; returns the state and the latest germinated slot."""
     last = ep.last_germinated
     m = ep.metrics
     for a in decisions:
+        if isinstance(a, Sculpt):
+            target = sculptable(state).get(a.slot)
+            keep = a.units(max(target.units)) if target is not None else 1  # an unsculptable slot: sculpt says why
+            state, report = sculpt(state, a.slot, keep=keep, by=a.by, data=ep.task.split("val"))
+            counts["sculpted"] += 1
+            events.append(report.event(ep.run_id, ep.epoch))
+            continue
         if a.op == Op.WAIT:
             continue
         before = state.stage(a.slot)
@@ -452,15 +499,15 @@ def _decide(ep: Episode, state: State, decisions: Sequence[Action], gates: GateC
     return state, last
 
 
-def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
+def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action | Sculpt]],
          rules: Rules) -> tuple[list[Episode], list[list[Event]]]:
     """One epoch of every episode (see the module docstring for the order of things).
 
     Args:
         episodes: N episodes, none done.
-        decisions: per episode, the `Action`s to apply before the epoch
+        decisions: per episode, the `Action`s (and `Sculpt`s) to apply before the epoch
             (empty: wait). Validated by the lifecycle ops themselves, with ``rules.gates`` and the
-            episode's metrics as telemetry.
+            episode's metrics as telemetry (`esper_fn.sculpt` for a `Sculpt`).
         rules: training, gates, governor and lifecycle.
 
     Returns:
@@ -471,8 +518,9 @@ def step(episodes: Sequence[Episode], decisions: Sequence[Sequence[Action]],
 
     Raises:
         EpisodeError: an episode is done, or the counts of episodes and decisions differ.
-        IllegalTransitionError, GateError, BlueprintError: a decision the lifecycle refuses. Nothing
-            is changed then: the inputs are never modified.
+        IllegalTransitionError, GateError, BlueprintError: a decision the lifecycle refuses;
+        SculptError: a `Sculpt` with nothing to sculpt at its slot (`sculpt_offered` says where one
+            is legal). Nothing is changed then: the inputs are never modified.
     """
     if len(decisions) != len(episodes):
         raise EpisodeError(f"step: {len(episodes)} episodes need {len(episodes)} decision lists, got {len(decisions)}.")

@@ -41,6 +41,7 @@ __all__ = [
     "Pruned",
     "Resumed",
     "Rollback",
+    "Sculpted",
     "StuckAtChance",
     "read_events",
 ]
@@ -106,6 +107,33 @@ class Rollback(Event):
     reason: str
     to_epoch: int = Field(ge=0)
     pruned: list[str]
+
+
+class Sculpted(Event):
+    """Hidden units were removed (`esper_fn.sculpt`): at `slot` (None: several targets at once).
+
+    Attributes:
+        keep: as asked (a float: the fraction of the network's parameters to keep; an int: units to
+            keep per unit group).
+        by: the criterion ("contribution" or "magnitude").
+        params_before, params_after: the network's parameters.
+        units: per target slot, its units per unit group after the sculpt.
+        units_removed: units removed over every target.
+        val_accuracy_before, val_accuracy_after: on the batch the sculpt measured (the validation
+            split), without fine-tuning; None without labels.
+        max_abs_dlogits: the largest output change on that batch.
+    """
+
+    kind: Literal["sculpted"] = "sculpted"
+    keep: int | float
+    by: str
+    params_before: int = Field(ge=0)
+    params_after: int = Field(ge=0)
+    units: dict[str, list[int]]
+    units_removed: int = Field(ge=0)
+    val_accuracy_before: float | None = None
+    val_accuracy_after: float | None = None
+    max_abs_dlogits: float | None = None
 
 
 class StuckAtChance(Event):
@@ -177,11 +205,12 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     EpochMetrics,
     CheckpointSaved,
     Resumed,
+    Sculpted,
 )
 
 AnyEvent = Annotated[
     Germinated | Advanced | Fossilized | Pruned | Rollback | StuckAtChance | GrowthBlocked | EpochMetrics
-    | CheckpointSaved | Resumed,
+    | CheckpointSaved | Resumed | Sculpted,
     Field(discriminator="kind"),
 ]
 

@@ -9,6 +9,11 @@ A run directory holds ``config.yaml``, ``events.jsonl`` (typed events), ``metric
 ``metrics.csv`` (one row per epoch), ``checkpoints/step_*`` (safetensors + manifest) and
 ``summary.json``. `grow` resumes bit-identically from the latest checkpoint with ``resume=True``.
 
+With ``RunConfig.sculpt`` set, the run ends with Emrakul: once its epochs are done it sculpts the
+grown network (`esper_fn.sculpt`, measured on the validation split; a `Sculpted` event) and
+fine-tunes it for ``sculpt_epochs`` more epochs of the same growth step, without growth decisions.
+`sculpt_run` (``esper-fn sculpt RUN_DIR``) adds that phase to a finished run.
+
 Randomness: the run seed is split into independent streams for host init, data order and seed init
 (`esper_fn.episode.rng_streams`), so runs with different controllers on one seed train on the same
 batches in the same order. Checkpoints save every stream.
@@ -33,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import _host
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints)
-from ._errors import CheckpointError, ConfigError, EsperError, NonFiniteCheckpointError, RunExistsError, RunWriteError
+from ._errors import (CheckpointError, ConfigError, EsperError, NonFiniteCheckpointError, RunDirError, RunExistsError,
+                      RunWriteError)
 from ._lifecycle import Stage
 from ._state import State
 from .checkpoint import CheckpointManager
@@ -54,10 +60,11 @@ from .episode import (
     step,
     stream_seed,
 )
+from .emrakul import SculptReport, sculpt
 from .events import (CheckpointSaved, EpochMetrics, EventLog, Fossilized, Germinated, GrowthBlocked, Resumed,
                      read_events)
 from .optim import adam
-from .tasks import load
+from .tasks import Task, load
 from .training import TrainConfig, evaluate
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "GovernorConfig",
     "RunConfig",
     "RunSummary",
+    "SculptSummary",
     "governor_verdict",
     "grow",
     "load_config",
@@ -74,7 +82,9 @@ __all__ = [
     "validate_config",
     "never_left_chance",
     "param_budget",
+    "restore_run",
     "rng_streams",
+    "sculpt_run",
     "standard_init",
     "stream_seed",
 ]
@@ -119,6 +129,13 @@ class RunConfig(BaseModel):
             germination and the run id. None: nothing is stored.
         device: where the run's task and state live ("cpu", "cuda", "cuda:1"); weights and data
             orders are drawn on the CPU streams, so a seed starts the same run on every device.
+        sculpt: end the run with Emrakul: after `epochs`, shrink the network to at most ``floor(sculpt
+            x`` its parameters``)`` by removing the hidden units (of fossilized seeds and host layers)
+            whose measured contribution on the validation split per parameter is lowest
+            (`esper_fn.sculpt`), then fine-tune. None: no sculpt.
+        sculpt_epochs: epochs of fine-tuning after the sculpt (the growth step with no decisions; the
+            optimizer state of what remains carries over). 0 replaces the last checkpoint with the
+            sculpted network.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -140,6 +157,8 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(default=25, ge=1)
     max_to_keep: int = Field(default=3, ge=1)
     library: str | None = None
+    sculpt: float | None = Field(default=None, gt=0, le=1)
+    sculpt_epochs: int = Field(default=10, ge=0)
     device: str = "cpu"
 
     @field_validator("device")
@@ -164,6 +183,27 @@ class RunConfig(BaseModel):
                          + (f"; closest valid value: {close[0]}" if close else ""))
 
 
+class SculptSummary(BaseModel):
+    """The sculpt at the end of a run (`RunConfig.sculpt`).
+
+    Attributes:
+        epoch: the epoch after which it sculpted.
+        fine_tune_epochs: epochs trained after it.
+        test_accuracy_before, test_loss_before: the unsculpted network's, on the test split
+            (reported only; the sculpt measured on the validation split).
+        report: what `esper_fn.sculpt` did (parameters, units per target, the change it measured on
+            the validation split before fine-tuning).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    fine_tune_epochs: int
+    test_accuracy_before: float
+    test_loss_before: float
+    report: SculptReport
+
+
 class RunSummary(BaseModel):
     """What a run did, also written to ``summary.json``.
 
@@ -178,6 +218,8 @@ class RunSummary(BaseModel):
         stuck_at_chance_epoch: the epoch of the `StuckAtChance` event, or None. Set with
             ``stuck_at_chance=False`` when a run was flagged and left chance later.
         moved_aside: where ``overwrite=True`` moved the run that was in the directory, or None.
+        sculpt: the sculpt that ended the run (`RunConfig.sculpt`), or None; then `test_accuracy`
+            and `params_after` are the sculpted, fine-tuned network's.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -203,6 +245,7 @@ class RunSummary(BaseModel):
     stuck_at_chance: bool = False
     stuck_at_chance_epoch: int | None = None
     moved_aside: str | None = None
+    sculpt: SculptSummary | None = None
 
 
 def load_config(path: str | Path | None = None, *, base: Mapping | None = None, **overrides) -> RunConfig:
@@ -451,19 +494,7 @@ def grow(
         ckpts = CheckpointManager(out / "checkpoints", max_to_keep=config.max_to_keep) if (
             out / "checkpoints").is_dir() else None
         steps = ckpts.steps() if ckpts is not None else []
-        skipped: list[tuple[int, str | None]] = []
-        found_ckpt = None
-        for step_no in reversed(steps):
-            tensors, meta = ckpts.restore(step_no)
-            try:
-                found_ckpt = (episode_from_tensors(task, host, tensors, meta), meta)
-                break
-            except NonFiniteCheckpointError as err:  # diverged just before it was saved: try an earlier one
-                skipped.append((step_no, err.key))
-        if skipped and found_ckpt is None:
-            raise CheckpointError(f"resume: every checkpoint in {out / 'checkpoints'} holds non-finite values "
-                                  f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
-                                  "--out.")
+        found_ckpt, skipped = _latest_episode(ckpts, task, host) if ckpts is not None else (None, [])
         # A step_* directory without a manifest is no checkpoint (a save never leaves one): it was damaged.
         after = found_ckpt[0].epoch if found_ckpt is not None else -1
         no_manifest = [n for n in _step_dirs(out / "checkpoints") if n not in steps and n > after]
@@ -476,10 +507,16 @@ def grow(
                 raise ConfigError(f"resume: config differs: {out / 'config.yaml'} was edited after the run started "
                                   f"({_differences(on_disk, saved)}; file vs run); restore it, or start a new run in "
                                   "another --out.")
-            if config != saved:
+            amend = config != saved and _only_sculpt_differs(config, saved)
+            if config != saved and not amend:
                 raise ConfigError(f"resume: config differs from the run's ({_differences(config, saved)}; given vs "
                                   f"run); resume with the run's config (a bare `esper-fn grow --resume --out {out}` "
                                   "reads its config.yaml).")
+            if amend:
+                why = _why_no_sculpt(ep_restored, meta["run"]["flags"])
+                if why is not None:
+                    raise ConfigError(f"resume: {out} {why}; the sculpt settings of a run (--sculpt, --sculpt-epochs) "
+                                      "change only once its epochs are done and before it is sculpted.")
             restored = (ep_restored, meta["run"], _resumed_log(out, ckpts, ep_restored.epoch, meta["run"], skipped))
         elif on_disk is not None and config != on_disk:
             raise ConfigError(f"resume: config differs from the run's ({_differences(config, on_disk)}; given vs run); "
@@ -508,6 +545,8 @@ def grow(
         if restored is not None:
             ep, run, (kept, metrics_rows) = restored
             run_id, history, timing, flags = run["run_id"], run["history"], run["timing"], run["flags"]
+            if config != RunConfig.model_validate(run["config"]):  # a finished run given its sculpt settings
+                _write_atomic(out / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
             born = {e.slot: e.epoch for e in kept if isinstance(e, Germinated)}
             _write_atomic(out / "metrics.jsonl", metrics_rows)
             _write_atomic(out / "events.jsonl", "".join(e.model_dump_json() + "\n" for e in kept))
@@ -529,7 +568,7 @@ def grow(
         raise
     except OSError as e:
         raise _write_error(out, e) from None
-    bar = tqdm(total=config.epochs, initial=ep.epoch, disable=not progress, desc=f"grow {config.host}", unit="ep",
+    bar = tqdm(total=ep.max_epochs, initial=ep.epoch, disable=not progress, desc=f"grow {config.host}", unit="ep",
                dynamic_ncols=True)
 
     def emit(event) -> None:
@@ -537,11 +576,40 @@ def grow(
         log.append(event)
         n_events += 1
 
+    def save_checkpoint(ep: Episode) -> None:
+        metrics_log.flush()
+        run = {"config": json.loads(config.model_dump_json()), "run_id": run_id, "history": history,
+               "timing": timing, "flags": flags, "n_events": n_events}
+        tensors, ep_meta = episode_to_tensors(ep)
+        path = ckpts.save(ep.epoch, tensors, {**ep_meta, "run": run}, overwrite=True)
+        emit(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(path)))
+
+    def sculpt_now(ep: Episode) -> Episode:
+        """Emrakul at the end of the run: sculpt on the validation split, then `sculpt_epochs` more."""
+        before = evaluate(ep.state, task.x_test, task.y_test)  # reported only
+        state, report = sculpt(ep.state, keep=config.sculpt, data=task.split("val"))
+        emit(report.event(run_id, ep.epoch))
+        flags["sculpt"] = SculptSummary(epoch=ep.epoch, fine_tune_epochs=config.sculpt_epochs,
+                                        test_accuracy_before=before["accuracy"], test_loss_before=before["loss"],
+                                        report=report).model_dump(mode="json")
+        ep = replace(ep, state=state, max_epochs=ep.epoch + config.sculpt_epochs,
+                     counts=replace(ep.counts, sculpted=ep.counts.sculpted + 1))
+        bar.total = ep.max_epochs
+        bar.refresh()
+        if config.sculpt_epochs == 0:
+            save_checkpoint(ep)
+        return ep
+
     try:
-        while not ep.done:
+        while True:
+            if ep.done:
+                if config.sculpt is None or flags.get("sculpt") is not None or ep.stopped is not None:
+                    break
+                ep = sculpt_now(ep)
+                continue
             t0 = time.perf_counter()
-            actions = ctrl.decide(observe(ep, ctrl.gates))
-            if ctrl.blocked is not None and flags["growth_blocked"] is None:
+            actions = [] if flags.get("sculpt") is not None else ctrl.decide(observe(ep, ctrl.gates))  # fine-tuning: none
+            if ctrl.blocked is not None and flags["growth_blocked"] is None and flags.get("sculpt") is None:
                 flags["growth_blocked"], flags["growth_blocked_epoch"] = ctrl.blocked, ep.epoch
                 emit(GrowthBlocked(run_id=run_id, epoch=ep.epoch, reason=ctrl.blocked, budget=ep.param_budget or 0,
                                    params=ep.state.num_params()))
@@ -571,12 +639,7 @@ def grow(
                             seeds=" ".join(f"{n}:{ep.state.stage(n).name[:4]}" for n in ep.state.slot_names
                                            if ep.state.stage(n) != Stage.DORMANT) or "-")
             if ep.done or ep.epoch % config.checkpoint_every == 0:
-                metrics_log.flush()
-                run = {"config": json.loads(config.model_dump_json()), "run_id": run_id, "history": history,
-                       "timing": timing, "flags": flags, "n_events": n_events}
-                tensors, ep_meta = episode_to_tensors(ep)
-                path = ckpts.save(ep.epoch, tensors, {**ep_meta, "run": run}, overwrite=True)
-                emit(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(path)))
+                save_checkpoint(ep)
     except EsperError:
         raise
     except OSError as e:
@@ -599,6 +662,7 @@ def grow(
         param_budget=ep.param_budget, growth_blocked=flags["growth_blocked"],
         growth_blocked_epoch=flags["growth_blocked_epoch"], stuck_at_chance=stuck,
         stuck_at_chance_epoch=ep.stuck_at_chance_epoch, moved_aside=str(moved) if moved else None,
+        sculpt=SculptSummary.model_validate(flags["sculpt"]) if flags.get("sculpt") else None,
     )
     try:
         _write_csv(out / "metrics.csv", history)
@@ -665,6 +729,113 @@ def _resumed_log(out: Path, ckpts: CheckpointManager, epoch: int, run: Mapping,
                 f"{n - len(logged)} are lost")
     kept.append(Resumed(run_id=run_id, epoch=epoch, from_step=epoch, skipped=[s for s, _ in skipped], reason=why))
     return kept, "".join(json.dumps(h) + "\n" for h in run["history"])
+
+
+def _latest_episode(ckpts: CheckpointManager, task, host) -> tuple[tuple[Episode, dict] | None, list]:
+    """The episode (and metadata) of the latest checkpoint without NaN or infinite values, verified,
+    and the later checkpoints skipped for holding some (``[(step, key), ...]``); None if there is none.
+
+    Raises:
+        CheckpointError: a checkpoint is corrupt, or every one holds non-finite values.
+    """
+    skipped: list[tuple[int, str | None]] = []
+    for step_no in reversed(ckpts.steps()):
+        tensors, meta = ckpts.restore(step_no)
+        try:
+            return (episode_from_tensors(task, host, tensors, meta), meta), skipped
+        except NonFiniteCheckpointError as err:  # diverged just before it was saved: try an earlier one
+            skipped.append((step_no, err.key))
+    if skipped:
+        raise CheckpointError(f"every checkpoint in {ckpts.directory} holds non-finite values "
+                              f"({', '.join(f'step {n}: {k}' for n, k in skipped)}); start the run again in a new "
+                              "--out.")
+    return None, skipped
+
+
+def restore_run(out: str | Path) -> tuple[RunConfig, Task, Episode]:
+    """A run directory's config, task and latest episode (its latest checkpoint without NaN or
+    infinite values, verified against the host and blueprints), e.g. to evaluate or sculpt it.
+
+    Raises:
+        RunDirError: `out` holds no run checkpoint.
+        CheckpointError: its checkpoints are corrupt or all non-finite.
+    """
+    out = Path(out)
+    config = read_run_config(out) if out.is_dir() else None
+    if config is None or not (out / "checkpoints").is_dir():
+        raise RunDirError(f"{out} is not a run directory with checkpoints (it lacks config.yaml or checkpoints/).")
+    task = load(config.task, seed=config.seed, device=config.device)
+    host = _host.preset(config.host, input_shape=task.input_shape, n_classes=task.n_classes)
+    found, _ = _latest_episode(CheckpointManager(out / "checkpoints"), task, host)
+    if found is None:
+        raise RunDirError(f"{out} holds no checkpoint yet; resume the run (`esper-fn grow --resume --out {out}`).")
+    ep, meta = found
+    return RunConfig.model_validate(meta["run"]["config"]), task, ep
+
+
+def _only_sculpt_differs(config: RunConfig, saved: RunConfig) -> bool:
+    """Whether two configs differ in their sculpt settings only."""
+    same = {"sculpt": None, "sculpt_epochs": 0}
+    return config.model_copy(update=same) == saved.model_copy(update=same)
+
+
+def _why_no_sculpt(ep: Episode, flags: Mapping) -> str | None:
+    """Why a run's sculpt settings cannot change now, or None (its epochs are done, it did not stop
+    early, and it has not been sculpted)."""
+    if flags.get("sculpt") is not None:
+        return "was sculpted already (a Sculpted event in its log)"
+    if ep.stopped is not None:
+        return f"stopped early ({ep.stopped})"
+    if not ep.done:
+        return (f"is not finished (epoch {ep.epoch} of {ep.max_epochs}): finish it first with `esper-fn grow --resume "
+                "--out DIR`")
+    return None
+
+
+def sculpt_run(out: str | Path, *, keep: float, fine_tune_epochs: int = 10, controller: Controller | None = None,
+               progress: bool = True) -> RunSummary:
+    """Sculpt a finished run in its directory (``esper-fn sculpt RUN_DIR``): what ``esper-fn grow
+    --sculpt KEEP --sculpt-epochs K`` does at the end of a run, added afterwards.
+
+    The run's latest checkpoint is restored (verified: `CheckpointManager`), the network sculpted to
+    at most ``floor(keep x`` its parameters``)`` on the validation split (`esper_fn.sculpt`; a
+    `Sculpted` event) and fine-tuned for `fine_tune_epochs` epochs of the growth step without
+    decisions; the run's config gains ``sculpt`` and ``sculpt_epochs`` (config.yaml is rewritten),
+    its log the events and epochs, and a new checkpoint and ``summary.json`` (with ``sculpt``: the
+    test accuracy before, the report) are written. The same run continues: its id, its random
+    streams, its directory; a sculpted run resumes (``esper-fn grow --resume``) like any other.
+
+    Args:
+        out: the run directory.
+        keep: the fraction of the network's parameters to keep, in (0, 1].
+        fine_tune_epochs: epochs to train after the sculpt (>= 0; 0 replaces the last checkpoint
+            with the sculpted network).
+        controller: the run's controller, for its gates (default `make_controller` of the run's
+            config; a learned one must be passed, as for `grow`).
+        progress: show a progress bar.
+
+    Raises:
+        RunDirError: `out` is not a run directory.
+        ConfigError: keep or fine_tune_epochs out of range; the run is not finished, stopped early,
+            or was sculpted already.
+        CheckpointError: its checkpoint is corrupt.
+        SculptError: nothing in the network can be sculpted, or not down to `keep`.
+    """
+    out = Path(out)
+    if not (out / "config.yaml").is_file() or not (out / "checkpoints").is_dir():
+        raise RunDirError(f"{out} is not a run directory (it lacks config.yaml or checkpoints/); give the --out of a "
+                          "finished `esper-fn grow`.")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ConfigError(f"--keep: the fraction of the network's parameters to keep must lie in (0, 1] "
+                          f"(got {keep!r}); e.g. 0.8 removes at least 20%.")
+    if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
+        raise ConfigError(f"--fine-tune-epochs: input should be greater than or equal to 0 (got {fine_tune_epochs!r}); "
+                          "closest valid value: 0")
+    config = read_run_config(out)
+    new = config.model_copy(update={"sculpt": float(keep), "sculpt_epochs": fine_tune_epochs})
+    if controller is None and not config.controller.startswith("tamiyo"):
+        controller = make_controller(config)
+    return grow(RunConfig.model_validate(new.model_dump()), out, controller=controller, resume=True, progress=progress)
 
 
 def _write_error(out: Path, e: OSError) -> RunWriteError:

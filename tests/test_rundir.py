@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import esper_fn as ef
@@ -381,3 +382,27 @@ def test_report_refuses_an_unknown_image_format_and_creates_nothing(finished, tm
     err = capsys.readouterr().err.strip()
     assert "cannot write '.xyz' images" in err and ".png" in err and "\n" not in err
     assert not (tmp_path / "new").exists()
+
+
+def test_restore_run_gives_the_finished_run_and_refuses_what_is_not_one(tmp_path, finished):
+    from esper_fn.run import restore_run
+    from esper_fn.training import evaluate
+
+    config, task, ep = restore_run(finished)
+    summary = json.loads((finished / "summary.json").read_text())
+    assert config == RunConfig(**FAST) and ep.done and ep.epoch == summary["epochs"] == 4
+    assert evaluate(ep.state, task.x_test, task.y_test)["accuracy"] == summary["test_accuracy"]
+    with pytest.raises(ef.RunDirError, match="not a run directory"):
+        restore_run(tmp_path / "nothing")
+    out = tmp_path / "r"
+    out.mkdir()
+    for name, data in _snapshot(finished).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    mgr = CheckpointManager(out / "checkpoints")
+    for step in mgr.steps():  # every checkpoint diverged: nothing to restore, and the error says which
+        tensors, meta = mgr.restore(step)
+        tensors["state/params/host/fc1/weight"] = torch.full_like(tensors["state/params/host/fc1/weight"], float("inf"))
+        mgr.save(step, tensors, meta, overwrite=True)
+    with pytest.raises(ef.CheckpointError, match=r"every checkpoint .* non-finite values \(step 4: .*step 2: "):
+        restore_run(out)

@@ -75,7 +75,8 @@ def _conv1d_plain(kernel: int, hidden: int) -> Blueprint:
 
     return Blueprint(meta, init, apply, count, flops,
                      check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel",
-                     module=module)
+                     module=module,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),))
 
 
 for _bp in (_conv1d_plain(5, 16), _conv1d_plain(3, 16)):
@@ -168,7 +169,9 @@ def _conv1d_bottleneck(kernel: int) -> Blueprint:
 
     return Blueprint(meta, init, apply, count, flops,
                      check=lambda s: None if signal_shape(s)[1] >= kernel // 2 + 1 else "the signal is shorter than the kernel",
-                     module=module)
+                     module=module,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),
+                            (("w2", 0, "in"), ("b2", 0, "in"), ("w3", 1, "out"), ("b3", 0, "bias"))))
 
 
 for _bp in (_conv1d_dwsep(5), _conv1d_bottleneck(3)):

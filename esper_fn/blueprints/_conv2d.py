@@ -58,7 +58,8 @@ def _conv2d_plain(kernel: int) -> Blueprint:
     def module(spec, t):
         return conv_module(spec, t, [("w1", "b1", pad, 1), "relu", ("w2", "b2", pad, 1)]), "h"
 
-    return Blueprint(meta, init, apply, count, flops, module=module)
+    return Blueprint(meta, init, apply, count, flops, module=module,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),))
 
 
 def _conv2d_dwsep(kernel: int) -> Blueprint:
@@ -138,7 +139,9 @@ def _conv2d_bottleneck(kernel: int) -> Blueprint:
         layers = [("w1", "b1", 0, 1), "relu", ("w2", "b2", pad, 1), "relu", ("w3", "b3", 0, 1)]
         return conv_module(spec, t, layers), "h"
 
-    return Blueprint(meta, init, apply, count, flops, module=module)
+    return Blueprint(meta, init, apply, count, flops, module=module,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),
+                            (("w2", 0, "in"), ("b2", 0, "in"), ("w3", 1, "out"), ("b3", 0, "bias"))))
 
 
 for _bp in (_conv2d_plain(3), _conv2d_dwsep(3), _conv2d_bottleneck(3)):

@@ -52,7 +52,8 @@ def _mlp_gelu(ratio: float, version: str = "1.0.0") -> Blueprint:
         hyperparams={"hidden_ratio": ratio},
     )
     return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
-                     module=module)
+                     module=module,
+                     units=((("w1", 0, "in"), ("b1", 0, "in"), ("w2", 1, "out"), ("b2", 0, "bias")),))
 
 
 # --- residual SwiGLU ---------------------------------------------------------------------------
@@ -84,7 +85,8 @@ def _swiglu(ratio: float) -> Blueprint:
         hyperparams={"hidden_ratio": ratio},
     )
     return Blueprint(meta, init, apply, count, lambda s: count(s) * (s.shape[0] if s.kind == "sequence" else 1),
-                     module=module)
+                     module=module,
+                     units=((("w_gate", 0, "in"), ("w_up", 0, "in"), ("w_down", 1, "out")),))
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
