@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--host", help="a host preset, built for the task's input shape and classes: mlp-impaired "
                                   "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small")
     g.add_argument("--controller", metavar="CONTROLLER",
-                   help="static, schedule, heuristic (default), tamiyo (the shipped learned policy) or "
+                   help="static, schedule, heuristic (default), recipe:<position>-<kind or blueprint id>-<at %%> "
+                        "(e.g. recipe:input-karn_conv1d_k7_d2_c4@1.0.0-0), tamiyo (the shipped learned policy) or "
                         "tamiyo:PATH (weights from `esper-fn train-tamiyo`)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--seed", type=int)
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--overwrite", action="store_true",
                    help="if --out holds a run, move it aside to OUT.old-N and start afresh")
     g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
-                                                     "(created if missing; see `esper-fn library`)")
+                                                     "(created if missing; see `esper-fn library`), and offer the "
+                                                     "generated blueprints it keeps (`esper-fn karn`)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_grow)
     r = sub.add_parser("report", help="plot a run directory to a PNG")
