@@ -166,6 +166,18 @@ def _library(args) -> int:
         print(_table(rows, ["id", "blueprint", "slot", "task", "fate", "contribution", "epochs", "params", "run"]))
         print(f"{len(recs)} seed(s) in {lib.path}")
         return 0
+    if args.library_cmd == "blueprints":
+        recs = lib.blueprint_records()
+        if args.json:
+            print(json.dumps([r.model_dump() for r in recs], indent=2))
+            return 0
+        rows = [[r.id, r.placement or "-", ", ".join(f"{k} {v:.4g}" for k, v in r.score.items()) or "-",
+                 r.source or "-"] for r in recs]
+        print(_table(rows, ["generated blueprint", "placement", "score", "source"]))
+        outcomes = len(lib.outcomes())
+        print(f"{len(recs)} generated blueprint(s) and {outcomes} recorded outcome(s) in {lib.path}; grow them with "
+              f"esper-fn grow --library {lib.path} --controller recipe:<placement>-<id>-0")
+        return 0
     if args.library_cmd == "show":
         rec = lib.get(args.id)
         if args.verify:
@@ -251,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     ll.add_argument("--host", dest="host_name")
     ll.add_argument("--run-id")
     ll.add_argument("--json", action="store_true", help="print the records as JSON")
+    lb = lsub.add_parser("blueprints", help="the generated blueprints it keeps (esper-fn karn's winners)")
+    lb.add_argument("path", help="the library directory")
+    lb.add_argument("--json", action="store_true", help="print the records as JSON")
     ls = lsub.add_parser("show", help="one stored seed's record")
     ls.add_argument("path", help="the library directory")
     ls.add_argument("id", help="the seed's id (a unique prefix is enough)")

@@ -344,6 +344,9 @@ def test_cli_search_and_compare(tiny, tmp_path, capsys):
 
     study = optuna.load_study(study_name=f"karn-{TINY.name}-train-seed0", storage=f"sqlite:///{out / 'study.sqlite3'}")
     assert len(study.trials) == 2
+    winner = json.loads((out / "karn.json").read_text())["winner"]["blueprint"]
+    assert main(["library", "blueprints", str(out / "library")]) == 0
+    assert winner in capsys.readouterr().out
     assert main(["karn-compare", str(out), "--seeds", "1000000-1000001", "--no-progress"]) == 0
     r = json.loads((out / "compare.json").read_text())
     assert r["difference"]["n"] == 2 and set(r["per_instance"]) == {"moons-tiny-test"}
