@@ -33,6 +33,7 @@ Nothing here imports the RL packages; Tezzeret characterises a generated bluepri
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import itertools
@@ -41,7 +42,7 @@ import textwrap
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _blueprint as bpm
@@ -121,7 +122,6 @@ class Family:
     placements: tuple[str, ...]
     make: Callable[..., Blueprint]
     summary: str
-    _fingerprint: list = field(default_factory=list, repr=False)
 
     def blueprint_id(self, **values: int | float) -> str:
         """The id of the blueprint with these parameter values, e.g. ``karn_conv1d_k7_d2_c4@1.0.0``.
@@ -156,18 +156,17 @@ class Family:
         for combo in itertools.product(*(p.choices for p in self.params)):
             yield {p.name: v for p, v in zip(self.params, combo)}
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 of the family's code: the syntax trees of `make` and of every esper_fn function it
-        reaches (the building block and its helpers), so a change to any of them changes it."""
-        if not self._fingerprint:
-            h = hashlib.sha256(f"{self.name}|{[(p.name, p.code, p.choices) for p in self.params]}|"
-                               f"{self.placements}".encode())
-            for fn in _code_closure(self.make):
-                h.update(fn.__module__.encode() + b"." + fn.__qualname__.encode() + b"\n")
-                h.update(ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn)))).encode())
-            self._fingerprint.append(h.hexdigest())
-        return self._fingerprint[0]
+        """SHA-256 of the family's code: its parameters and placements, and the syntax trees of `make`
+        and of every esper_fn function it reaches (the building block and its helpers), so a change to
+        any of them changes it (comments and formatting do not)."""
+        h = hashlib.sha256(f"{self.name}|{[(p.name, p.code, p.choices) for p in self.params]}|"
+                           f"{self.placements}".encode())
+        for fn in _code_closure(self.make):
+            h.update(fn.__module__.encode() + b"." + fn.__qualname__.encode() + b"\n")
+            h.update(ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn)))).encode())
+        return h.hexdigest()
 
 
 def _code_closure(root: Callable) -> list[types.FunctionType]:

@@ -130,7 +130,8 @@ class KarnConfig(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as e:
-            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+                            for err in e.errors())
             raise ConfigError(f"karn: {msg}") from None
 
 
