@@ -12,9 +12,11 @@ and never rerun). Its **value** is the a* rule of the benchmark (`astar`: final 
 the mean over seeds per instance, then over instances), minus ``param_penalty x (params / host
 params - 1)`` (same weighting; 0 by default). Test accuracy is never read.
 
-**Reproducible for a seed**: trial n asks a fresh `TPESampler` seeded from (seed, n), so the
-proposals depend only on the seed and the trials before, also across an interrupted and resumed
-search; the episodes are deterministic given their run seeds.
+**Reproducible for a seed**: trial n (failed trials not counted) asks a fresh `TPESampler` seeded
+from (seed, n), so the proposals depend only on the seed and the trials before, also across an
+interrupted and resumed search; the episodes are deterministic given their run seeds. A proposal of
+a point measured already is answered with its value (a repeat, not rerun); `trials` counts distinct
+points, and `max_repeats` repeats in a row end the search early (converged).
 
 **What the library records** (`esper_fn.urza.Library`): before the first trial, the outcomes an
 earlier search or catalogue evaluation recorded on the same runs (same instances, seeds and settings:
@@ -76,7 +78,9 @@ class KarnConfig(BaseModel):
     Attributes:
         suite: a registered suite (`esper_fn.bench.SUITES`).
         split: the split trials run on: "train" (the search chooses, so it never sees the test split).
-        trials: trials to evaluate (priors from the library do not count).
+        trials: distinct points to evaluate (priors from the library do not count, nor do proposals
+            of a point measured already: those are answered with its value, not rerun, and recorded
+            as repeats).
         seed: the sampler's seed.
         train_seeds: the run seeds every trial plays (contiguous).
         families: the `esper_fn.karn.FAMILIES` searched.
@@ -85,6 +89,8 @@ class KarnConfig(BaseModel):
         startup_trials: TPE's random startup trials (`TPESampler.n_startup_trials`).
         characterise_repeats: Tezzeret's timed repeats per latency of each trial's blueprint.
         at: when the recipe germinates, as a fraction of the horizon (a*'s 0: before epoch 1).
+        max_repeats: the search stops early (converged) when TPE proposes this many points in a row
+            that were measured already.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -100,6 +106,7 @@ class KarnConfig(BaseModel):
     startup_trials: int = Field(default=8, ge=0)
     characterise_repeats: int = Field(default=10, ge=1)
     at: float = Field(default=0.0, ge=0, lt=1)
+    max_repeats: int = Field(default=50, ge=1)
 
     @field_validator("split")
     @classmethod
@@ -296,20 +303,38 @@ def _write_json(path: Path, data: Any) -> None:
 
 TRIAL_COLUMNS = ("number", "state", "source", "family", "params", "placement", "blueprint", "value", "val_accuracy",
                  "params_ratio", "added_params", "params_mean", "contribution", "runs", "param_delta", "flop_delta",
-                 "forward_ms", "expected_latency_ms", "seconds")
+                 "forward_ms", "expected_latency_ms", "seconds", "repeat_of")
+
+
+def _first_measured(trials) -> dict[str, int]:
+    """member -> the first completed trial that measured it (a prior or a played trial)."""
+    from optuna.trial import TrialState
+
+    first: dict[str, int] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("source") != "repeat" and "member" in t.user_attrs:
+            first.setdefault(t.user_attrs["member"], t.number)
+    return first
 
 
 def _trial_rows(study) -> list[dict[str, Any]]:
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    first = _first_measured(trials)
+    for t in trials:
         a = t.user_attrs
         fam = t.params.get("family")
+        # A point measured by an earlier trial is a repeat: its value is that trial's (this also marks the
+        # repeats of a study recorded before repeats were detected, whose jobs were read back from disk).
+        earlier = a.get("repeat_of", first.get(a.get("member"), t.number))
+        repeat_of = earlier if earlier != t.number else None
         rows.append({
-            "number": t.number, "state": t.state.name, "source": a.get("source", "tpe"), "family": fam,
+            "number": t.number, "state": t.state.name, "source": "repeat" if repeat_of is not None else
+            a.get("source", "tpe"), "family": fam,
             "params": json.dumps({k.split(".", 1)[1]: v for k, v in t.params.items()
                                   if "." in k and not k.endswith(".placement")}),
             "placement": t.params.get(f"{fam}.placement"), "blueprint": a.get("blueprint"), "value": t.value,
-            **{k: a.get(k) for k in TRIAL_COLUMNS[8:]}})
+            **{k: a.get(k) for k in TRIAL_COLUMNS[8:-1]}, "repeat_of": repeat_of})
     return rows
 
 
@@ -381,9 +406,12 @@ def karn_search(config: KarnConfig, env_factory: Callable[..., Any], out: str | 
         _write_json(meta_path, {"config": config.model_dump(), "study": name, "context": ctx, "library": str(lib.path)})
         static = _play([STATIC], insts, config.train_seeds, _make_env(env_factory, s, ()), out, workers, False)
 
-        def evaluated() -> int:
-            return sum(1 for t in study.get_trials(deepcopy=False)
-                       if t.state == TrialState.COMPLETE and t.user_attrs.get("source") != "prior")
+        def evaluated() -> int:  # distinct points played (a study from before repeats were detected has repeats
+            # recorded as played trials; counting points keeps its resumption the same search as a fresh one)
+            return len({t.user_attrs["member"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.user_attrs.get("source") not in ("prior", "repeat")})
+
+        repeats = 0  # in a row: TPE proposing only points already measured means the search has converged
 
         bar = None
         if progress:
@@ -391,20 +419,35 @@ def karn_search(config: KarnConfig, env_factory: Callable[..., Any], out: str | 
 
             bar = tqdm(total=config.trials, initial=min(evaluated(), config.trials), desc="karn", unit="trial")
         try:
-            while evaluated() < config.trials:
+            while evaluated() < config.trials and repeats < config.max_repeats:
                 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     # left running by an interrupted process: fail it, and ask for its point again
                     study.tell(t.number, state=TrialState.FAIL)
                     study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "source"})
-                number = len(study.get_trials(deepcopy=False))
+                # the trials before, less those an interrupted process failed (their points are asked again): a
+                # resumed search draws what the uninterrupted one would have
+                number = sum(t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False))
                 study.sampler = optuna.samplers.TPESampler(seed=_trial_seed(config.seed, number),
                                                            n_startup_trials=config.startup_trials)
                 trial = study.ask()
                 fam, values, placement = _suggest(trial, config.families)
                 bp = karn.blueprint(fam, **values)
+                member = _member(bp.id, placement, config.at)
+                earlier = _first_measured(study.get_trials(deepcopy=False)).get(member)
+                if earlier is not None:  # measured already, and episodes are deterministic: its value, no rerun
+                    e = study.trials[earlier]
+                    for k, v in e.user_attrs.items():
+                        trial.set_user_attr(k, v)
+                    trial.set_user_attr("source", "repeat")
+                    trial.set_user_attr("repeat_of", earlier)
+                    trial.set_user_attr("seconds", 0.0)
+                    study.tell(trial, e.value)
+                    _write_trials(out, study)
+                    repeats += 1
+                    continue
+                repeats = 0
                 t1 = time.perf_counter()
                 chars = _characterise(bp, _specs(s, config.split, placement, load_task), config.characterise_repeats)
-                member = _member(bp.id, placement, config.at)
                 records = _play([member], insts, config.train_seeds, _make_env(env_factory, s, (bp.id,)), out,
                                 workers, False)
                 sc = score([*records, *static], member, penalty=config.param_penalty)
@@ -429,6 +472,8 @@ def karn_search(config: KarnConfig, env_factory: Callable[..., Any], out: str | 
                 bar.close()
         _write_trials(out, study)
         result = _keep_winner(study, config, s, lib, name, out, load_task)
+        result["evaluated"] = evaluated()
+        result["converged"] = repeats >= config.max_repeats
     finally:
         optuna.logging.set_verbosity(verbosity)
     meta = {"config": config.model_dump(), "study": name, "context": ctx, "library": str(lib.path), **result,

@@ -407,7 +407,7 @@ def _karn(args, load_envs: Callable[[], ModuleType]) -> int:
     torch.set_num_threads(1)
     fields = dict(suite=args.suite, split=args.split, trials=args.trials, seed=args.seed,
                   train_seeds=tuple(parse_seeds(args.train_seeds)), param_penalty=args.param_penalty,
-                  warm_start=args.warm_start, startup_trials=args.startup_trials)
+                  warm_start=args.warm_start, startup_trials=args.startup_trials, max_repeats=args.max_repeats)
     if args.families:
         fields["families"] = tuple(f.strip() for f in args.families.split(",") if f.strip())
     config = KarnConfig.make(**fields)
@@ -428,6 +428,9 @@ def _karn(args, load_envs: Callable[[], ModuleType]) -> int:
           f"{sc['objective']:.4f}, validation accuracy {100 * sc['val_accuracy']:.1f}%, params / host "
           f"{sc['params_ratio']:.3f}" + (f", contribution {100 * sc['contribution']:+.1f} points over static"
                                          if 'contribution' in sc else ""))
+    if meta["converged"]:
+        print(f"converged: TPE proposed {config.max_repeats} measured points in a row, after {meta['evaluated']} "
+              "distinct points")
     print(f"kept in {meta['library']}; study {meta['study']} in {Path(args.out) / 'study.sqlite3'}; trials: "
           f"{Path(args.out) / 'trials.csv'} ({time.perf_counter() - t0:.0f} s)")
     if args.catalogue:
@@ -526,7 +529,8 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     k = sub.add_parser("karn", help="search generated blueprints (Karn) on a suite's train split; keep the winner")
     k.add_argument("--suite", default="growthbench-v1")
     k.add_argument("--split", default="train", help="the split trials run on (train: the search never sees test)")
-    k.add_argument("--trials", type=int, required=True, help="trials to evaluate (a rerun with more extends the search)")
+    k.add_argument("--trials", type=int, required=True,
+                   help="distinct points to evaluate (a rerun with more extends the search)")
     k.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed (same seed, same search)")
     k.add_argument("--train-seeds", default="0-4", help="run seeds every trial plays (contiguous)")
     k.add_argument("--families", help="comma-separated Karn families (default: all: conv1d,dwsep,mlp,lora,width)")
@@ -535,6 +539,8 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     k.add_argument("--warm-start", type=int, default=3,
                    help="enqueue the library's best N points by contribution per parameter (default 3)")
     k.add_argument("--startup-trials", type=int, default=8, help="TPE's random startup trials (default 8)")
+    k.add_argument("--max-repeats", type=int, default=50,
+                   help="stop early (converged) after TPE proposes N measured points in a row (default 50)")
     k.add_argument("--library", help="the seed library read for the warm start and written with outcomes and the "
                                      "winner (default OUT/library)")
     k.add_argument("--catalogue", action="store_true",

@@ -305,18 +305,22 @@ def test_search_is_reproducible_for_a_seed_and_warm_started_from_the_library(tin
         libs.append(lib)
         _search(tmp_path / run, seed=0, library=lib.path)
     a, b = _trials(tmp_path / "a"), _trials(tmp_path / "b")
-    assert a == b and len(a) == 3
+    assert a == b
+    measured = [r for r in a if r["source"] != "repeat"]  # a point proposed again is answered, not rerun
+    assert len(measured) == 3 and len({(r["blueprint"], r["placement"]) for r in measured}) == 3
+    assert all(a[r["repeat_of"]]["blueprint"] == r["blueprint"] for r in a if r["source"] == "repeat")
     assert a[0]["source"] == "library" and a[0]["blueprint"] == "karn_mlp_x2@1.0.0" and a[0]["placement"] == "first"
     assert all(r["state"] == "COMPLETE" for r in a)
     meta = json.loads((tmp_path / "a" / "karn.json").read_text())
     assert meta["winner"]["blueprint"] in {r["blueprint"] for r in a}
     assert [r.id for r in libs[0].blueprint_records()] == [meta["winner"]["blueprint"]]
-    assert len(libs[0].outcomes(context=meta["context"])) == 3  # every trial's outcome is recorded
+    assert len(libs[0].outcomes(context=meta["context"])) == 3  # every measured trial's outcome is recorded
     # A second search on the same runs starts from the first one's outcomes as completed trials (priors).
     other = _search(tmp_path / "c", seed=1, library=libs[0].path, warm_start=0)
     c = _trials(tmp_path / "c")
     points = {(r["blueprint"], r["placement"]) for r in a}
-    assert [r["source"] for r in c] == ["prior"] * len(points) + ["tpe"] * 3
+    assert [r["source"] for r in c[:len(points)]] == ["prior"] * len(points)
+    assert sum(r["source"] == "tpe" for r in c) == 3
     assert {(r["blueprint"], r["placement"]) for r in c[:len(points)]} == points and other["study"] != meta["study"]
 
 
@@ -325,9 +329,28 @@ def test_search_resumes_and_refuses_another_config(tiny, tmp_path):
     first = _trials(tmp_path / "s")
     _search(tmp_path / "s", trials=3, warm_start=0)
     again = _trials(tmp_path / "s")
-    assert len(again) == 3 and again[:2] == first
+    assert again[:len(first)] == first and sum(r["source"] == "tpe" for r in again) == 3
     with pytest.raises(ef.ConfigError, match="seed: 0 there, 5 now"):
         _search(tmp_path / "s", seed=5, trials=3, warm_start=0)
+
+
+def test_search_answers_repeats_without_rerunning_and_stops_when_converged(tiny, tmp_path):
+    # One family of 10 points (5 widths x 2 placements) and 11 distinct points asked for: TPE must
+    # propose measured points, which are answered with their values; 3 in a row end the search.
+    meta = _search(tmp_path / "s", trials=11, warm_start=0, families=("width",), max_repeats=3)
+    rows = _trials(tmp_path / "s")
+    measured = [r for r in rows if r["source"] != "repeat"]
+    repeats = [r for r in rows if r["source"] == "repeat"]
+    assert meta["converged"] and meta["evaluated"] == len(measured) <= 10
+    assert len({(r["blueprint"], r["placement"]) for r in measured}) == len(measured)
+    assert [r["source"] for r in rows[-3:]] == ["repeat"] * 3 and len(repeats) >= 3
+    for r in repeats:
+        m = rows[r["repeat_of"]]
+        assert m["source"] != "repeat" and m["number"] < r["number"]
+        assert (m["blueprint"], m["placement"], m["value"]) == (r["blueprint"], r["placement"], r["value"])
+    jobs = list((tmp_path / "s" / "jobs").glob("recipe*.csv"))
+    assert len(jobs) == len(measured)  # one job per measured point (one train instance): repeats were not played
+    assert len(Library(tmp_path / "s" / "library").outcomes(context=meta["context"])) == len(measured)
 
 
 def test_cli_search_and_compare(tiny, tmp_path, capsys):
@@ -343,7 +366,7 @@ def test_cli_search_and_compare(tiny, tmp_path, capsys):
     import optuna
 
     study = optuna.load_study(study_name=f"karn-{TINY.name}-train-seed0", storage=f"sqlite:///{out / 'study.sqlite3'}")
-    assert len(study.trials) == 2
+    assert sum(t.user_attrs["source"] != "repeat" for t in study.trials) == 2
     winner = json.loads((out / "karn.json").read_text())["winner"]["blueprint"]
     assert main(["library", "blueprints", str(out / "library")]) == 0
     assert winner in capsys.readouterr().out
