@@ -62,7 +62,7 @@ from esper_fn.controllers import Recipe
 
 from ._bench import Job, run_jobs
 from ._bench_stats import astar, difference, read_runs
-from ._eval import RunRecord
+from ._eval import RunRecord, mean_ci
 
 __all__ = ["KarnConfig", "Score", "context_key", "karn_catalogue", "karn_compare", "karn_search", "score"]
 
@@ -649,6 +649,13 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
 
     o = acc.overall
     met = o.mean - o.half > 0 and par.overall.mean <= 0
+    # by seed: the mean over the instances of each seed's differences, with the CI over seeds (the
+    # instances of one seed are not independent draws; this view treats the seed as the unit)
+    per_seed: dict[int, list[float]] = {}
+    for (_, seed), d in acc.diffs.items():
+        per_seed.setdefault(seed, []).append(d)
+    by_seed = {seed: sum(v) / len(v) for seed, v in sorted(per_seed.items())}
+    seed_mean, seed_half = mean_ci(list(by_seed.values()))
     result = {
         "split": split, "seeds": seeds, "karn": a, "catalogue": b,
         "karn_train": meta["winner"]["score"], "catalogue_train": {k: cat["best"][k] for k in Score._fields},
@@ -656,6 +663,7 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
         "params": {"karn": mean(a, "params"), "catalogue": mean(b, "params")},
         "difference": {"mean": o.mean, "half": o.half, "n": o.n},
         "params_difference": {"mean": par.overall.mean, "half": par.overall.half, "n": par.overall.n},
+        "by_seed": {"mean": seed_mean, "half": seed_half, "n": len(by_seed), "seeds": by_seed},
         "per_instance": {i: {"mean": p.mean, "half": p.half, "n": p.n,
                              "params": par.per_instance[i].mean} for i, p in acc.per_instance.items()},
         "target_met": bool(met),
@@ -687,6 +695,11 @@ def compare_report(r: Mapping[str, Any]) -> str:
         lines.append(f"| {i} | {100 * v['mean']:+.1f} ± {100 * v['half']:.1f} | {v['params']:+.0f} |")
     lines.append(f"| **all ({d['n']} pairs)** | **{100 * d['mean']:+.1f} ± {100 * d['half']:.1f}** | "
                  f"{p['mean']:+.0f} ± {p['half']:.0f} |")
+    if "by_seed" in r:
+        bs = r["by_seed"]
+        lines += ["", f"By seed (each seed's mean over the instances; {bs['n']} seeds): "
+                      f"{100 * bs['mean']:+.1f} ± {100 * bs['half']:.1f} points; per seed "
+                      + " ".join(f"{100 * v:+.1f}" for v in bs["seeds"].values()) + "."]
     lines += ["", f"Target (Karn better, 95% CI excluding 0, at equal or fewer parameters): "
                   f"{'met' if r['target_met'] else 'not met'}."]
     return "\n".join(lines)

@@ -373,6 +373,9 @@ def test_cli_search_and_compare(tiny, tmp_path, capsys):
     assert main(["karn-compare", str(out), "--seeds", "1000000-1000001", "--no-progress"]) == 0
     r = json.loads((out / "compare.json").read_text())
     assert r["difference"]["n"] == 2 and set(r["per_instance"]) == {"moons-tiny-test"}
+    # one test instance: each seed's mean over the instances is its one pair's difference
+    assert r["by_seed"]["n"] == 2 and r["by_seed"]["mean"] == pytest.approx(r["difference"]["mean"])
+    assert r["by_seed"]["half"] == pytest.approx(r["difference"]["half"], nan_ok=True)
     assert "Target" in (out / "compare.md").read_text()
 
 
