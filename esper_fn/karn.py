@@ -62,6 +62,7 @@ __all__ = [
     "Family",
     "Param",
     "blueprint",
+    "catalogue_design",
     "equivalent",
     "evidence",
     "generate",
@@ -254,6 +255,20 @@ def equivalent(blueprint_id: str) -> tuple[Family, dict[str, int | float]] | Non
         return parse(blueprint_id)
     hit = _EQUIVALENTS.get(blueprint_id)
     return None if hit is None else (FAMILIES[hit[0]], dict(hit[1]))
+
+
+def catalogue_design(blueprint_id: str) -> str | None:
+    """The catalogue design a generated id computes the same function as (``karn_conv1d_k5_d1_c16@1.0.0``
+    is ``conv1d_k5@1.0.0``), or None for a point no catalogue design is (a new design).
+
+    Raises:
+        BlueprintError: a malformed Karn id.
+    """
+    fam, values = parse(blueprint_id)
+    for design, (name, params) in _EQUIVALENTS.items():
+        if name == fam.name and params == values:
+            return design
+    return None
 
 
 # --- generation ----------------------------------------------------------------------------------------------

@@ -609,17 +609,42 @@ def karn_catalogue(out: str | Path, env_factory: Callable[..., Any], *, load_tas
 # --- the comparison on the test split ---------------------------------------------------------------------------
 
 
+def _best_new_design(out: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The best measured trial (`_best`'s rule, train split) whose blueprint is no catalogue design."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=meta["study"], storage=f"sqlite:///{(out / STUDY_FILE).resolve()}")
+    new = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+           if t.user_attrs.get("source") != "repeat" and karn.catalogue_design(t.user_attrs["blueprint"]) is None]
+    if not new:
+        raise ConfigError(f"the search in {out} measured no new design (every trial's blueprint is a catalogue "
+                          "design): run more --trials, or compare its winner (without --new-design).")
+    best = _best(new)
+    a = best.user_attrs
+    sc = {"objective": best.value, "val_accuracy": a["val_accuracy"], "params_ratio": a["params_ratio"],
+          "added_params": a["added_params"]}
+    return {"member": a["member"], "blueprint": a["blueprint"], "trial": best.number, "score": sc}
+
+
 def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequence[int], *,
-                 load_task: Callable[[str], Any], split: str = "test", workers: int = 1,
+                 load_task: Callable[[str], Any], split: str = "test", new_design: bool = False, workers: int = 1,
                  progress: bool = True) -> dict[str, Any]:
     """Play the search's winner and the catalogue's best (both chosen on the train split; the
     catalogue is scored first if it was not) on `split`'s instances and `seeds`, and report
     ``winner - catalogue`` in test accuracy and in parameters, paired by (instance, seed).
 
-    Writes ``OUT/compare/jobs`` (the runs), ``OUT/compare.json`` and ``OUT/compare.md``.
+    Args:
+        new_design: compare, instead of the winner, the best measured point that is no catalogue
+            design (`esper_fn.karn.catalogue_design`; chosen by the same rule on the train split):
+            what the search found beyond the catalogue when its winner is a catalogue design.
+
+    Writes ``OUT/compare/jobs`` (the runs, shared by both comparisons), ``OUT/compare.json`` and
+    ``OUT/compare.md`` (``compare-new.*`` with `new_design`).
 
     Raises:
-        ConfigError: `out` holds no search, or `seeds` overlap the search's training seeds.
+        ConfigError: `out` holds no search, or `seeds` overlap the search's training seeds, or (with
+            `new_design`) the search measured no new design.
     """
     out = Path(out)
     meta = _read_config(out)
@@ -632,10 +657,11 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
     if set(seeds) & set(config.train_seeds):
         raise ConfigError(f"evaluation seeds {sorted(set(seeds) & set(config.train_seeds))} are training seeds of the "
                           "search: evaluate on seeds never used for choosing (>= 1000000 by convention).")
+    pick = _best_new_design(out, meta) if new_design else meta["winner"]
     cat = json.loads((out / "catalogue.json").read_text()) if (out / "catalogue.json").is_file() else None
     if cat is None:
         cat = karn_catalogue(out, env_factory, load_task=load_task, workers=workers, progress=progress)
-    a, b = meta["winner"]["member"], cat["best"]["member"]
+    a, b = pick["member"], cat["best"]["member"]
     s = get_suite(config.suite)
     records = _play([a, b], s.split(split), seeds,
                     _make_env(env_factory, s, (Recipe.parse(a).blueprint, Recipe.parse(b).blueprint)),
@@ -657,8 +683,8 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
     by_seed = {seed: sum(v) / len(v) for seed, v in sorted(per_seed.items())}
     seed_mean, seed_half = mean_ci(list(by_seed.values()))
     result = {
-        "split": split, "seeds": seeds, "karn": a, "catalogue": b,
-        "karn_train": meta["winner"]["score"], "catalogue_train": {k: cat["best"][k] for k in Score._fields},
+        "split": split, "seeds": seeds, "karn": a, "catalogue": b, "new_design": new_design,
+        "karn_design": karn.catalogue_design(pick["blueprint"]), "karn_train": pick["score"], "catalogue_train": {k: cat["best"][k] for k in Score._fields},
         "test_accuracy": {"karn": mean(a, "test_accuracy"), "catalogue": mean(b, "test_accuracy")},
         "params": {"karn": mean(a, "params"), "catalogue": mean(b, "params")},
         "difference": {"mean": o.mean, "half": o.half, "n": o.n},
@@ -668,8 +694,9 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
                              "params": par.per_instance[i].mean} for i, p in acc.per_instance.items()},
         "target_met": bool(met),
     }
-    _write_json(out / "compare.json", result)
-    (out / "compare.md").write_text(compare_report(result) + "\n")
+    stem = "compare-new" if new_design else "compare"
+    _write_json(out / f"{stem}.json", result)
+    (out / f"{stem}.md").write_text(compare_report(result) + "\n")
     return result
 
 
@@ -677,8 +704,9 @@ def compare_report(r: Mapping[str, Any]) -> str:
     """The markdown of a `karn_compare` result."""
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     d, p = r["difference"], r["params_difference"]
+    what = "Karn's best new design" if r.get("new_design") else "Karn winner"
     lines = [
-        f"Karn winner `{r['karn']}` vs the catalogue's best `{r['catalogue']}` (both chosen on the train split by "
+        f"{what} `{r['karn']}` vs the catalogue's best `{r['catalogue']}` (both chosen on the train split by "
         f"the a* rule), {r['split']} split, seeds {r['seeds'][0]}-{r['seeds'][-1]}, paired by (instance, seed):",
         "",
         "| | train val acc % | train params / host | test acc % | params |",
@@ -700,6 +728,9 @@ def compare_report(r: Mapping[str, Any]) -> str:
         lines += ["", f"By seed (each seed's mean over the instances; {bs['n']} seeds): "
                       f"{100 * bs['mean']:+.1f} ± {100 * bs['half']:.1f} points; per seed "
                       + " ".join(f"{100 * v:+.1f}" for v in bs["seeds"].values()) + "."]
+    if r.get("karn_design"):
+        lines += ["", f"The Karn blueprint is the catalogue design `{r['karn_design']}` (the same function); "
+                      "`--new-design` compares the best point that is not."]
     lines += ["", f"Target (Karn better, 95% CI excluding 0, at equal or fewer parameters): "
                   f"{'met' if r['target_met'] else 'not met'}."]
     return "\n".join(lines)

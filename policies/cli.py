@@ -451,9 +451,10 @@ def _karn_compare(args, load_envs: Callable[[], ModuleType]) -> int:
     torch.set_num_threads(1)
     envs = load_envs()
     r = karn_compare(args.run_dir, envs.MorphogenesisEnv, parse_seeds(args.seeds), load_task=_task_loader(),
-                     workers=args.workers, progress=not args.no_progress)
+                     new_design=args.new_design, workers=args.workers, progress=not args.no_progress)
     print(compare_report(r))
-    print(f"wrote {Path(args.run_dir) / 'compare.md'} and compare.json")
+    stem = "compare-new" if args.new_design else "compare"
+    print(f"wrote {Path(args.run_dir) / stem}.md and {stem}.json")
     return 0
 
 
@@ -552,6 +553,8 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     kc = sub.add_parser("karn-compare", help="the Karn winner vs the catalogue's best on the test split, paired by seed")
     kc.add_argument("run_dir", help="the --out of an esper-fn karn search")
     kc.add_argument("--seeds", default="1000000-1000009", help="evaluation seeds (never the search's training seeds)")
+    kc.add_argument("--new-design", action="store_true",
+                    help="compare the best measured point that is no catalogue design instead of the winner")
     kc.add_argument("--workers", type=int, default=1)
     kc.add_argument("--no-progress", action="store_true")
     kc.set_defaults(fn=lambda a: _karn_compare(a, load_envs))

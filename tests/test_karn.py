@@ -166,6 +166,16 @@ def test_catalogue_equivalents_compute_the_same_function():
             h, xi = torch.randn(4, *spec.shape), (torch.randn(4, *spec.in_shape) if spec.in_shape else None)
             assert torch.equal(cat.apply(p, h, xi, spec, True), gen.apply(p, h, xi, spec, True))
         assert karn.equivalent(bid)[0].name == name
+        assert karn.catalogue_design(karn.FAMILIES[name].blueprint_id(**values)) == bid  # and back
+
+
+def test_catalogue_design_names_the_design_of_a_generated_point():
+    assert karn.catalogue_design("karn_conv1d_k5_d1_c16@1.0.0") == "conv1d_k5@1.0.0"
+    assert karn.catalogue_design("karn_conv1d_k5_d2_c16@1.0.0") is None  # a new design (another dilation)
+    designs = [karn.catalogue_design(karn.FAMILIES[n].blueprint_id(**v)) for n, v in POINTS]
+    assert sorted(d for d in designs if d is not None) == sorted(karn._EQUIVALENTS)
+    with pytest.raises(ef.BlueprintError):
+        karn.catalogue_design("karn_conv1d_k6_d1_c16@1.0.0")
 
 
 def test_tezzeret_characterises_a_generated_blueprint():
@@ -377,6 +387,14 @@ def test_cli_search_and_compare(tiny, tmp_path, capsys):
     assert r["by_seed"]["n"] == 2 and r["by_seed"]["mean"] == pytest.approx(r["difference"]["mean"])
     assert r["by_seed"]["half"] == pytest.approx(r["difference"]["half"], nan_ok=True)
     assert "Target" in (out / "compare.md").read_text()
+    # the best measured point that is no catalogue design, by the same rule, against the same catalogue best
+    assert main(["karn-compare", str(out), "--seeds", "1000000-1000001", "--new-design", "--no-progress"]) == 0
+    n = json.loads((out / "compare-new.json").read_text())
+    new = [t for t in _trials(out) if t["source"] != "repeat" and karn.catalogue_design(t["blueprint"]) is None]
+    best = max(new, key=lambda t: (t["value"], -t["params_ratio"], -t["number"]))
+    assert n["new_design"] and n["karn_design"] is None and n["karn"].split("-")[1] == best["blueprint"]
+    assert n["catalogue"] == r["catalogue"] and n["difference"]["n"] == 2
+    assert "best new design" in (out / "compare-new.md").read_text()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -395,6 +413,22 @@ def test_cli_bad_input_is_one_line(argv, match, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err and err.startswith(f"esper-fn {argv[0]}: error:")
     assert not (tmp_path / "X").exists() or argv[0] == "karn-compare"
+
+
+def test_compare_new_design_refuses_a_search_of_catalogue_designs_only(tiny, tmp_path):
+    from esper_fn.envs import MorphogenesisEnv
+    from esper_fn.policies._karn import karn_compare
+    from esper_fn.tasks import load
+
+    lib = Library(tmp_path / "lib")  # its best point is the catalogue's mlp_gelu, enqueued as the only trial
+    lib.put_outcome(blueprint="karn_mlp_x1@1.0.0", placement="first", context="another", val_accuracy=0.5,
+                    contribution=0.2, added_params=22, params_ratio=2.0, runs=2)
+    _search(tmp_path / "s", trials=1, warm_start=1, library=lib.path)
+    assert [t["blueprint"] for t in _trials(tmp_path / "s")] == ["karn_mlp_x1@1.0.0"]
+    with pytest.raises(ef.ConfigError, match="no new design"):
+        karn_compare(tmp_path / "s", MorphogenesisEnv, [1000000, 1000001], load_task=load, new_design=True,
+                     progress=False)
+    assert not (tmp_path / "s" / "compare").exists()  # refused before anything was played
 
 
 def test_compare_refuses_training_seeds(tiny, tmp_path):
