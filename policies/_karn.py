@@ -684,7 +684,8 @@ def karn_compare(out: str | Path, env_factory: Callable[..., Any], seeds: Sequen
     seed_mean, seed_half = mean_ci(list(by_seed.values()))
     result = {
         "split": split, "seeds": seeds, "karn": a, "catalogue": b, "new_design": new_design,
-        "karn_design": karn.catalogue_design(pick["blueprint"]), "karn_train": pick["score"], "catalogue_train": {k: cat["best"][k] for k in Score._fields},
+        "karn_design": karn.catalogue_design(pick["blueprint"]), "karn_train": pick["score"],
+        "catalogue_train": {k: cat["best"][k] for k in Score._fields},
         "test_accuracy": {"karn": mean(a, "test_accuracy"), "catalogue": mean(b, "test_accuracy")},
         "params": {"karn": mean(a, "params"), "catalogue": mean(b, "params")},
         "difference": {"mean": o.mean, "half": o.half, "n": o.n},
