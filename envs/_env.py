@@ -21,6 +21,7 @@ from torchrl.envs import EnvBase
 import esper_fn as ef
 from esper_fn import CURVES, ConfigError, EsperError, GateConfig, Host
 from esper_fn import blueprints as bpm
+from esper_fn import karn
 from esper_fn._device import check_device
 from esper_fn.actions import ActionSpace, IllegalActionError, to_action
 from esper_fn.bench import Instance
@@ -90,7 +91,11 @@ def _build_host(name: str | Host, task: Task) -> Host:
 
 
 def _blueprint_id(name: str) -> str:
-    """The registered id of a blueprint id or bare name (its newest version), capabilities aside."""
+    """The registered id of a blueprint id or bare name (its newest version), capabilities aside. A
+    Karn id (``karn_...@x.y.z``) is generated and registered here if this process has not yet
+    (`esper_fn.karn.blueprint`): its id is its whole definition."""
+    if karn.is_generated(name) and "@" in name:
+        return karn.blueprint(name).id
     bid = bpm.resolve(name)
     if bid is None:
         raise ConfigError(f"unknown blueprint {name!r}; see `esper_fn.blueprints.registry()`.")

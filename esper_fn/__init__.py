@@ -87,7 +87,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 # Submodules that are not in __all__ but were importable as attributes (`ef.checkpoint`, `ef.report`).
 _SUBMODULES = ("checkpoint", "report", "run", "tasks", "training", "controllers", "events", "cli", "urza", "tezzeret",
-               "episode", "actions", "emrakul")
+               "episode", "actions", "emrakul", "karn")
 
 __all__ = list(_LAZY)
 
@@ -117,7 +117,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from . import _host as hosts
-    from . import blueprints, checkpoint, optim, report, tezzeret, urza
+    from . import blueprints, checkpoint, karn, optim, report, tezzeret, urza
     from ._apply import INCUBATION, apply, train_step
     from ._errors import (
         BlueprintError,

@@ -30,7 +30,8 @@ __all__ = [
     "registry",
 ]
 
-_ID = re.compile(r"^[a-z][a-z0-9_]*@\d+\.\d+\.\d+$")
+BLUEPRINT_ID = re.compile(r"^[a-z][a-z0-9_]*@\d+\.\d+\.\d+$")
+"""What a blueprint id looks like: ``name@MAJOR.MINOR.PATCH``."""
 
 
 class BlueprintMeta(BaseModel):
@@ -263,7 +264,7 @@ def get(blueprint: str | Blueprint, *, capabilities: frozenset[str] | None = Non
     else:
         if not isinstance(blueprint, str):
             raise BlueprintError(f"a blueprint is named by a string like 'lora@1.0.0', got {blueprint!r}.")
-        if "@" in blueprint and not _ID.match(blueprint):
+        if "@" in blueprint and not BLUEPRINT_ID.match(blueprint):
             raise BlueprintError(f"malformed blueprint id {blueprint!r}; expected 'name@MAJOR.MINOR.PATCH'.")
         bid = resolve(blueprint, _REGISTRY)
         bp = _REGISTRY.get(bid) if bid is not None else None

@@ -210,6 +210,18 @@ def _library(args) -> int:
         print(_table(rows, ["id", "blueprint", "slot", "task", "fate", "contribution", "epochs", "params", "run"]))
         print(f"{len(recs)} seed(s) in {lib.path}")
         return 0
+    if args.library_cmd == "blueprints":
+        recs = lib.blueprint_records()
+        if args.json:
+            print(json.dumps([r.model_dump() for r in recs], indent=2))
+            return 0
+        rows = [[r.id, r.placement or "-", ", ".join(f"{k} {v:.4g}" for k, v in r.score.items()) or "-",
+                 r.source or "-"] for r in recs]
+        print(_table(rows, ["generated blueprint", "placement", "score", "source"]))
+        outcomes = len(lib.outcomes())
+        print(f"{len(recs)} generated blueprint(s) and {outcomes} recorded outcome(s) in {lib.path}; grow them with "
+              f"esper-fn grow --library {lib.path} --controller recipe:<placement>-<id>-0")
+        return 0
     if args.library_cmd == "show":
         rec = lib.get(args.id)
         if args.verify:
@@ -252,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--host", help="a host preset, built for the task's input shape and classes: mlp-impaired "
                                   "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small")
     g.add_argument("--controller", metavar="CONTROLLER",
-                   help="static, schedule, heuristic (default), tamiyo (the shipped learned policy) or "
+                   help="static, schedule, heuristic (default), recipe:<position>-<kind or blueprint id>-<at %%> "
+                        "(e.g. recipe:input-karn_conv1d_k7_d2_c4@1.0.0-0), tamiyo (the shipped learned policy) or "
                         "tamiyo:PATH (weights from `esper-fn train-tamiyo`)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--seed", type=int)
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--overwrite", action="store_true",
                    help="if --out holds a run, move it aside to OUT.old-N and start afresh")
     g.add_argument("--library", metavar="PATH", help="store every seed the run fossilizes in this seed library "
-                                                     "(created if missing; see `esper-fn library`)")
+                                                     "(created if missing; see `esper-fn library`), and offer the "
+                                                     "generated blueprints it keeps (`esper-fn karn`)")
     g.add_argument("--device", help="where the task and the network live: cpu (default), cuda, cuda:<index>")
     g.add_argument("--sculpt", type=float, metavar="KEEP",
                    help="end the run with Emrakul: remove the hidden units (of fossilized seeds and host layers) that "
@@ -307,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ll.add_argument("--host", dest="host_name")
     ll.add_argument("--run-id")
     ll.add_argument("--json", action="store_true", help="print the records as JSON")
+    lb = lsub.add_parser("blueprints", help="the generated blueprints it keeps (esper-fn karn's winners)")
+    lb.add_argument("path", help="the library directory")
+    lb.add_argument("--json", action="store_true", help="print the records as JSON")
     ls = lsub.add_parser("show", help="one stored seed's record")
     ls.add_argument("path", help="the library directory")
     ls.add_argument("id", help="the seed's id (a unique prefix is enough)")

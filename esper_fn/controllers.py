@@ -30,7 +30,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from . import _blueprint as bpm
 from . import blueprints as _catalogue  # noqa: F401  (registers the built-in blueprints choose_seed picks from)
-from ._errors import GateError
+from ._errors import ConfigError, GateError
 from ._lifecycle import LIVE_STAGES, GateConfig, Op, Stage, check_gate
 from ._state import legal_actions
 from .episode import Action, auto_advances, verdict_due
@@ -590,8 +590,10 @@ class Recipe:
 
     Attributes:
         position: "input", "first" or "last" (`RECIPE_POSITIONS`).
-        kind: "conv", "mlp", "lowrank" or "norm" (`RECIPE_KINDS`); the largest variant that fits the
-            slot and the budget room is grafted, or nothing if none does.
+        kind: "conv", "mlp", "lowrank" or "norm" (`RECIPE_KINDS`): the largest variant that fits the
+            slot and the budget room is grafted, or nothing if none does; or one blueprint id
+            ("conv1d_k5@1.0.0", a generated "karn_conv1d_k7_d2_c4@1.0.0"): that blueprint is grafted
+            where it is offered and fits the room, else nothing.
         at: the fraction of the horizon at which to germinate: epoch ``round(at x max_epochs)`` (0:
             before the first epoch).
         tempo: blending tempo; hold_epochs, incubate_epochs: its gates (no contribution gate of its
@@ -607,14 +609,36 @@ class Recipe:
     blocked: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.position not in RECIPE_POSITIONS or self.kind not in RECIPE_KINDS or not 0 <= self.at < 1:
+        kind_ok = self.kind in RECIPE_KINDS or bpm.BLUEPRINT_ID.match(str(self.kind)) is not None
+        if self.position not in RECIPE_POSITIONS or not kind_ok or not 0 <= self.at < 1:
             raise ValueError(f"Recipe(position={self.position!r}, kind={self.kind!r}, at={self.at}): position must be one "
-                             f"of {RECIPE_POSITIONS}, kind one of {tuple(RECIPE_KINDS)}, at in [0, 1).")
+                             f"of {RECIPE_POSITIONS}, kind one of {tuple(RECIPE_KINDS)} or a blueprint id "
+                             "('name@x.y.z'), at in [0, 1).")
 
     @property
     def name(self) -> str:
-        """``recipe:<position>-<kind>-<at as a percentage>``, e.g. ``recipe:input-conv-0``."""
+        """``recipe:<position>-<kind>-<at as a percentage>``, e.g. ``recipe:input-conv-0`` or
+        ``recipe:input-conv1d_k5@1.0.0-0``."""
         return f"recipe:{self.position}-{self.kind}-{round(100 * self.at)}"
+
+    @classmethod
+    def parse(cls, name: str) -> Recipe:
+        """``recipe:<position>-<kind or blueprint id>-<at %>`` -> `Recipe` (the inverse of `name`).
+
+        Raises:
+            ConfigError: a malformed name.
+        """
+        try:
+            position, kind, at = str(name).removeprefix("recipe:").split("-")
+            return cls(position, kind, int(at) / 100)
+        except ValueError as e:
+            raise ConfigError(f"{name!r} is not a recipe name like 'recipe:input-conv-0' or "
+                              f"'recipe:first-karn_lora_r2@1.0.0-25' ({e}).") from None
+
+    @property
+    def blueprint(self) -> str | None:
+        """The one blueprint id this recipe grafts, or None for a kind of `RECIPE_KINDS`."""
+        return None if self.kind in RECIPE_KINDS else self.kind
 
     @property
     def gates(self) -> GateConfig:
@@ -636,6 +660,9 @@ class Recipe:
         if v is None or Op.GERMINATE not in v.ops:
             return None
         room = _room(obs)
+        if self.blueprint is not None:
+            n = v.seeds.get(self.blueprint)
+            return self.blueprint if n is not None and n <= room else None
         for name in RECIPE_KINDS[self.kind]:
             for bid, n in v.seeds.items():
                 if bid.split("@")[0] == name and n <= room:

@@ -18,6 +18,17 @@ place) and inserts the row, so two runs writing one library at once serialise an
 `gc` (which takes the same lock) never sees a half-stored seed. Identical tensors are stored once.
 Nothing is pickled: safetensors, JSON and SQLite only.
 
+Generated blueprints (`esper_fn.karn`) live in the same index, in two more tables that any version
+of the index gains when it is opened (the schema is additive: version 1 libraries stay readable by
+older esper_fn, which ignores the tables)::
+
+    blueprints  one row per generated blueprint kept as a winner (`BlueprintRecord`): its id, the
+                family, the family's version and code fingerprint, its parameters and placement,
+                its Tezzeret characterisation and the score that chose it
+    outcomes    one row per measured outcome of a blueprint (`OutcomeRecord`): where it was grafted,
+                what it contributed (validation accuracy gained over the same runs without it) and
+                what it cost (parameters added), on which runs (the `context` key)
+
 Warm start: ``esper_fn.urza.warm_start(state, slot, ID, library=PATH)`` grafts a stored seed's
 trained weights instead of a fresh draw (see `fit`). The seed still enters at alpha 0, so the
 network's function is unchanged at germination; the weights it brings matter once it blends in.
@@ -58,8 +69,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FATES",
+    "BlueprintRecord",
     "GCReport",
     "Library",
+    "OutcomeRecord",
     "Problem",
     "SeedArtifact",
     "SeedRecord",
@@ -109,7 +122,44 @@ CREATE TABLE IF NOT EXISTS seeds (
 );
 CREATE INDEX IF NOT EXISTS seeds_blueprint ON seeds (blueprint);
 CREATE INDEX IF NOT EXISTS seeds_sha256 ON seeds (sha256);
+CREATE TABLE IF NOT EXISTS blueprints (
+    id TEXT PRIMARY KEY,
+    family TEXT NOT NULL,
+    family_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    params TEXT NOT NULL,
+    placement TEXT,
+    description TEXT NOT NULL,
+    score TEXT NOT NULL,
+    characterisation TEXT NOT NULL,
+    source TEXT,
+    created REAL NOT NULL,
+    esper_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id TEXT PRIMARY KEY,
+    blueprint TEXT NOT NULL,
+    placement TEXT NOT NULL,
+    context TEXT NOT NULL,
+    study TEXT,
+    trial INTEGER,
+    val_accuracy REAL NOT NULL,
+    contribution REAL,
+    added_params REAL NOT NULL,
+    params_ratio REAL NOT NULL,
+    runs INTEGER NOT NULL,
+    seconds REAL,
+    created REAL NOT NULL,
+    UNIQUE (study, trial)
+);
+CREATE INDEX IF NOT EXISTS outcomes_context ON outcomes (context);
 """
+
+_BP_COLUMNS = ("id", "family", "family_version", "fingerprint", "params", "placement", "description", "score",
+               "characterisation", "source", "created", "esper_version")
+_BP_JSON = ("params", "score", "characterisation")
+_OUT_COLUMNS = ("id", "blueprint", "placement", "context", "study", "trial", "val_accuracy", "contribution",
+                "added_params", "params_ratio", "runs", "seconds", "created")
 
 _COLUMNS = ("id", "blueprint", "blueprint_name", "blueprint_version", "slot", "slot_kind", "slot_shape", "slot_spec",
             "host", "host_config", "task", "fate", "contribution", "epochs", "run_id", "seed_index", "n_params",
@@ -180,6 +230,85 @@ class SeedRecord(BaseModel):
     created: float
     torch_version: str
     esper_version: str
+
+
+class BlueprintRecord(BaseModel):
+    """A generated blueprint kept in the library (`esper_fn.karn` writes them; `esper_fn.karn.load`
+    registers them again in a later process).
+
+    Attributes:
+        id: the blueprint id, "karn_<family>_<parameters>@<family version>".
+        family: the family that generated it; family_version: its version (the id's version).
+        fingerprint: SHA-256 of the family's code when it was generated. One id is stored with one
+            fingerprint: code that changes must come with a new family version.
+        params: the family parameters (``{"kernel": 7, "dilation": 2, "hidden": 4}``).
+        placement: where it was chosen to be grafted ("input", "first", "last"), or None.
+        description: one line, as in the catalogue.
+        score: how it was chosen (e.g. ``{"objective": ..., "val_accuracy": ..., "params_ratio": ...}``).
+        characterisation: Tezzeret's measurements at the slots it was chosen for
+            (`esper_fn.tezzeret.Characterisation` dumps).
+        source: what chose it (e.g. the search's study name and directory), or None.
+        created: unix time of storing; esper_version: the version that stored it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    family: str
+    family_version: str
+    fingerprint: str
+    params: dict[str, int | float | str]
+    placement: str | None = None
+    description: str
+    score: dict[str, float] = Field(default_factory=dict)
+    characterisation: list[dict[str, Any]] = Field(default_factory=list)
+    source: str | None = None
+    created: float
+    esper_version: str
+
+
+class OutcomeRecord(BaseModel):
+    """One measured outcome of a blueprint: what grafting it at a placement gave on a set of runs.
+
+    Attributes:
+        id: the entry's id (16 hex digits).
+        blueprint: the blueprint id.
+        placement: where it was grafted ("input", "first", "last", or a slot name).
+        context: what the runs were, as a key: outcomes with equal contexts are comparable (same
+            instances, seeds and protocol).
+        study, trial: the search that measured it and the trial's number (together unique), or None.
+        val_accuracy: mean final validation accuracy over the runs.
+        contribution: mean validation accuracy gained over the same runs without the seed (paired by
+            run), or None where that was not measured.
+        added_params: mean parameters the grown network has beyond its host (the cost).
+        params_ratio: mean final parameters over the host's.
+        runs: how many runs the means are over.
+        seconds: wall time of the measurement, or None.
+        created: unix time of storing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    blueprint: str
+    placement: str
+    context: str
+    study: str | None = None
+    trial: int | None = None
+    val_accuracy: float
+    contribution: float | None = None
+    added_params: float
+    params_ratio: float
+    runs: int = Field(ge=1)
+    seconds: float | None = None
+    created: float
+
+    @property
+    def per_param(self) -> float | None:
+        """Contribution per added parameter (None where the contribution is unknown or nothing was added)."""
+        if self.contribution is None or self.added_params <= 0:
+            return None
+        return self.contribution / self.added_params
 
 
 @dataclass(frozen=True)
@@ -466,6 +595,109 @@ class Library:
                         host=host or state.host.name, host_config=dict(state.host.config), fate=fate, task=task,
                         contribution=contribution, epochs=epochs, run_id=run_id,
                         seed_index=int(state.slots["seed_id"][i]))
+
+    # -- generated blueprints and outcomes ---------------------------------------------------------
+    def put_blueprint(self, record: BlueprintRecord) -> BlueprintRecord:
+        """Store a generated blueprint's record, replacing an earlier record of the same id (a later
+        search that chose it again; its score and characterisation are the newer ones).
+
+        Raises:
+            LibraryError: the id is stored with another code fingerprint (the family's code changed
+                and its version did not: bump the family's version), or the index cannot be written.
+        """
+        if not isinstance(record, BlueprintRecord):
+            raise LibraryError(f"put_blueprint: expected a BlueprintRecord, got {type(record).__name__}.")
+        with self._write() as con:
+            row = con.execute("SELECT fingerprint FROM blueprints WHERE id = ?", (record.id,)).fetchone()
+            if row is not None and row[0] != record.fingerprint:
+                raise LibraryError(
+                    f"{self.path} already holds blueprint {record.id!r} generated by other code (fingerprint "
+                    f"{row[0][:12]} vs {record.fingerprint[:12]}): the {record.family!r} family changed without a "
+                    "version bump. Bump the family's version (the id changes with it).")
+            values = [json.dumps(getattr(record, c)) if c in _BP_JSON else getattr(record, c) for c in _BP_COLUMNS]
+            con.execute(f"INSERT OR REPLACE INTO blueprints ({', '.join(_BP_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(_BP_COLUMNS))})", values)
+        return record
+
+    def blueprint_records(self, *, family: str | None = None) -> list[BlueprintRecord]:
+        """The generated blueprints stored here, oldest first (optionally one family's)."""
+        sql, args = f"SELECT {', '.join(_BP_COLUMNS)} FROM blueprints", []
+        if family is not None:
+            sql, args = sql + " WHERE family = ?", [family]
+        with self._connect() as con:
+            rows = con.execute(sql + " ORDER BY created, id", args).fetchall()
+        out = []
+        for r in rows:
+            d = dict(zip(_BP_COLUMNS, r))
+            for c in _BP_JSON:
+                d[c] = json.loads(d[c])
+            out.append(BlueprintRecord.model_validate(d))
+        return out
+
+    def remove_blueprint(self, blueprint_id: str) -> BlueprintRecord:
+        """Remove a generated blueprint's record.
+
+        Raises:
+            SeedNotFoundError: no such record (the message lists the stored ids).
+        """
+        recs = {r.id: r for r in self.blueprint_records()}
+        if blueprint_id not in recs:
+            raise SeedNotFoundError(f"no generated blueprint {blueprint_id!r} in library {self.path}; it holds "
+                                    f"{sorted(recs) or 'none'}.")
+        with self._write() as con:
+            con.execute("DELETE FROM blueprints WHERE id = ?", (blueprint_id,))
+        return recs[blueprint_id]
+
+    def put_outcome(
+        self,
+        *,
+        blueprint: str,
+        placement: str,
+        context: str,
+        val_accuracy: float,
+        added_params: float,
+        params_ratio: float,
+        runs: int,
+        contribution: float | None = None,
+        study: str | None = None,
+        trial: int | None = None,
+        seconds: float | None = None,
+    ) -> OutcomeRecord:
+        """Record one measured outcome of a blueprint (see `OutcomeRecord` for the fields).
+
+        Returns:
+            The new record; or, when this study already recorded this trial (a resumed search
+            redoing it), the existing record.
+
+        Raises:
+            LibraryError: the index cannot be written.
+        """
+        rec = OutcomeRecord(id=uuid.uuid4().hex[:16], blueprint=blueprint, placement=placement, context=context,
+                            study=study, trial=trial, val_accuracy=float(val_accuracy),
+                            contribution=None if contribution is None else float(contribution),
+                            added_params=float(added_params), params_ratio=float(params_ratio), runs=int(runs),
+                            seconds=None if seconds is None else float(seconds), created=time.time())
+        with self._write() as con:
+            if study is not None and trial is not None:
+                row = con.execute(f"SELECT {', '.join(_OUT_COLUMNS)} FROM outcomes WHERE study = ? AND trial = ?",
+                                  (study, trial)).fetchone()
+                if row is not None:
+                    return OutcomeRecord.model_validate(dict(zip(_OUT_COLUMNS, row)))
+            con.execute(f"INSERT INTO outcomes ({', '.join(_OUT_COLUMNS)}) VALUES ({', '.join('?' * len(_OUT_COLUMNS))})",
+                        [getattr(rec, c) for c in _OUT_COLUMNS])
+        return rec
+
+    def outcomes(self, *, context: str | None = None, blueprint: str | None = None) -> list[OutcomeRecord]:
+        """Recorded outcomes, oldest first, optionally of one context or blueprint id."""
+        where, args = [], []
+        for col, val in (("context", context), ("blueprint", blueprint)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = f"SELECT {', '.join(_OUT_COLUMNS)} FROM outcomes" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._connect() as con:
+            rows = con.execute(sql + " ORDER BY created, id", args).fetchall()
+        return [OutcomeRecord.model_validate(dict(zip(_OUT_COLUMNS, r))) for r in rows]
 
     # -- reading ---------------------------------------------------------------------------------
     def artifact_path(self, sha256: str) -> Path:

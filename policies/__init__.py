@@ -8,7 +8,9 @@
 * PPO (`PPOConfig`, `train_ppo`), evaluation (`evaluate_controllers`), offline rollouts
   (`save_rollouts`, `load_rollouts`).
 * The growth benchmark's statistics and report over its runs.csv (`read_runs`, `write_runs`, `astar`,
-  `oracle`, `headroom`, `captured`, `bench_stats`, `seeds_needed`, `leaderboard`, `plot_bench`).
+  `oracle`, `headroom`, `captured`, `difference`, `bench_stats`, `seeds_needed`, `leaderboard`, `plot_bench`).
+* Karn's blueprint search (`KarnConfig`, `karn_search`, `karn_catalogue`, `karn_compare`): Optuna's TPE
+  over the families of `esper_fn.karn`, trials through the env by the bench harness. docs/karn.md.
 
 This package never imports `esper_fn.envs`: everything env-specific (specs, the action space, env
 factories) comes in as arguments. Public names load on first use (PEP 562), so
@@ -68,6 +70,12 @@ _LAZY: dict[str, str] = {
     "Headroom": "._bench_stats",
     "OraclePick": "._bench_stats",
     "Paired": "._bench_stats",
+    "Difference": "._bench_stats",
+    "difference": "._bench_stats",
+    "KarnConfig": "._karn",
+    "karn_search": "._karn",
+    "karn_catalogue": "._karn",
+    "karn_compare": "._karn",
     "save_rollouts": "._offline",
     "load_rollouts": "._offline",
 }

@@ -52,16 +52,12 @@ def family_names() -> list[str]:
 
 
 def parse_recipe(name: str) -> Recipe:
-    """``recipe:<position>-<kind>-<at %>`` -> `Recipe`.
+    """``recipe:<position>-<kind or blueprint id>-<at %>`` -> `Recipe` (`Recipe.parse`).
 
     Raises:
         ConfigError: a malformed name.
     """
-    try:
-        position, kind, at = name.removeprefix("recipe:").split("-")
-        return Recipe(position, kind, int(at) / 100)
-    except ValueError as e:
-        raise ConfigError(f"{name!r} is not a recipe name like 'recipe:input-conv-0' ({e}).") from None
+    return Recipe.parse(name)
 
 
 def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | None = None, *, device=None):

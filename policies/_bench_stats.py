@@ -55,8 +55,8 @@ from esper_fn._errors import ConfigError
 
 from ._eval import RunRecord, mean_ci, read_csv, write_csv
 
-__all__ = ["FAMILY_PREFIX", "BenchStats", "Captured", "Headroom", "OraclePick", "Paired", "astar", "bench_stats",
-           "captured", "family", "headroom", "leaderboard", "oracle", "plot_bench", "read_runs", "seeds_needed",
+__all__ = ["FAMILY_PREFIX", "BenchStats", "Captured", "Difference", "Headroom", "OraclePick", "Paired", "astar",
+           "bench_stats", "captured", "difference", "family", "headroom", "leaderboard", "oracle", "plot_bench", "read_runs", "seeds_needed",
            "write_runs"]
 
 FAMILY_PREFIX = "recipe:"
@@ -428,6 +428,34 @@ def captured(records: Sequence[RunRecord], comparator: str, *, astar_name: str,
 
     per = {i: (frac(per_gain[i].mean, per_room[i].mean), per_gain[i]) for i in per_gain}
     return Captured(comparator, frac(overall.mean, room_all.mean), overall, per)
+
+
+class Difference(NamedTuple):
+    """``a - b`` paired by (instance, seed): per instance and over all pairs, and the pairs themselves."""
+
+    per_instance: dict[str, Paired]
+    overall: Paired
+    diffs: dict[Cell, float]
+
+
+def difference(records: Sequence[RunRecord], a: str, b: str, *, split: str = "test",
+               key: str = "test_accuracy") -> Difference:
+    """Comparator `a` minus comparator `b` on `key`, paired by (instance, seed) over the pairs both ran
+    on `split`: per instance, the mean over its seeds with the 95% Student-t CI half-width; overall,
+    the mean over all pairs with the CI over pairs (the unit and the caveats of `headroom`).
+
+    Raises:
+        ConfigError: an unknown split or key, no common pair, a duplicate run, a non-finite value.
+    """
+    _check_split(split)
+    _check_key(key)
+    ca, cb = _cells(records, a, split), _cells(records, b, split)
+    common = sorted(set(ca) & set(cb))
+    if not common:
+        raise ConfigError(f"{a!r} and {b!r} share no {split}-split (instance, seed) run: run both on the same seeds.")
+    diffs = {c: _value(ca[c], key) - _value(cb[c], key) for c in common}
+    per, overall = _paired_diffs(diffs)
+    return Difference(per, overall, diffs)
 
 
 def bench_stats(records: Sequence[RunRecord], *, members: Sequence[str] | None = None, folds: int = 2,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -313,7 +314,6 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
     import torch
 
     from esper_fn.bench import suite
-    from esper_fn.tasks import load
 
     from . import _bench as B
     from ._bench_stats import read_runs
@@ -331,12 +331,7 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
                           "seeds must never be used for tuning or choosing a*.")
     make_env = partial(envs.MorphogenesisEnv, blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots,
                        device=args.device)
-    tasks: dict[str, object] = {}
-
-    def load_task(name):
-        if name not in tasks:
-            tasks[name] = load(name)
-        return tasks[name]
+    load_task = _task_loader()
 
     progress = not args.no_progress
     params: dict[str, dict] = {}
@@ -393,6 +388,78 @@ def _bench_report(args) -> int:
     pngs = plot_bench(records, out)
     print(text)
     print(f"wrote {out / 'leaderboard.md'} and {len(pngs)} PNG(s) in {out}")
+    return 0
+
+
+def _task_loader():
+    from esper_fn.tasks import load
+
+    tasks: dict[str, object] = {}
+
+    def load_task(name):
+        if name not in tasks:
+            tasks[name] = load(name)
+        return tasks[name]
+
+    return load_task
+
+
+def _karn(args, load_envs: Callable[[], ModuleType]) -> int:
+    import torch
+
+    from ._karn import KarnConfig, karn_catalogue, karn_search
+
+    torch.set_num_threads(1)
+    fields = dict(suite=args.suite, split=args.split, trials=args.trials, seed=args.seed,
+                  train_seeds=tuple(parse_seeds(args.train_seeds)), param_penalty=args.param_penalty,
+                  warm_start=args.warm_start, startup_trials=args.startup_trials, max_repeats=args.max_repeats)
+    if args.families:
+        fields["families"] = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    config = KarnConfig.make(**fields)
+    from esper_fn.bench import suite
+
+    s = suite(config.suite)  # an unknown suite is a one-line error before anything is created
+    envs = load_envs()
+    load_task = _task_loader()
+    print(f"esper-fn karn: {config.trials} trials over {', '.join(config.families)} on {s.name}'s {config.split} split "
+          f"({len(s.split(config.split))} instances x seeds {config.train_seeds[0]}-{config.train_seeds[-1]}), "
+          f"seed {config.seed} -> {args.out}")
+    t0 = time.perf_counter()
+    meta = karn_search(config, envs.MorphogenesisEnv, args.out, load_task=load_task, library=args.library,
+                       workers=args.workers, progress=not args.no_progress)
+    w = meta["winner"]
+    sc = w["score"]
+    print(f"winner: {w['blueprint']} at {w['placement']} (trial {w['trial']}, {w['source']}): objective "
+          f"{sc['objective']:.4f}, validation accuracy {100 * sc['val_accuracy']:.1f}%, params / host "
+          f"{sc['params_ratio']:.3f}" + (f", contribution {100 * sc['contribution']:+.1f} points over static"
+                                         if 'contribution' in sc else ""))
+    if meta["converged"]:
+        print(f"converged: TPE proposed {config.max_repeats} measured points in a row, after {meta['evaluated']} "
+              "distinct points")
+    print(f"kept in {meta['library']}; study {meta['study']} in {Path(args.out) / 'study.sqlite3'}; trials: "
+          f"{Path(args.out) / 'trials.csv'} ({time.perf_counter() - t0:.0f} s)")
+    if args.catalogue:
+        cat = karn_catalogue(args.out, envs.MorphogenesisEnv, load_task=load_task, workers=args.workers,
+                             progress=not args.no_progress)
+        b = cat["best"]
+        print(f"catalogue's best by the same rule ({len(cat['members'])} blueprint x placement candidates): "
+              f"{b['member']}: objective {b['value']:.4f}, validation accuracy {100 * b['val_accuracy']:.1f}%, "
+              f"params / host {b['params_ratio']:.3f} ({Path(args.out) / 'catalogue.csv'})")
+    return 0
+
+
+def _karn_compare(args, load_envs: Callable[[], ModuleType]) -> int:
+    import torch
+
+    from ._karn import compare_report, karn_compare
+
+    torch.set_num_threads(1)
+    envs = load_envs()
+    r = karn_compare(args.run_dir, envs.MorphogenesisEnv, parse_seeds(args.seeds), load_task=_task_loader(),
+                     new_design=args.new_design, workers=args.workers, progress=not args.no_progress)
+    print(compare_report(r))
+    stem = "compare-new" if args.new_design else "compare"
+    print(f"wrote {Path(args.run_dir) / stem}.md and {stem}.json")
     return 0
 
 
@@ -467,6 +534,38 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     br.add_argument("--out", default="runs/bench")
     br.add_argument("--no-progress", action="store_true")
     br.set_defaults(fn=lambda a: _bench_run(a, load_envs))
+    k = sub.add_parser("karn", help="search generated blueprints (Karn) on a suite's train split; keep the winner")
+    k.add_argument("--suite", default="growthbench-v1")
+    k.add_argument("--split", default="train", help="the split trials run on (train: the search never sees test)")
+    k.add_argument("--trials", type=int, required=True,
+                   help="distinct points to evaluate (a rerun with more extends the search)")
+    k.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed (same seed, same search)")
+    k.add_argument("--train-seeds", default="0-4", help="run seeds every trial plays (contiguous)")
+    k.add_argument("--families", help="comma-separated Karn families (default: all: conv1d,dwsep,mlp,lora,width)")
+    k.add_argument("--param-penalty", type=float, default=0.0,
+                   help="objective = validation accuracy - PENALTY x (params / host params - 1) (default 0)")
+    k.add_argument("--warm-start", type=int, default=3,
+                   help="enqueue the library's best N points by contribution per parameter (default 3)")
+    k.add_argument("--startup-trials", type=int, default=8, help="TPE's random startup trials (default 8)")
+    k.add_argument("--max-repeats", type=int, default=50,
+                   help="stop early (converged) after TPE proposes N measured points in a row (default 50)")
+    k.add_argument("--library", help="the seed library read for the warm start and written with outcomes and the "
+                                     "winner (default OUT/library)")
+    k.add_argument("--catalogue", action="store_true",
+                   help="then score every catalogue blueprint at every placement by the same rule (catalogue.csv)")
+    k.add_argument("--workers", type=int, default=1, help="worker processes for the trials' jobs")
+    k.add_argument("--out", required=True, help="run directory (resumable)")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(fn=lambda a: _karn(a, load_envs))
+    kc = sub.add_parser("karn-compare", help="the Karn winner vs the catalogue's best on the test split, paired by seed")
+    kc.add_argument("run_dir", help="the --out of an esper-fn karn search")
+    kc.add_argument("--seeds", default="1000000-1000009", help="evaluation seeds (never the search's training seeds)")
+    kc.add_argument("--new-design", action="store_true",
+                    help="compare the best measured point that is no catalogue design instead of the winner")
+    kc.add_argument("--workers", type=int, default=1)
+    kc.add_argument("--no-progress", action="store_true")
+    kc.set_defaults(fn=lambda a: _karn_compare(a, load_envs))
+
     bp = bsub.add_parser("report", help="a markdown leaderboard and PNGs of a bench run directory")
     bp.add_argument("run_dir")
     bp.set_defaults(fn=_bench_report)

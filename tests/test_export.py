@@ -209,3 +209,17 @@ def test_a_custom_blueprint_without_a_module_exports_as_seedfn():
     s, x, _ = _live(ef.hosts.preset("mlp-impaired"), (40,), [("fc1", custom)])
     net = ef.export(s)
     assert isinstance(net.fc1.seed, ef.SeedFn) and torch.equal(net(x), ef.apply(s, x))
+
+
+@pytest.mark.parametrize("bid, dilation", [("karn_conv1d_k5_d2_c4@1.0.0", 2), ("karn_dwsep_k3_d4@1.0.0", 4)])
+def test_a_dilated_karn_blueprint_exports_as_dilated_convs(bid, dilation):
+    """Karn's dilated Conv1d blocks export as `nn.Conv1d` with the dilation (not the catalogue's d = 1)."""
+    from esper_fn import karn
+
+    karn.blueprint(bid)  # registered on first use
+    host = ef.hosts.preset("mlp-impaired", input_shape=(40,), n_classes=10)
+    s, x, _ = _live(host, (40,), [("input", bid)])
+    net = ef.export(s)
+    assert torch.equal(net(x), ef.apply(s, x))
+    dilations = {m.dilation for m in net.modules() if isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1}
+    assert dilations == {(dilation,)}

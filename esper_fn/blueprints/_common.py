@@ -34,7 +34,7 @@ def signal_shape(spec) -> tuple[int, int]:
     return spec.shape[0], spec.shape[1]
 
 
-def conv_module(spec, t: Mapping[str, Tensor], layers: Sequence[tuple[str, str, int, int] | str]) -> nn.Module:
+def conv_module(spec, t: Mapping[str, Tensor], layers: Sequence[tuple | str]) -> nn.Module:
     """A residual conv block's delta as `nn.Sequential` of `nn.Conv1d`/`nn.Conv2d` (by the weight's
     rank) and `nn.ReLU` ("relu"), stride 1: each conv ``(weight name, bias name, padding, groups)``
     takes its weights from `t`. A "vector" slot is viewed as one channel ([B, d] -> [B, 1, d]) and
@@ -49,11 +49,12 @@ def conv_module(spec, t: Mapping[str, Tensor], layers: Sequence[tuple[str, str, 
             if item == "relu":
                 mods[f"act{n}"] = nn.ReLU()
                 continue
-            w, b, pad, groups = item
+            w, b, pad, groups, *dil = item
             n += 1
             out_c, in_per_group, *k = t[w].shape
             conv = nn.Conv1d if len(k) == 1 else nn.Conv2d
-            mods[f"conv{n}"] = conv(in_per_group * groups, out_c, tuple(k), padding=pad, groups=groups)
+            mods[f"conv{n}"] = conv(in_per_group * groups, out_c, tuple(k), padding=pad, groups=groups,
+                                    dilation=dil[0] if dil else 1)
             tensors[f"conv{n}.weight"], tensors[f"conv{n}.bias"] = t[w], t[b]
     if spec.kind == "vector":
         mods["from_channels"] = nn.Flatten(-2, -1)

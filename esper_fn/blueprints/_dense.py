@@ -23,7 +23,7 @@ FEATURE_KINDS = ("vector", "sequence")
 # --- residual MLP (GELU) --------------------------------------------------------------------------
 
 
-def _mlp_gelu(ratio: float, version: str = "1.0.0") -> Blueprint:
+def mlp_gelu_block(ratio: float, version: str = "1.0.0") -> Blueprint:
     def hidden(spec):
         return max(4, int(round(spec.features * ratio)))
 
@@ -92,7 +92,7 @@ def _swiglu(ratio: float) -> Blueprint:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
-def _lora(rank: int) -> Blueprint:
+def lora_block(rank: int) -> Blueprint:
     def init(spec, g):
         d_in, d_out = spec.in_shape[-1], spec.features
         return {"A": uniform((rank, d_in), d_in, g), "B": torch.zeros(d_out, rank)}, {}
@@ -164,7 +164,7 @@ def _ia3() -> Blueprint:
 # --- Net2Net width growth ----------------------------------------------------------------------
 
 
-def _width(k: int) -> Blueprint:
+def width_block(k: int) -> Blueprint:
     """k new hidden units between the slot's Linear and its consumer Linear.
 
     New units ``u = act(U x_in + c)`` feed the consumer through new columns ``V`` (zero at birth),
@@ -218,12 +218,12 @@ def _consumer_out(spec) -> int:
 
 
 for _bp in (
-    _mlp_gelu(1.0),
-    _mlp_gelu(0.5),
+    mlp_gelu_block(1.0),
+    mlp_gelu_block(0.5),
     _swiglu(1.0),
-    *(_lora(r) for r in (4, 8, 16, 32, 64)),
+    *(lora_block(r) for r in (4, 8, 16, 32, 64)),
     _ia3(),
-    _width(4),
-    _width(16),
+    width_block(4),
+    width_block(16),
 ):
     register(_bp)
