@@ -44,25 +44,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from esper_fn.policies import mean_ci
 
 METHODS = ("emrakul", "ln_structured", "l1_unstructured", "control")
 BUDGET = 1100  # the README growth table's parameter budget
 
 
-def ci(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided Student's t interval (NaN half-width below two values)."""
-    from scipy import stats
-
-    if not xs:
-        return float("nan"), float("nan")
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def grow_missing(out: Path, config) -> Path:
@@ -260,11 +250,11 @@ def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
                 [r for r in rows if r["host"] == host])
             if not rs:
                 continue
-            removed = ci([100 * (1 - r["emrakul"]["params"] / r["grown"]["params"]) for r in rs])
-            cells = [f"{ci([pts(r, m) for r in rs])[0]:+.1f} ± {ci([pts(r, m) for r in rs])[1]:.1f}" for m in METHODS]
-            d = ci([pts(r, "emrakul") - pts(r, "ln_structured") for r in rs])
-            dc = ci([pts(r, "emrakul") - pts(r, "control") for r in rs])
-            pre = ci([100 * (r["emrakul"]["before"]["test"] - r["grown"]["test"]) for r in rs])
+            removed = mean_ci([100 * (1 - r["emrakul"]["params"] / r["grown"]["params"]) for r in rs])
+            cells = ["{:+.1f} ± {:.1f}".format(*mean_ci([pts(r, m) for r in rs])) for m in METHODS]
+            d = mean_ci([pts(r, "emrakul") - pts(r, "ln_structured") for r in rs])
+            dc = mean_ci([pts(r, "emrakul") - pts(r, "control") for r in rs])
+            pre = mean_ci([100 * (r["emrakul"]["before"]["test"] - r["grown"]["test"]) for r in rs])
             label = keep if keep != "val" else "chosen on val: " + " ".join(str(r["keep"]) for r in rs)
             out.append(f"| {host} | {label} | {removed[0]:.1f}% | " + " | ".join(cells)
                        + f" | {d[0]:+.1f} ± {d[1]:.1f} | {dc[0]:+.1f} ± {dc[1]:.1f} | {pre[0]:+.1f} ± {pre[1]:.1f} |")

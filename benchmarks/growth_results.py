@@ -20,28 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from scipy import stats
+from esper_fn.policies import mean_ci
 
 BUDGET = 1100  # the acceptance target for the impaired MNIST-1D hosts (docs/results.md)
 VARIANTS = ("static", "grown", "scratch")
 
 
-def ci(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided `confidence` interval (Student's t with n - 1 degrees of
-    freedom); the half-width is NaN for fewer than two values, the mean NaN for none."""
-    if not xs:
-        return float("nan"), float("nan")
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    t = float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1))
-    return m, t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def paired(rs: list[dict], x: str, y: str) -> tuple[list[float], list[str]]:
@@ -104,7 +93,7 @@ def main() -> None:
         for v in VARIANTS:
             ok = [r for r in rs if not r[v]["stuck_at_chance"]]
             stuck = [r["seed"] for r in rs if r[v]["stuck_at_chance"]]
-            acc = ci([r[v]["test_accuracy"] * 100 for r in ok])
+            acc = mean_ci([r[v]["test_accuracy"] * 100 for r in ok])
             params = sorted({r[v]["params_after"] for r in rs})
             wall = statistics.median(r[v]["wall_seconds"] for r in rs)
             note = f"seeds {stuck} (left out of the mean)" if stuck else "none"
@@ -115,7 +104,7 @@ def main() -> None:
         rs = [r for r in results if r["host"] == h]
         for x, y in (("grown", "static"), ("grown", "scratch")):
             d, cells = paired(rs, x, y)
-            m, c = ci(d)
+            m, c = mean_ci(d)
             print(f"| {h} | {x} - {y} | {len(d)} | {m:+.1f} ± {c:.1f} | {' '.join(cells)} |")
         ratio = [r["grown"]["wall_seconds"] / r["scratch"]["wall_seconds"] for r in rs]
         print(f"| {h} | wall time grown / scratch | {len(ratio)} | median {statistics.median(ratio):.2f} | "

@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from scipy import stats
 
 import esper_fn as ef
 from esper_fn.optim import adam
+from esper_fn.policies import mean_ci
 from esper_fn.run import RunConfig, grow, rng_streams
 from esper_fn.tasks import load
 from esper_fn.training import evaluate, train_epoch
@@ -48,14 +47,6 @@ SLOT, BLUEPRINT = "input", "conv1d_k5"
 LAST = 5  # final accuracy: mean test accuracy over the last LAST epochs
 
 
-def ci(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided Student-t interval (NaN half-width for n < 2)."""
-    if not xs:
-        return float("nan"), float("nan")
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def donors(lib_path: Path, seeds: list[int], epochs: int, work: Path) -> list[str]:
@@ -123,7 +114,7 @@ def report(results: list[dict], hosts: list[str], at: int, epochs: int) -> str:
             rs = sorted((r for r in results if r["host"] == h and r["arm"] == arm), key=lambda r: r["seed"])
             if not rs:
                 continue
-            m, w = ci([r["final"] * 100 for r in rs])
+            m, w = mean_ci([r["final"] * 100 for r in rs])
             per_seed = " ".join(f"{r['final'] * 100:.1f}" for r in rs)
             lines.append(f"| {h} | {arm} | {m:.1f} ± {w:.1f} | {per_seed} | {rs[0]['params']} |")
     lines += ["", "| host | paired (by seed) | n | mean ± 95% CI | per seed |", "|---|---|---|---|---|"]
@@ -132,14 +123,14 @@ def report(results: list[dict], hosts: list[str], at: int, epochs: int) -> str:
         seeds = sorted({r["seed"] for r in results if r["host"] == h})
         for arm in ("warm", "warm-direct"):
             d = [(by[(arm, s)]["final"] - by[("cold", s)]["final"]) * 100 for s in seeds]
-            m, w = ci(d)
+            m, w = mean_ci(d)
             lines.append(f"| {h} | final accuracy {arm} - cold (points) | {len(d)} | {m:+.1f} ± {w:.1f} | "
                          f"{' '.join(f'{x:+.1f}' for x in d)} |")
         for arm in ("warm", "warm-direct"):  # paired: epochs to 75% minus the cold arm's (negative: faster)
             d = [epochs_to(by[(arm, s)]["test_accuracy"], 0.75, at) - epochs_to(by[("cold", s)]["test_accuracy"], 0.75, at)
                  for s in seeds if epochs_to(by[(arm, s)]["test_accuracy"], 0.75, at) is not None
                  and epochs_to(by[("cold", s)]["test_accuracy"], 0.75, at) is not None]
-            m, w = ci([float(x) for x in d])
+            m, w = mean_ci([float(x) for x in d])
             lines.append(f"| {h} | epochs to 75% test accuracy, {arm} - cold | {len(d)} | {m:+.1f} ± {w:.1f} | "
                          f"{' '.join(f'{x:+d}' for x in d)} |")
         for arm in ("cold", "warm", "warm-direct"):

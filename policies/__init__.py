@@ -54,6 +54,7 @@ _LAZY: dict[str, str] = {
     "evaluate_controllers": "._eval",
     "run_episodes": "._eval",
     "summarize": "._eval",
+    "mean_ci": "._eval",
     "RunRecord": "._eval",
     "read_runs": "._bench_stats",
     "write_runs": "._bench_stats",

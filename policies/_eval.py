@@ -237,8 +237,12 @@ def _t(n: int) -> float:
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% Student-t confidence interval)."""
+    """(mean, half-width of the two-sided 95% Student-t confidence interval); the half-width is NaN
+    for fewer than two values, the mean NaN for none. The one interval every report and benchmark
+    script quotes."""
     n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
     m = sum(values) / n
     if n < 2:
         return m, float("nan")

@@ -353,13 +353,18 @@ def _growth_results():
     return mod
 
 
-def test_growth_results_ci_uses_student_t_for_any_n():
-    gr = _growth_results()
+def test_the_reports_interval_uses_student_t_for_any_n():
+    import math
+
+    from esper_fn.policies import mean_ci  # the one interval of the reports and benchmark scripts
+
     xs = [float(v) for v in range(12)]  # 11 degrees of freedom: beyond the old hand-typed table
-    m, half = gr.ci(xs)
+    m, half = mean_ci(xs)
     sd = torch.tensor(xs, dtype=torch.float64).std().item()
     assert m == pytest.approx(5.5) and half == pytest.approx(2.200985 * sd / 12**0.5, rel=1e-6)
-    assert gr.ci([1.0, 3.0])[1] == pytest.approx(12.7062, rel=1e-4)  # t(0.975, 1) x sd / sqrt(n) = t
+    assert mean_ci([1.0, 3.0])[1] == pytest.approx(12.7062, rel=1e-4)  # t(0.975, 1) x sd / sqrt(n) = t
+    assert mean_ci([2.0])[0] == 2.0 and math.isnan(mean_ci([2.0])[1])
+    assert all(math.isnan(v) for v in mean_ci([]))
 
 
 def test_growth_results_leaves_stuck_runs_out_of_paired_differences():
