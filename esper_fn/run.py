@@ -386,17 +386,16 @@ def offer_generated(config: RunConfig) -> None:
         from .urza import Library
 
         karn.load(Library(config.library))
-    named = [bid for _, bid in config.preinstall]
+    named = [(f"preinstall [{slot}, {bid}]", bid) for slot, bid in config.preinstall]
     if config.controller.startswith("recipe:"):
-        named.append(Recipe.parse(config.controller).blueprint)
-    for bid in named:
+        named.append((f"controller {config.controller!r}", Recipe.parse(config.controller).blueprint))
+    for where, bid in named:
         if bid is None:
             continue
         if karn.is_generated(bid):
             karn.blueprint(bid)
         elif bpm.resolve(bid) is None:
-            raise ConfigError(f"controller {config.controller!r} names blueprint {bid!r}, which is not registered; see "
-                              "`esper-fn blueprints`.")
+            raise ConfigError(f"{where}: unknown blueprint {bid!r} (not registered); see `esper-fn blueprints`.")
 
 
 def make_controller(config: RunConfig) -> Controller:
