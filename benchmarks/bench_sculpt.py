@@ -192,14 +192,14 @@ def accuracy(net, x, y) -> float:
         return float((net(x).argmax(-1) == y).float().mean())
 
 
-def one(args: tuple[str, str, list[float], int]) -> list[dict]:
+def one(args: tuple[str, str, list[float], int, str]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     import esper_fn as ef
     from esper_fn.run import restore_run
 
-    run_dir, group, keeps, epochs = args
+    run_dir, group, keeps, epochs, by = args
     config, task, ep = restore_run(run_dir)
     state = ep.state
     (xv, yv), (xt, yt) = task.split("val"), task.split("test")
@@ -208,7 +208,7 @@ def one(args: tuple[str, str, list[float], int]) -> list[dict]:
     rows = []
     for keep in keeps:
         try:
-            sculpted, report = ef.sculpt(state, keep=keep, data=(xv, yv))
+            sculpted, report = ef.sculpt(state, keep=keep, by=by, data=(xv, yv))
         except ef.SculptError as e:  # e.g. a keep below what removing all but one unit per group reaches
             print(f"{Path(run_dir).name} keep {keep}: not sculpted ({e})", flush=True)
             rows.append({"run": Path(run_dir).name, "host": group, "seed": config.seed, "keep": keep,
@@ -288,6 +288,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=200, help="epochs of a missing grow run")
     p.add_argument("--keep", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6])
     p.add_argument("--fine-tune-epochs", type=int, default=20)
+    p.add_argument("--by", default="contribution", choices=["contribution", "magnitude"],
+                   help="Emrakul's criterion (`esper_fn.sculpt(by=...)`); choose it on validation accuracy")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--table", metavar="JSON", help="only print the tables of the rows a --json run wrote")
@@ -297,7 +299,7 @@ def main() -> None:
         print(table(rows, sorted({r["keep"] for r in rows}, reverse=True), list(dict.fromkeys(r["host"] for r in rows))))
         return
     nets = networks(a)
-    jobs = [(str(d), g, a.keep, a.fine_tune_epochs) for d, g in nets]
+    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by) for d, g in nets]
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as pool:
             rows = [r for rs in pool.map(one, jobs) for r in rs]
