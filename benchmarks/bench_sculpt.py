@@ -192,14 +192,36 @@ def accuracy(net, x, y) -> float:
         return float((net(x).argmax(-1) == y).float().mean())
 
 
-def one(args: tuple[str, str, list[float], int, str]) -> list[dict]:
+def stepwise(state, task, keep: float, steps: int, epochs: int, by: str, seed: int):
+    """Emrakul in `steps` steps with esper_fn's own training between them: each step sculpts to
+    ``keep ** (i / steps)`` of the grown parameters (the last to at most ``floor(keep x`` them``)``,
+    as one sculpt does), then trains ``epochs // steps`` epochs (`train_epoch`, batch 100, the run's
+    Adam and its moments carried). ``steps=1``: one sculpt, then all the epochs in esper_fn."""
+    import math
+
+    import torch
+
+    import esper_fn as ef
+    from esper_fn.training import TrainConfig, train_epoch
+
+    xv, yv = task.split("val")
+    p0, g = state.num_params(), torch.Generator().manual_seed(seed)
+    for i in range(1, steps + 1):
+        goal = math.floor(p0 * keep ** (i / steps)) if i < steps else math.floor(p0 * keep)
+        state, _ = ef.sculpt(state, keep=min(1.0, goal / state.num_params()), by=by, data=(xv, yv))
+        for _ in range(epochs // steps + (epochs % steps if i == steps else 0)):
+            state, _ = train_epoch(state, task, TrainConfig(batch_size=100), generator=g)
+    return ef.export(state)
+
+
+def one(args: tuple[str, str, list[float], int, str, list[int]]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     import esper_fn as ef
     from esper_fn.run import restore_run
 
-    run_dir, group, keeps, epochs, by = args
+    run_dir, group, keeps, epochs, by, schedules = args
     config, task, ep = restore_run(run_dir)
     state = ep.state
     (xv, yv), (xt, yt) = task.split("val"), task.split("test")
@@ -224,6 +246,9 @@ def one(args: tuple[str, str, list[float], int, str]) -> list[dict]:
             fine_tune(net, masks, task, epochs, config.lr, seed=config.seed)
             row[method] = {"params": _kept(net, masks), "before": before,
                            "val": accuracy(net, xv, yv), "test": accuracy(net, xt, yt)}
+        for k in schedules:  # the stepwise schedules, trained in esper_fn (no further fine-tune)
+            net = stepwise(state, task, keep, k, epochs, by, config.seed)
+            row[f"steps{k}"] = {"params": _kept(net, []), "val": accuracy(net, xv, yv), "test": accuracy(net, xt, yt)}
         row["units"] = {t.slot: [t.units_before, t.units_after] for t in report.targets}
         rows.append(row)
         print(f"{row['run']} keep {keep}: " + ", ".join(
@@ -258,6 +283,20 @@ def table(rows: list[dict], keeps: list[float], hosts: list[str]) -> str:
             label = keep if keep != "val" else "chosen on val: " + " ".join(str(r["keep"]) for r in rs)
             out.append(f"| {host} | {label} | {removed[0]:.1f}% | " + " | ".join(cells)
                        + f" | {d[0]:+.1f} ± {d[1]:.1f} | {dc[0]:+.1f} ± {dc[1]:.1f} | {pre[0]:+.1f} ± {pre[1]:.1f} |")
+    extra = sorted({k for r in rows for k in r if k.startswith("steps")})
+    if extra:
+        out += ["", "| host | keep | schedule | params removed | val change | test change | test - ln_structured (paired) |",
+                "|---|---|---|---|---|---|---|"]
+        for host in hosts:
+            for keep in keeps:
+                rs = [r for r in rows if r["host"] == host and r["keep"] == keep]
+                for m in ["emrakul", *extra]:
+                    rm = mean_ci([100 * (1 - r[m]["params"] / r["grown"]["params"]) for r in rs])
+                    v = mean_ci([100 * (r[m]["val"] - r["grown"]["val"]) for r in rs])
+                    t = mean_ci([pts(r, m) for r in rs])
+                    d = mean_ci([pts(r, m) - pts(r, "ln_structured") for r in rs])
+                    out.append(f"| {host} | {keep} | {m} | {rm[0]:.1f}% | {v[0]:+.1f} ± {v[1]:.1f} | "
+                               f"{t[0]:+.1f} ± {t[1]:.1f} | {d[0]:+.1f} ± {d[1]:.1f} |")
     out.append("")
     out += [f"not sculpted: {r['run']} keep {r['keep']}: {r['skipped']}" for r in skipped]
     out.append("Test accuracy in % (change against the grown network in points; per host: mean ± 95% CI over "
@@ -288,6 +327,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=200, help="epochs of a missing grow run")
     p.add_argument("--keep", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6])
     p.add_argument("--fine-tune-epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, nargs="*", default=[],
+                   help="also Emrakul in K steps with esper_fn training between them (`stepwise`), per K given")
     p.add_argument("--by", default="contribution", choices=["contribution", "magnitude"],
                    help="Emrakul's criterion (`esper_fn.sculpt(by=...)`); choose it on validation accuracy")
     p.add_argument("--workers", type=int, default=1)
@@ -299,7 +340,7 @@ def main() -> None:
         print(table(rows, sorted({r["keep"] for r in rows}, reverse=True), list(dict.fromkeys(r["host"] for r in rows))))
         return
     nets = networks(a)
-    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by) for d, g in nets]
+    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by, a.steps) for d, g in nets]
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as pool:
             rows = [r for rs in pool.map(one, jobs) for r in rs]
