@@ -16,6 +16,7 @@ def test_custom_loop_runs_and_exports():
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and "export check" in r.stdout
     assert "germinated conv1d_k5" in r.stdout  # the plateau rule fired within 30 epochs
+    assert "sculpted: 1003 -> " in r.stdout  # Emrakul shrank the grown network, and its export agrees
 
 
 @pytest.mark.slow
