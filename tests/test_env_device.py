@@ -182,3 +182,19 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, capsys):
         assert rc in (1, 2) and len(err) == 1 and err[0].startswith("esper-fn"), (argv, err)
         assert "Traceback" not in err[0]
     assert not (tmp_path / "t").exists()
+
+
+def test_a_sculpt_through_the_env_runs_on_its_device(device):
+    from esper_fn.actions import SCULPT_OP
+
+    env = make(device=device, sculpt=True, num_envs=1, max_epochs=3)
+    sp = env.action_space
+    td = env.reset()
+    before = env.state(0).num_params()
+    action = sp.encode(SCULPT_OP, env.state(0).slot_names.index("fc1"))  # a host layer: offered from the start
+    assert bool(td["action_mask"][0, action].cpu())
+    out = env.step(td.set("action", torch.tensor([action], device=td.device)))["next"]
+    state = env.state(0)
+    assert state.num_params() < before and env.episode(0).counts.sculpted == 1
+    assert _devices(out) == {device.type}
+    assert {v.device.type for v in state.params_flat.values()} == {device.type}
