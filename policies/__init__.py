@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "make_tamiyo": "._tamiyo",
     "save_tamiyo": "._tamiyo",
     "load_tamiyo": "._tamiyo",
+    "DeferringPolicy": "._tamiyo",
     "TamiyoTrunk": "._net",
     "TamiyoHead": "._net",
     "dense_to_pyg": "._net",

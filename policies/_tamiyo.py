@@ -273,3 +273,37 @@ def tamiyo_parameters(actor, critic) -> list[torch.nn.Parameter]:
             out.append(p)
     return out
 
+
+
+class DeferringPolicy(torch.nn.Module):
+    """Tamiyo that defers to a fallback policy where its value ensemble is unsure.
+
+    Each row takes Tamiyo's action unless the ensemble's spread (``"value_uncertainty"``, the
+    standard deviation of the critic heads) exceeds `threshold`; then it takes the fallback's action
+    (e.g. a\\*, the benchmark's best fixed policy). The threshold is calibrated on the instances
+    Tamiyo trained on (e.g. the largest spread seen there), so the deferral fires where the
+    observation is unlike anything in training. ``"deferred"`` [*B] says which rows deferred.
+
+    Args:
+        actor: Tamiyo's actor (`load_tamiyo`, `tamiyo_policy`).
+        fallback: any policy writing ``"action"`` (a baseline, a recipe's `ControllerPolicy`).
+        threshold: the spread above which a row defers (>= 0).
+    """
+
+    def __init__(self, actor, fallback, threshold: float):
+        super().__init__()
+        if not threshold >= 0:
+            raise TamiyoError(f"DeferringPolicy: threshold must be >= 0, got {threshold!r}.")
+        self.actor, self.fallback, self.threshold = actor, fallback, float(threshold)
+        self.tamiyo_config = actor.tamiyo_config
+
+    def forward(self, td):
+        mine = self.actor(td.clone())
+        unsure = mine["value_uncertainty"].reshape(mine["action"].shape) > self.threshold
+        action = mine["action"]
+        if bool(unsure.any()):
+            action = torch.where(unsure, self.fallback(td.clone())["action"].to(action.device), action)
+        td.set("action", action)
+        td.set("value_uncertainty", mine["value_uncertainty"])
+        td.set("deferred", unsure)
+        return td

@@ -166,3 +166,26 @@ def test_baselines_choose_only_legal_actions_and_grow_where_the_rule_says(env):
             assert ((acts == conv).sum(-1) <= 1).all()
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("nope", layout)
+
+
+def test_a_deferring_policy_takes_the_fallback_exactly_where_the_ensemble_is_unsure(env):
+    from esper_fn.policies import DeferringPolicy, TamiyoError
+    from esper_fn.policies._baselines import make_baseline
+
+    actor, _ = tamiyo(env)
+    td = env.reset()
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        own = actor(td.clone())
+        spread = own["value_uncertainty"].reshape(-1)
+        static = make_baseline("static", env.action_space)
+        never = DeferringPolicy(actor, static, threshold=float(spread.max()) + 1.0)(td.clone())
+        always = DeferringPolicy(actor, static, threshold=0.0)(td.clone())
+        middle = float(spread.median())
+        some = DeferringPolicy(actor, static, threshold=middle)(td.clone())
+    assert torch.equal(never["action"], own["action"]) and not never["deferred"].any()
+    assert always["deferred"].all() and (always["action"] == 0).all()  # static: WAIT everywhere
+    unsure = spread > middle
+    assert torch.equal(some["deferred"], unsure)
+    assert torch.equal(some["action"], torch.where(unsure, torch.zeros_like(own["action"]), own["action"]))
+    with pytest.raises(TamiyoError, match="threshold"):
+        DeferringPolicy(actor, static, threshold=-1.0)
