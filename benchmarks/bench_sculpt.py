@@ -214,14 +214,14 @@ def stepwise(state, task, keep: float, steps: int, epochs: int, by: str, seed: i
     return ef.export(state)
 
 
-def one(args: tuple[str, str, list[float], int, str, list[int]]) -> list[dict]:
+def one(args: tuple[str, str, list[float], int, str, list[int], str]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     import esper_fn as ef
     from esper_fn.run import restore_run
 
-    run_dir, group, keeps, epochs, by, schedules = args
+    run_dir, group, keeps, epochs, by, schedules, allocate = args
     config, task, ep = restore_run(run_dir)
     state = ep.state
     (xv, yv), (xt, yt) = task.split("val"), task.split("test")
@@ -230,7 +230,7 @@ def one(args: tuple[str, str, list[float], int, str, list[int]]) -> list[dict]:
     rows = []
     for keep in keeps:
         try:
-            sculpted, report = ef.sculpt(state, keep=keep, by=by, data=(xv, yv))
+            sculpted, report = ef.sculpt(state, keep=keep, by=by, data=(xv, yv), allocate=allocate)
         except ef.SculptError as e:  # e.g. a keep below what removing all but one unit per group reaches
             print(f"{Path(run_dir).name} keep {keep}: not sculpted ({e})", flush=True)
             rows.append({"run": Path(run_dir).name, "host": group, "seed": config.seed, "keep": keep,
@@ -329,6 +329,8 @@ def main() -> None:
     p.add_argument("--fine-tune-epochs", type=int, default=20)
     p.add_argument("--steps", type=int, nargs="*", default=[],
                    help="also Emrakul in K steps with esper_fn training between them (`stepwise`), per K given")
+    p.add_argument("--allocate", default="greedy", choices=["greedy", "even"],
+                   help="how Emrakul spreads the removals over unit groups (`esper_fn.sculpt(allocate=...)`)")
     p.add_argument("--by", default="contribution", choices=["contribution", "magnitude"],
                    help="Emrakul's criterion (`esper_fn.sculpt(by=...)`); choose it on validation accuracy")
     p.add_argument("--workers", type=int, default=1)
@@ -340,7 +342,7 @@ def main() -> None:
         print(table(rows, sorted({r["keep"] for r in rows}, reverse=True), list(dict.fromkeys(r["host"] for r in rows))))
         return
     nets = networks(a)
-    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by, a.steps) for d, g in nets]
+    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by, a.steps, a.allocate) for d, g in nets]
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as pool:
             rows = [r for rs in pool.map(one, jobs) for r in rs]

@@ -56,9 +56,13 @@ from ._lifecycle import LIVE_STAGES, Stage
 from ._state import Key, State, derive
 from .events import Sculpted
 
-__all__ = ["CRITERIA", "SculptReport", "Target", "TargetReport", "host_units", "sculpt", "sculptable"]
+__all__ = ["ALLOCATIONS", "CRITERIA", "SculptReport", "Target", "TargetReport", "host_units", "sculpt", "sculptable"]
 
 CRITERIA: tuple[str, ...] = ("contribution", "magnitude")
+ALLOCATIONS: tuple[str, ...] = ("greedy", "even")
+"""How a float keep spreads the removals over unit groups: "greedy" takes the least important unit
+per freed parameter anywhere; "even" removes the same fraction of every group (its least important
+units), as structured pruning does."""
 """How `sculpt` ranks units: measured on data, or by the norm of their outgoing weights."""
 
 Member = tuple[str, int, int, str]
@@ -243,6 +247,7 @@ class SculptReport(BaseModel):
 
     Attributes:
         by: the criterion ("contribution" or "magnitude"); keep: as asked.
+        allocate: how the removals were spread over unit groups ("greedy" or "even").
         params_before, params_after: the network's parameters.
         units_removed: units removed over every target.
         targets: per target, units before and after.
@@ -257,6 +262,7 @@ class SculptReport(BaseModel):
 
     by: str
     keep: float | int
+    allocate: str = "greedy"
     params_before: int
     params_after: int
     units_removed: int
@@ -319,6 +325,7 @@ def sculpt(
     keep: float | int,
     by: str = "contribution",
     data: tuple[Tensor, Tensor] | Tensor | None = None,
+    allocate: str = "greedy",
 ) -> tuple[State, SculptReport]:
     """Remove hidden units of fossilized seeds or host layers; a smaller state and a report.
 
@@ -336,6 +343,9 @@ def sculpt(
         data: ``(x, y)`` (or ``x`` alone): the batch contributions are measured on, and the
             function change reported on (e.g. the validation split). x: float32 ``[B, *sample]``;
             y: int64 ``[B]`` class labels (for the accuracies).
+        allocate: with a float keep, "greedy" (the least important unit per freed parameter
+            anywhere, one at a time) or "even" (the same fraction of every unit group, each group's
+            least important units first); see `ALLOCATIONS`.
 
     Returns:
         ``(new_state, report)``.
@@ -343,13 +353,15 @@ def sculpt(
     Raises:
         SculptError: a stacked state; an unknown slot; a slot with nothing sculptable (a live seed,
             a seed whose blueprint declares no units, the output layer, a layer whose width another
-            seed reads); an unknown criterion, or "contribution" without data; keep out of range
+            seed reads); an unknown criterion or allocation, or "contribution" without data; keep out of range
             (not in (0, 1], more units than a group has, or fewer parameters than the targets can
             reach).
     """
     _single(state)
     if by not in CRITERIA:
         raise SculptError(f"sculpt: unknown criterion by={by!r}; choose one of {list(CRITERIA)}.")
+    if allocate not in ALLOCATIONS:
+        raise SculptError(f"sculpt: unknown allocation allocate={allocate!r}; choose one of {list(ALLOCATIONS)}.")
     x, y = (data if isinstance(data, tuple) else (data, None))
     if by == "contribution" and x is None:
         raise SculptError("sculpt: by='contribution' measures each unit on a batch: pass data=(x, y) (e.g. the "
@@ -367,9 +379,9 @@ def sculpt(
     params0 = state.num_params()
     _check_keep(keep, targets, params0)
     terms = {} if x is None else _mean_terms(state, targets, x)
-    removed = _choose(state, targets, keep, by, x, terms)
+    removed = _choose(state, targets, keep, by, x, terms, allocate)
     new = _remove(state, targets, removed, terms)
-    report = _report(state, new, targets, removed, keep, by, x, y, terms)
+    report = _report(state, new, targets, removed, keep, by, x, y, terms).model_copy(update={"allocate": allocate})
     return new, report
 
 
@@ -477,7 +489,7 @@ def _divergence(state: State, params: dict[Key, Tensor], x: Tensor, logp0: Tenso
 
 
 def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | None,
-            terms: Mapping[tuple[int, int], Tensor]) -> Removed:
+            terms: Mapping[tuple[int, int], Tensor], allocate: str = "greedy") -> Removed:
     """The units to remove (see `sculpt`)."""
     removed: Removed = {(t, g): set() for t, tg in enumerate(targets) for g in range(len(tg.units))}
     count = {k: targets[k[0]].units[k[1]] for k in removed}
@@ -489,7 +501,11 @@ def _choose(state: State, targets: Sequence[Target], keep, by: str, x: Tensor | 
     def open_groups():
         if need is not None:
             return [k for k in removed if len(removed[k]) < need[k]]
-        return [k for k in removed if count[k] - len(removed[k]) > 1] if left > budget else []
+        ks = [k for k in removed if count[k] - len(removed[k]) > 1] if left > budget else []
+        if allocate == "even" and ks:  # only the groups with the smallest fraction removed so far
+            least = min(len(removed[k]) / count[k] for k in ks)
+            ks = [k for k in ks if len(removed[k]) / count[k] <= least]
+        return ks
 
     if by == "magnitude":
         norms = {}

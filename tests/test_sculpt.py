@@ -59,13 +59,13 @@ def _same(s: ef.State, snap) -> bool:
 
 
 @given(keep=st.one_of(st.floats(0.45, 1.0), st.integers(1, 8)), by=st.sampled_from(["contribution", "magnitude"]),
-       target=st.sampled_from([None, "input", "fc1"]))
-def test_sculpt_is_pure_and_exports_exactly(keep, by, target):
+       target=st.sampled_from([None, "input", "fc1"]), allocate=st.sampled_from(["greedy", "even"]))
+def test_sculpt_is_pure_and_exports_exactly(keep, by, target, allocate):
     if isinstance(keep, int) and target is None:
         target = "fc1"
     snap = _snapshot(MLP_FOSSIL)
     try:
-        new, report = ef.sculpt(MLP_FOSSIL, target, keep=keep, by=by, data=(X, Y))
+        new, report = ef.sculpt(MLP_FOSSIL, target, keep=keep, by=by, data=(X, Y), allocate=allocate)
     except ef.SculptError as e:  # only a float keep the target cannot reach
         assert isinstance(keep, float) and "smallest keep" in str(e)
         assert _same(MLP_FOSSIL, snap)
@@ -82,6 +82,20 @@ def test_sculpt_is_pure_and_exports_exactly(keep, by, target):
         assert float(diff.max()) <= report.logit_bound * (1 + 1e-5) + 1e-5
     new2, _ = ef.train_step(new, X, Y)  # the sculpted state trains
     assert new2.num_params() == new.num_params()
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.8, 0.7, 0.6])
+def test_an_even_allocation_removes_the_same_fraction_of_every_group(keep):
+    new, report = ef.sculpt(MLP_FOSSIL, keep=keep, data=(X, Y), allocate="even")
+    assert report.allocate == "even" and new.num_params() <= int(keep * MLP_FOSSIL.num_params())
+    groups = [(b, a) for t in report.targets for b, a in zip(t.units_before, t.units_after)]
+    assert len(groups) == 2  # the input seed's 16 hidden channels and fc1's 8 units
+    fractions = [(b - a) / b for b, a in groups]
+    assert max(fractions) - min(fractions) <= 1 / min(b for b, _ in groups)  # at most one unit step apart
+    greedy = ef.sculpt(MLP_FOSSIL, keep=keep, data=(X, Y))[1]
+    assert greedy.allocate == "greedy"
+    with pytest.raises(ef.SculptError, match="allocate='uneven'"):
+        ef.sculpt(MLP_FOSSIL, keep=keep, data=(X, Y), allocate="uneven")
 
 
 @pytest.mark.parametrize("state,x", [(MLP_FOSSIL, X), (CNN_FOSSIL, XC)])
