@@ -347,6 +347,50 @@ def _write_trials(out: Path, study) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(out / "trials.csv")
+    plot_trials(out, rows)
+
+
+def plot_trials(out: str | Path, rows: list[dict[str, Any]] | None = None) -> Path:
+    """``OUT/trials.png``: every measured point of a search, objective against parameters / host,
+    one colour per family, the priors from the library hollow, the best point starred.
+
+    Args:
+        out: the search directory.
+        rows: its trial rows (default: read ``OUT/trials.json``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if rows is None:
+        rows = json.loads((out / "trials.json").read_text())
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["source"] != "repeat" and r["params_ratio"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, fam in enumerate(sorted({r["family"] for r in done})):
+        mine = [r for r in done if r["family"] == fam]
+        for prior in (False, True):
+            pts = [r for r in mine if (r["source"] in ("library", "prior")) == prior]
+            if pts:
+                ax.scatter([r["params_ratio"] for r in pts], [r["value"] for r in pts], s=28,
+                           label=None if prior else fam, facecolors="none" if prior else f"C{i}",
+                           edgecolors=f"C{i}")
+    if done:
+        best = max(done, key=lambda r: r["value"])
+        ax.scatter([best["params_ratio"]], [best["value"]], marker="*", s=220, color="black", zorder=3,
+                   label=f"best: {best['blueprint'].split('@')[0]} at {best['placement']}")
+    ax.set_xlabel("parameters / host parameters (mean over the train instances)")
+    ax.set_ylabel("objective (validation accuracy - penalty)")
+    ax.set_title(f"Karn search: {len(done)} measured points (hollow: from the library)")
+    ax.grid(alpha=0.3)
+    if done:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "trials.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --- the search --------------------------------------------------------------------------------------------------

@@ -373,8 +373,10 @@ def test_cli_search_and_compare(tiny, tmp_path, capsys):
                  "0-1", "--startup-trials", "1", "--out", str(out), "--catalogue", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "winner: karn_" in text and "catalogue's best by the same rule" in text
-    for f in ("karn.json", "study.sqlite3", "trials.csv", "trials.json", "catalogue.csv", "library/index.sqlite"):
+    for f in ("karn.json", "study.sqlite3", "trials.csv", "trials.json", "catalogue.csv", "library/index.sqlite",
+              "trials.png"):
         assert (out / f).is_file(), f
+    assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import optuna
 
     study = optuna.load_study(study_name=f"karn-{TINY.name}-train-seed0", storage=f"sqlite:///{out / 'study.sqlite3'}")
