@@ -97,7 +97,12 @@ def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | N
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"controller {name!r}: cannot import {attr!r} from {module!r} ({e}); give "
                               "py:package.module:factory, a function factory(action_space) -> TorchRL policy.") from None
-        return factory(space)
+        policy = factory(space)
+        import torch
+
+        if device is not None and isinstance(policy, torch.nn.Module):  # a learned policy acts where the env is
+            policy = policy.to(device)
+        return policy
     raise ConfigError(f"unknown controller {name!r}; comparators are {list(COMPARATORS)}, recipe:<position>-<kind>-<at>, "
                       "tamiyo:PATH and py:module:factory.")
 
