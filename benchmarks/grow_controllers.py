@@ -21,7 +21,9 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from growth_results import BUDGET, ci
+from growth_results import BUDGET
+
+from esper_fn.policies import mean_ci
 
 
 def one(args: tuple[str, str, int, int, str]) -> dict:
@@ -70,7 +72,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for c in labels:
         rs = [by[(c, s)]["summary"] for s in a.seeds]
-        m, h = ci([r["test_accuracy"] * 100 for r in rs])
+        m, h = mean_ci([r["test_accuracy"] * 100 for r in rs])
         params = sorted({r["params_after"] for r in rs})
         counts = " / ".join(f"{statistics.fmean(r[k] for r in rs):.1f}" for k in ("germinated", "fossilized", "pruned"))
         print(f"| {c} | {m:.1f} ± {h:.1f} | {'/'.join(map(str, params))} | {counts} | "
@@ -81,8 +83,8 @@ def main() -> None:
     for c in labels[1:]:
         d = [(by[(ref, s)]["summary"]["test_accuracy"] - by[(c, s)]["summary"]["test_accuracy"]) * 100 for s in a.seeds]
         dp = [by[(ref, s)]["summary"]["params_after"] - by[(c, s)]["summary"]["params_after"] for s in a.seeds]
-        m, h = ci(d)
-        mp, hp = ci([float(x) for x in dp])
+        m, h = mean_ci(d)
+        mp, hp = mean_ci([float(x) for x in dp])
         print(f"| {ref} - {c} | {m:+.1f} ± {h:.1f} | {mp:+.0f} ± {hp:.0f} | {' '.join(f'{x:+.1f}' for x in d)} |")
     print("\ngerminations (epoch:slot:blueprint):")
     for c in labels:
