@@ -49,7 +49,7 @@ from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_fr
                       tamiyo_parameters,
                       save_tamiyo, tamiyo_tensors)
 
-__all__ = ["PPOConfig", "action_stats", "harm_labels", "plot_training", "train_ppo"]
+__all__ = ["PPOConfig", "action_stats", "harm_labels", "plot_training", "tamiyo_from_checkpoint", "train_ppo"]
 
 
 class PPOConfig(BaseModel):
@@ -480,6 +480,39 @@ def _loop(run: _Session) -> dict[str, Any]:
                                     "iterations": iterations})
     plot_training(out)
     return {"iterations": iterations, "frames": iterations * N * T, "last": last, "weights": str(weights)}
+
+
+def tamiyo_from_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
+    """Write the policy of a `train_ppo` checkpoint as a `save_tamiyo` weights file, e.g. an
+    iteration chosen on selection seeds, or the last one of a run that was stopped.
+
+    Args:
+        run_dir: the training directory (its ``checkpoints/``).
+        step: the iteration checkpointed (default: the latest).
+        out: the file to write (default ``RUN_DIR/tamiyo_it<step>.safetensors``).
+
+    Returns:
+        The path written; its metadata records the run directory, the iteration, the PPO config
+        and the warm start the run began from.
+
+    Raises:
+        CheckpointError: no such checkpoint, or it fails its verification.
+        TamiyoError: the checkpoint is not a Tamiyo training checkpoint.
+    """
+    run_dir = Path(run_dir)
+    tensors, meta = CheckpointManager(run_dir / "checkpoints").restore(step)
+    if "tamiyo" not in meta or not any(k.startswith("model/") for k in tensors):
+        raise TamiyoError(f"{run_dir}: checkpoint {step if step is not None else '(latest)'} is not a Tamiyo training "
+                          "checkpoint (no policy weights); give the --out of an `esper-fn train-tamiyo` run.")
+    config = TamiyoConfig.model_validate(meta["tamiyo"])
+    actor, critic, _ = build_tamiyo(config)
+    actor.tamiyo_config = config
+    load_into(actor, critic, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+              where=str(run_dir / "checkpoints"))
+    it = int(meta["iteration"])
+    return save_tamiyo(out or run_dir / f"tamiyo_it{it}.safetensors", actor, critic,
+                       metadata={"from_checkpoint": str(run_dir), "iterations": it, "ppo": meta["config"],
+                                 "init": meta.get("init")})
 
 
 _PPO_PANELS = (("episode_return", "episode return"), ("final_val_accuracy", "final validation accuracy"),

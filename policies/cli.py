@@ -214,6 +214,14 @@ def _imitate(args, envs, kw, probe, config, metadata) -> Path:
                        metadata={**metadata, "teachers": chosen, "imitation": m})
 
 
+def _export(args) -> int:
+    from ._ppo import tamiyo_from_checkpoint
+
+    path = tamiyo_from_checkpoint(args.run_dir, args.step, args.out)
+    print(f"wrote {path} (use it as --controller tamiyo:{path})")
+    return 0
+
+
 def _eval(args, load_envs: Callable[[], ModuleType]) -> int:
     import torch
 
@@ -497,6 +505,12 @@ def add_parsers(sub, load_envs: Callable[[], ModuleType]) -> None:
     t.add_argument("--bc-epochs", type=int, default=40, help="behaviour-cloning passes over the demonstrations")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=lambda a: _train(a, load_envs))
+
+    x = sub.add_parser("tamiyo-export", help="write a train-tamiyo checkpoint's policy as a weights file")
+    x.add_argument("run_dir", help="the --out of an `esper-fn train-tamiyo` run")
+    x.add_argument("--step", type=int, help="the iteration checkpointed (default: the latest)")
+    x.add_argument("--out", help="the weights file (default RUN_DIR/tamiyo_it<step>.safetensors)")
+    x.set_defaults(fn=_export)
 
     e = sub.add_parser("eval", help="compare controllers on held-out seeds")
     _env_args(e)

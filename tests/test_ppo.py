@@ -209,3 +209,31 @@ def test_resume_with_a_different_init_is_a_config_error(tmp_path, donor):
     with pytest.raises(ConfigError, match=rf"started from --init {w}"):
         train_ppo(make_env, PPOConfig(**{**WARM, "iterations": 1}), tmp_path / "warm", layout(), progress=False,
                   tensorboard=False, resume=True, init=other)
+
+
+def test_a_checkpoint_exports_as_the_weights_of_that_iteration(tmp_path, capsys):
+    from esper_fn.cli import main
+    from esper_fn.policies import tamiyo_from_checkpoint
+
+    out = tmp_path / "run"
+    summary = train_ppo(make_env, PPOConfig(**CONFIG), out, layout(), progress=False, tensorboard=False)
+    final = tamiyo_tensors(*load_tamiyo(summary["weights"])[:2])
+    last = tamiyo_from_checkpoint(out)  # the latest checkpoint is the last iteration: the final weights
+    assert last.name == "tamiyo_it3.safetensors"
+    got = tamiyo_tensors(*load_tamiyo(last)[:2])
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in got)
+    actor, critic, meta = load_tamiyo(tamiyo_from_checkpoint(out, 2, tmp_path / "it2.safetensors"))
+    assert meta["iterations"] == 2 and meta["from_checkpoint"] == str(out)
+    earlier = tamiyo_tensors(actor, critic)
+    assert any(not torch.equal(earlier[k], final[k]) for k in final)  # an earlier policy, not the final one
+    assert main(["tamiyo-export", str(out), "--step", "2", "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert "tamiyo:" in capsys.readouterr().out
+    cli = tamiyo_tensors(*load_tamiyo(tmp_path / "cli.safetensors")[:2])
+    assert all(torch.equal(cli[k], earlier[k]) for k in cli)
+    assert main(["tamiyo-export", str(out), "--step", "9"]) == 1  # no such checkpoint: one line, exit 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esper-fn") and "\n" not in err
+    other = CheckpointManager(tmp_path / "other" / "checkpoints")
+    other.save(1, {"x": torch.zeros(2)}, {"iteration": 1})
+    with pytest.raises(TamiyoError, match="not a Tamiyo training checkpoint"):
+        tamiyo_from_checkpoint(tmp_path / "other")
