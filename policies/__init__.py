@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_growthbench.safetensors"
-"""The shipped Tamiyo policy: trained on growthbench-v1's train split (docs/tamiyo.md, "Tamiyo v2").
+"""The shipped Tamiyo policy: trained on growthbench-v1's train split, imitation of the per-instance
+teachers then 70 iterations of PPO, chosen on selection seeds (docs/tamiyo.md, "Tamiyo v2").
 ``esper-fn grow --controller tamiyo``, ``esper-fn bench run --controllers tamiyo`` and ``esper-fn eval
 --controllers tamiyo`` use it."""
+
+IMITATION_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_growthbench_imitation.safetensors"
+"""Tamiyo v2 before PPO (behaviour cloning of the teachers alone): the warm start of the shipped
+policy, kept to reproduce the results recorded with it."""
 
 V1_WEIGHTS = Path(__file__).parent / "weights" / "tamiyo_mnist1d.safetensors"
 """The first Tamiyo (MNIST-1D, mlp-impaired, the full catalogue; docs/results.md): kept to reproduce
@@ -83,7 +88,7 @@ _LAZY: dict[str, str] = {
     "load_rollouts": "._offline",
 }
 
-__all__ = ["SHIPPED_WEIGHTS", "V1_WEIGHTS", *_LAZY]
+__all__ = ["IMITATION_WEIGHTS", "SHIPPED_WEIGHTS", "V1_WEIGHTS", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
