@@ -365,6 +365,24 @@ class GCReport(BaseModel):
 # --------------------------------------------------------------------------------- the library
 
 
+def _wal(con: sqlite3.Connection) -> str:
+    """Switch the index to WAL mode and return the journal mode it reports. Processes opening a new
+    library at once race for the lock that switch needs, and SQLite answers "database is locked"
+    there without waiting on its busy timeout: retry until the timeout instead."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        if str(mode).lower() == "wal" or time.monotonic() > deadline:
+            return mode
+        time.sleep(0.02)
+
+
 class Library:
     """A seed library at `path` (see the module docstring for its layout).
 
@@ -431,7 +449,7 @@ class Library:
 
     def _init_schema(self) -> None:
         with self._connect() as con:
-            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _wal(con)
             if str(mode).lower() != "wal":
                 raise LibraryError(f"{self.index_path}: SQLite refused WAL mode (got {mode!r}); concurrent writers "
                                    "need it. Is the library on a network file system?")

@@ -255,6 +255,30 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+def test_a_new_library_waits_for_another_process_holding_its_index(tmp_path):
+    """Processes creating one library at once race for the lock WAL mode needs; SQLite answers that
+    PRAGMA with "database is locked" without waiting, so the opener must retry, not fail."""
+    import threading
+
+    from esper_fn.urza import INDEX_FILE
+
+    path = tmp_path / "lib"
+    path.mkdir()
+    other = sqlite3.connect(path / INDEX_FILE, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    other.execute("BEGIN IMMEDIATE")  # another process writing the new index (not yet in WAL mode) right now
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        t0 = time.monotonic()
+        lib = Library(path)
+        assert time.monotonic() - t0 >= 0.4  # it waited for the other writer
+    finally:
+        release.join()
+        other.close()
+    assert lib.records() == [] and lib.verify() == []
+
+
 @pytest.mark.slow
 def test_two_processes_writing_one_library_at_once_lose_nothing(tmp_path):
     lib_path, go, n = tmp_path / "lib", tmp_path / "go", 40
@@ -264,7 +288,10 @@ def test_two_processes_writing_one_library_at_once_lose_nothing(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in "ab"]
     deadline = time.monotonic() + 240
     while not all((tmp_path / f"ready-{t}").exists() for t in "ab"):  # both imported torch and opened the index
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:  # a writer died (or hung): stop the other, which waits for `go`, then report both
+                p.kill()
+            pytest.fail(f"a writer did not get ready: {[p.communicate() for p in procs]}")
         time.sleep(0.05)
     go.touch()  # both start writing now
     outs = [p.communicate(timeout=240) for p in procs]
