@@ -26,6 +26,13 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def _copy_run(src: Path, dest: Path) -> Path:
+    for name, data in _snapshot(src).items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(data)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "done"
@@ -41,11 +48,7 @@ def test_a_second_run_into_a_run_directory_is_refused_and_changes_nothing(finish
 
 
 def test_overwrite_moves_the_old_run_aside(tmp_path, finished):
-    out = tmp_path / "r"
-    out.mkdir()
-    for name, data in _snapshot(finished).items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data)
+    out = _copy_run(finished, tmp_path / "r")
     old = _snapshot(out)
     s = grow(RunConfig(**{**FAST, "epochs": 2}), out, overwrite=True, progress=False)
     assert s.moved_aside == str(tmp_path / "r.old-1") and _snapshot(tmp_path / "r.old-1") == old
@@ -188,11 +191,7 @@ def test_metrics_rows_stay_valid_json(finished):
 
 
 def test_resume_skips_a_checkpoint_with_a_nan_and_says_so(tmp_path, finished):
-    out = tmp_path / "r"
-    out.mkdir()
-    for name, data in _snapshot(finished).items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data)
+    out = _copy_run(finished, tmp_path / "r")
     mgr = CheckpointManager(out / "checkpoints")
     tensors, meta = mgr.restore(4)
     key = "state/params/host/fc1/weight"
@@ -214,13 +213,6 @@ def test_a_run_checkpoint_restores_as_a_state(finished):
 
 
 # --- found by the fault sweep (benchmarks/fault_sweep.py) ------------------------------------------
-
-
-def _copy_run(src: Path, dest: Path) -> Path:
-    for name, data in _snapshot(src).items():
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        (dest / name).write_bytes(data)
-    return dest
 
 
 def test_a_config_that_is_not_utf8_is_one_line_naming_where(tmp_path, capsys):
@@ -394,11 +386,7 @@ def test_restore_run_gives_the_finished_run_and_refuses_what_is_not_one(tmp_path
     assert evaluate(ep.state, task.x_test, task.y_test)["accuracy"] == summary["test_accuracy"]
     with pytest.raises(ef.RunDirError, match="not a run directory"):
         restore_run(tmp_path / "nothing")
-    out = tmp_path / "r"
-    out.mkdir()
-    for name, data in _snapshot(finished).items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data)
+    out = _copy_run(finished, tmp_path / "r")
     mgr = CheckpointManager(out / "checkpoints")
     for step in mgr.steps():  # every checkpoint diverged: nothing to restore, and the error says which
         tensors, meta = mgr.restore(step)
