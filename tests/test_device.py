@@ -10,6 +10,7 @@ tests prove that an epoch of train steps does not synchronise the device per bat
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -396,6 +397,9 @@ def test_a_flash_attention_seed_trains_in_a_cuda_state(device):
     """The capability-gated design runs its real kernel inside a state on the GPU (sm80+)."""
     _cuda_only(device)
     if "flash_attention" not in ef.blueprints.available_capabilities():
+        if os.environ.get("ESPER_FN_REQUIRE_CUDA") == "1":  # make test-gpu: the real path must run, never skip
+            pytest.fail("make test-gpu needs the FlashAttention kernel (an sm80+ GPU) to run the capability-gated "
+                        f"blueprint's real path; this GPU is {torch.cuda.get_device_name()}.")
         pytest.skip("the FlashAttention kernel needs an sm80+ GPU")
     s = ef.init(ef.hosts.transformer(seq_len=8, d_model=32, n_heads=4, n_layers=1),
                 generator=torch.Generator().manual_seed(0), device=device)
