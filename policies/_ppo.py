@@ -45,9 +45,8 @@ from esper_fn._errors import ConfigError
 from esper_fn.actions import ActionSpace
 from esper_fn.checkpoint import CheckpointManager
 
-from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into,
-                      tamiyo_parameters,
-                      save_tamiyo, tamiyo_tensors)
+from ._tamiyo import (FORMAT, TamiyoConfig, TamiyoError, build_tamiyo, config_from_specs, load_into, rebuild_tamiyo,
+                      save_tamiyo, tamiyo_parameters, tamiyo_tensors)
 
 __all__ = ["PPOConfig", "action_stats", "harm_labels", "plot_training", "tamiyo_from_checkpoint", "train_ppo"]
 
@@ -504,11 +503,9 @@ def tamiyo_from_checkpoint(run_dir: str | Path, step: int | None = None, out: st
     if "tamiyo" not in meta or not any(k.startswith("model/") for k in tensors):
         raise TamiyoError(f"{run_dir}: checkpoint {step if step is not None else '(latest)'} is not a Tamiyo training "
                           "checkpoint (no policy weights); give the --out of an `esper-fn train-tamiyo` run.")
-    config = TamiyoConfig.model_validate(meta["tamiyo"])
-    actor, critic, _ = build_tamiyo(config)
-    actor.tamiyo_config = config
-    load_into(actor, critic, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
-              where=str(run_dir / "checkpoints"))
+    actor, critic = rebuild_tamiyo(TamiyoConfig.model_validate(meta["tamiyo"]),
+                                   {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+                                   where=str(run_dir / "checkpoints"))
     it = int(meta["iteration"])
     return save_tamiyo(out or run_dir / f"tamiyo_it{it}.safetensors", actor, critic,
                        metadata={"from_checkpoint": str(run_dir), "iterations": it, "ppo": meta["config"],

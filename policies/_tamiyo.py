@@ -230,10 +230,20 @@ def load_tamiyo(path: str | os.PathLike, action_spec=None, **overrides):
     except ValueError as e:  # pydantic's ValidationError and JSON errors are ValueErrors
         raise TamiyoError(f"{path}: invalid Tamiyo config in the header: {e}") from None
     config = config.model_copy(update=overrides)
+    actor, critic = rebuild_tamiyo(config, tensors, where=str(path), action_spec=action_spec)
+    return actor, critic, json.loads(header.get("metadata", "{}"))
+
+
+def rebuild_tamiyo(config: TamiyoConfig, tensors: Mapping[str, torch.Tensor], *, where: str, action_spec=None):
+    """(actor, critic) of `config` holding `tensors` (the keys `tamiyo_tensors` writes).
+
+    Raises:
+        TamiyoError: a tensor is missing or has another shape than `config`'s network.
+    """
     actor, critic, _ = build_tamiyo(config, action_spec)
     actor.tamiyo_config = config
-    load_into(actor, critic, tensors, where=str(path))
-    return actor, critic, json.loads(header.get("metadata", "{}"))
+    load_into(actor, critic, tensors, where=where)
+    return actor, critic
 
 
 def load_into(actor, critic, tensors: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> None:
