@@ -167,21 +167,42 @@ def matched(build, state, target: int):
     return best
 
 
-def fine_tune(net, masks, task, epochs: int, lr: float, seed: int):
+def fine_tune(net, masks, task, epochs: int, lr: float, seed: int, teacher=None, temperature: float = 2.0,
+              best_val: bool = False):
+    """Adam over the training split. With a `teacher` (the grown network, frozen), the loss is the
+    distillation loss ``T^2 KL(softmax(teacher / T) || softmax(net / T))`` instead of the labels'
+    cross-entropy: the pruned network is trained back toward the function it was cut from. With
+    `best_val`, the network ends at the epoch (0 to `epochs`) of the highest validation accuracy
+    (early stopping on the validation split)."""
     import torch
     import torch.nn.functional as F
 
     net.train()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
+    xv, yv = task.split("val")
+    best = (accuracy(net, xv, yv), copy.deepcopy(net.state_dict())) if best_val else None
     for _ in range(epochs):
+        net.train()
         for xb, yb in task.batches("train", 100, generator=g):
             opt.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
+            out = net(xb)
+            if teacher is None:
+                loss = F.cross_entropy(out, yb)
+            else:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(xb) / temperature, -1)
+                loss = temperature ** 2 * F.kl_div(F.log_softmax(out / temperature, -1), target,
+                                                   log_target=True, reduction="batchmean")
+            loss.backward()
             opt.step()
             with torch.no_grad():
                 for p, m in masks:
                     p.mul_(m)
+        if best_val and (acc := accuracy(net.eval(), xv, yv)) > best[0]:
+            best = (acc, copy.deepcopy(net.state_dict()))
+    if best_val:
+        net.load_state_dict(best[1])
     return net.eval()
 
 
@@ -214,18 +235,19 @@ def stepwise(state, task, keep: float, steps: int, epochs: int, by: str, seed: i
     return ef.export(state)
 
 
-def one(args: tuple[str, str, list[float], int, str, list[int], str]) -> list[dict]:
+def one(args: tuple[str, str, list[float], int, str, list[int], str, float, float, bool]) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
     import esper_fn as ef
     from esper_fn.run import restore_run
 
-    run_dir, group, keeps, epochs, by, schedules, allocate = args
+    run_dir, group, keeps, epochs, by, schedules, allocate, lr_scale, distill, best_val = args
     config, task, ep = restore_run(run_dir)
     state = ep.state
     (xv, yv), (xt, yt) = task.split("val"), task.split("test")
     grown = ef.export(state)
+    teacher = copy.deepcopy(grown).eval().requires_grad_(False) if distill else None
     base = {"val": accuracy(grown, xv, yv), "test": accuracy(grown, xt, yt), "params": state.num_params()}
     rows = []
     for keep in keeps:
@@ -243,7 +265,8 @@ def one(args: tuple[str, str, list[float], int, str, list[int], str]) -> list[di
         row = {"run": Path(run_dir).name, "host": group, "seed": config.seed, "keep": keep, "grown": base}
         for method, (net, masks) in nets.items():
             before = {"val": accuracy(net, xv, yv), "test": accuracy(net, xt, yt)}
-            fine_tune(net, masks, task, epochs, config.lr, seed=config.seed)
+            fine_tune(net, masks, task, epochs, config.lr * lr_scale, seed=config.seed, teacher=teacher,
+                      temperature=distill or 2.0, best_val=best_val)
             row[method] = {"params": _kept(net, masks), "before": before,
                            "val": accuracy(net, xv, yv), "test": accuracy(net, xt, yt)}
         for k in schedules:  # the stepwise schedules, trained in esper_fn (no further fine-tune)
@@ -327,6 +350,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=200, help="epochs of a missing grow run")
     p.add_argument("--keep", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6])
     p.add_argument("--fine-tune-epochs", type=int, default=20)
+    p.add_argument("--fine-tune-lr-scale", type=float, default=1.0,
+                   help="the fine-tune's learning rate as a multiple of the run's")
+    p.add_argument("--distill", type=float, default=0.0, metavar="T",
+                   help="fine-tune every variant by distillation from the grown network at temperature T "
+                        "instead of on the labels (0: labels)")
+    p.add_argument("--best-val", action="store_true",
+                   help="every variant's fine-tune ends at its epoch of the highest validation accuracy")
     p.add_argument("--steps", type=int, nargs="*", default=[],
                    help="also Emrakul in K steps with esper_fn training between them (`stepwise`), per K given")
     p.add_argument("--allocate", default="greedy", choices=["greedy", "even"],
@@ -342,7 +372,8 @@ def main() -> None:
         print(table(rows, sorted({r["keep"] for r in rows}, reverse=True), list(dict.fromkeys(r["host"] for r in rows))))
         return
     nets = networks(a)
-    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by, a.steps, a.allocate) for d, g in nets]
+    jobs = [(str(d), g, a.keep, a.fine_tune_epochs, a.by, a.steps, a.allocate, a.fine_tune_lr_scale,
+             a.distill, a.best_val) for d, g in nets]
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as pool:
             rows = [r for rs in pool.map(one, jobs) for r in rs]
