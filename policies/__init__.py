@@ -45,6 +45,7 @@ _LAZY: dict[str, str] = {
     "save_tamiyo": "._tamiyo",
     "load_tamiyo": "._tamiyo",
     "DeferringPolicy": "._tamiyo",
+    "ResolvingPolicy": "._tamiyo",
     "tamiyo_from_checkpoint": "._ppo",
     "TamiyoTrunk": "._net",
     "TamiyoHead": "._net",

@@ -317,3 +317,92 @@ class DeferringPolicy(torch.nn.Module):
         td.set("value_uncertainty", mine["value_uncertainty"])
         td.set("deferred", unsure)
         return td
+
+
+class ResolvingPolicy(torch.nn.Module):
+    """Tamiyo that finishes what it starts before the horizon: no seed is left on trial at the end.
+
+    A decision-time rule over the actor's choice, per row, from the observation's ``"controller"``
+    view (epoch, epoch budget, slot stages) and ``"action_mask"``:
+
+    1. a germination whose seed cannot reach its verdict before the last decision (TRAINING for
+       ``max(gates.min_training_epochs, 1)`` epochs, then BLENDING for its tempo, then HOLDING,
+       where FOSSILIZE or PRUNE is decided) is replaced by the actor's best other legal action
+       (the highest logit among the legal actions that are not such germinations);
+    2. when the decisions left (this one included) are no more than the seeds on trial, one of
+       them is resolved now, as the lifecycle gates judge it: FOSSILIZE where the gate allows it
+       (its measured contribution is significantly above zero), else PRUNE where a verdict is due.
+
+    Without the rule, a seed still on trial at the horizon stays in the final network unjudged (its
+    parameters count, its help was never established). With it, every seed germinated under the
+    rule reaches its verdict before the horizon, and is resolved there as far as one action per
+    epoch allows. ``"resolved"`` [*B] says which rows the rule
+    changed.
+
+    Args:
+        actor: Tamiyo's actor (`load_tamiyo`, `tamiyo_policy`), writing ``"action"`` and ``"logits"``.
+        space: the env's action space (`esper_fn.actions.ActionSpace`).
+        gates: the lifecycle gates the env (or run) uses; their ``min_training_epochs`` sets how long
+            a seed incubates.
+        keep_helping: in (2), prune only seeds whose measured contribution is not above zero
+            (``"controller"``/``"contribution"``): a seed that helps without the gate's confidence
+            stays on trial.
+        block_late: apply (1); False leaves germinations alone and keeps (2) only.
+
+    Measured on growthbench-v1's train split (docs/tamiyo.md, "Finishing what it starts"): every
+    variant cost validation accuracy against the shipped policy alone, so Tamiyo does not use it by
+    default.
+    """
+
+    def __init__(self, actor, space: ActionSpace, gates, *, keep_helping: bool = False, block_late: bool = True):
+        super().__init__()
+        self.actor, self.space = actor, space
+        self.keep_helping, self.block_late = bool(keep_helping), bool(block_late)
+        self.incubation = max(int(gates.min_training_epochs), 1)
+        self.tamiyo_config = actor.tamiyo_config
+        sp, S = space, space.num_slots
+        B, T = len(sp.blueprints), len(sp.tempos)
+        # epochs from a germination decision to its verdict, per action (0 for non-germinations)
+        need = torch.zeros(sp.n, dtype=torch.int64)
+        for i in range(1, 1 + S * B * T):
+            need[i] = self.incubation + sp.decode(i).tempo + 1
+        self.register_buffer("need", need, persistent=False)
+
+    def forward(self, td):
+        from esper_fn import LIVE_STAGES, Op
+
+        out = self.actor(td.clone())
+        action = out["action"].clone()
+        c, mask = td["controller"], td["action_mask"]
+        lead = action.shape
+        epoch, last = c["epoch"].reshape(-1), c["max_epochs"].reshape(-1) - 1
+        stage = c["stage"].reshape(epoch.shape[0], -1)
+        flat_mask, flat_action = mask.reshape(-1, mask.shape[-1]), action.reshape(-1)
+        logits = out["logits"].reshape(-1, mask.shape[-1])
+        live_stages = torch.tensor(sorted(int(s) for s in LIVE_STAGES), device=stage.device)
+        changed = torch.zeros_like(flat_action, dtype=torch.bool)
+        for i in range(flat_action.shape[0]):
+            live = torch.isin(stage[i], live_stages)
+            left = int(last[i] - epoch[i]) + 1
+            n_live = int(live.sum())
+            fos = [s for s in range(stage.shape[1]) if live[s] and flat_mask[i, self.space.op_base(Op.FOSSILIZE) + s]]
+            pru = [s for s in range(stage.shape[1]) if live[s] and flat_mask[i, self.space.op_base(Op.PRUNE) + s]
+                   and not (self.keep_helping and float(c["contribution"].reshape(len(epoch), -1)[i, s]) > 0)]
+            if n_live and n_live >= left and (fos or pru):
+                new = self.space.op_base(Op.FOSSILIZE) + fos[0] if fos else self.space.op_base(Op.PRUNE) + pru[0]
+            else:
+                late = (self.need.to(epoch.device) > 0) & (epoch[i] + self.need.to(epoch.device) > last[i]) & self.block_late
+                allowed = flat_mask[i] & ~late
+                a = int(flat_action[i])
+                if allowed[a]:
+                    continue
+                new = int(logits[i].masked_fill(~allowed, float("-inf")).argmax())
+            if new != int(flat_action[i]):
+                flat_action[i] = new
+                changed[i] = True
+        td.set("action", flat_action.reshape(lead))
+        td.set("resolved", changed.reshape(lead))
+        for key in ("value_uncertainty",):
+            if key in out.keys():
+                td.set(key, out[key])
+        return td

@@ -189,3 +189,48 @@ def test_a_deferring_policy_takes_the_fallback_exactly_where_the_ensemble_is_uns
     assert torch.equal(some["action"], torch.where(unsure, torch.zeros_like(own["action"]), own["action"]))
     with pytest.raises(TamiyoError, match="threshold"):
         DeferringPolicy(actor, static, threshold=-1.0)
+
+
+def test_a_resolving_policy_leaves_no_seed_on_trial_at_the_horizon(env):
+    from esper_fn import LIVE_STAGES
+    from esper_fn.policies import ResolvingPolicy
+
+    actor, _ = tamiyo(env, wait_bias=-20.0)  # germinates wherever it may
+    space = env.action_space
+    rule = ResolvingPolicy(actor, space, GateConfig(min_training_epochs=1))
+    live = torch.tensor([int(s) for s in LIVE_STAGES])
+    ends = {}
+    for name, policy in (("actor", actor), ("rule", rule)):
+        td, changed = env.reset(), 0
+        for _ in range(4):
+            with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+                own = actor(td.clone())
+                td = policy(td)
+            a = td["action"]
+            assert td["action_mask"].gather(-1, a[:, None]).all()  # always legal
+            if name == "rule":
+                same = a == own["action"]
+                assert torch.equal(~same, td["resolved"])  # "resolved" marks exactly the rows it changed
+                changed += int(td["resolved"].sum())
+                for i in torch.nonzero(~same).flatten().tolist():  # where it changed one: a late germination
+                    was = space.decode(int(own["action"][i]))  # replaced, or a seed resolved
+                    now = space.decode(int(a[i]))
+                    late = was.op == Op.GERMINATE and int(td["controller", "epoch"][i]) + 1 + was.tempo + 1 > 3
+                    assert late or now.op in (Op.FOSSILIZE, Op.PRUNE)
+            td = env.step(td)["next"]
+        ends[name] = torch.isin(td["controller", "stage"], live).any(-1)
+    assert ends["actor"].any()  # left alone, the eager actor ends with seeds on trial
+    assert not ends["rule"].any() and changed > 0
+    # Without (1) the rule only ever resolves seeds: every action it changed became FOSSILIZE or PRUNE.
+    only = ResolvingPolicy(actor, space, GateConfig(min_training_epochs=1), keep_helping=True, block_late=False)
+    td = env.reset()
+    for _ in range(4):
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            own = actor(td.clone())
+            td = only(td)
+        for i in torch.nonzero(td["resolved"]).flatten().tolist():
+            assert space.decode(int(td["action"][i])).op in (Op.FOSSILIZE, Op.PRUNE)
+            assert float(td["controller", "contribution"][i, space.decode(int(td["action"][i])).slot]) <= 0 or \
+                space.decode(int(td["action"][i])).op == Op.FOSSILIZE
+        assert torch.equal(td["action"][~td["resolved"]], own["action"][~td["resolved"]])
+        td = env.step(td)["next"]
