@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grow", help="train a host, letting a controller grow seeds")
     g.add_argument("--config", help="YAML run config (flags override it)")
-    g.add_argument("--task", help="mnist1d (default), mnist1d-seq, digits or spirals")
+    g.add_argument("--task", help="mnist1d (default), mnist1d-seq, digits, spirals, moons, gunpoint, italypower, "
+                                  "basicmotions, mnist5k, mnist5k-img; aeon:<NAME> (a data set bundled in aeon) or csv:<path>")
     g.add_argument("--host", help="a host preset, built for the task's input shape and classes: mlp-impaired "
-                                  "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small")
+                                  "(default), mlp-impaired-deep, mlp-paper, cnn-impaired, cnn-paper, transformer-small, "
+                                  "or a width family: mlp-w<W>, cnn1d-w<W>, cnn1d-shallow-w<W>, cnn2d-w<W> (any W >= 1)")
     g.add_argument("--controller", metavar="CONTROLLER",
                    help="static, schedule, heuristic (default), recipe:<position>-<kind or blueprint id>-<at %%> "
                         "(e.g. recipe:input-karn_conv1d_k7_d2_c4@1.0.0-0), tamiyo (the shipped learned policy) or "

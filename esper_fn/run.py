@@ -607,6 +607,9 @@ def grow(
         raise
     except OSError as e:
         raise _write_error(out, e) from None
+    # wall time of the processes before this one (a resumed or sculpted run): the summary's wall time
+    # covers the whole run, as its train and telemetry times do
+    wall_before = float(timing.pop("wall", 0.0))
     bar = tqdm(total=ep.max_epochs, initial=ep.epoch, disable=not progress, desc=f"grow {config.host}", unit="ep",
                dynamic_ncols=True)
 
@@ -618,7 +621,8 @@ def grow(
     def save_checkpoint(ep: Episode) -> None:
         metrics_log.flush()
         run = {"config": json.loads(config.model_dump_json()), "run_id": run_id, "history": history,
-               "timing": timing, "flags": flags, "n_events": n_events}
+               "timing": {**timing, "wall": wall_before + time.perf_counter() - t_start}, "flags": flags,
+               "n_events": n_events}
         tensors, ep_meta = episode_to_tensors(ep)
         path = ckpts.save(ep.epoch, tensors, {**ep_meta, "run": run}, overwrite=True)
         emit(CheckpointSaved(run_id=run_id, epoch=ep.epoch, step=ep.epoch, path=str(path)))
@@ -696,7 +700,7 @@ def grow(
         run_id=run_id, epochs=ep.epoch, test_accuracy=test["accuracy"], test_loss=test["loss"],
         best_val_accuracy=max((h.get("val_accuracy", 0.0) for h in history), default=0.0),
         params_before=ep.params0, params_after=state.num_params(), germinated=c.germinated, fossilized=c.fossilized,
-        pruned=c.pruned, rollbacks=c.rollbacks, wall_seconds=time.perf_counter() - t_start,
+        pruned=c.pruned, rollbacks=c.rollbacks, wall_seconds=wall_before + time.perf_counter() - t_start,
         train_seconds=timing["train"], telemetry_seconds=timing["telemetry"], stopped=ep.stopped,
         param_budget=ep.param_budget, growth_blocked=flags["growth_blocked"],
         growth_blocked_epoch=flags["growth_blocked_epoch"], stuck_at_chance=stuck,

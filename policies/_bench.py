@@ -89,6 +89,9 @@ def make_policy(name: str, space: ActionSpace, params: Mapping[str, Mapping] | N
         from ._eval import tamiyo_policy
 
         path = name.partition(":")[2] or str(SHIPPED_WEIGHTS)
+        if not Path(path).is_file():
+            raise ConfigError(f"controller {name!r}: no Tamiyo weights at {path}; give the .safetensors file "
+                              "`esper-fn train-tamiyo` wrote (OUT/tamiyo.safetensors), or `tamiyo` for the shipped policy.")
         return tamiyo_policy(path, space, device=device)
     if name.startswith("py:"):
         module, _, attr = name[3:].partition(":")

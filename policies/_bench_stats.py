@@ -637,20 +637,28 @@ def _oracle_records(records: Sequence[RunRecord], picks: Mapping[Cell, OraclePic
     return [replace(by[p.member][c], controller=label) for c, p in picks.items()]
 
 
-def _family_stats(records: Sequence[RunRecord], members: Sequence[str] | None,
-                  folds: int) -> tuple[str, dict[str, float], dict[str, dict[Cell, OraclePick]]] | None:
-    """a* and the oracle on every split the family ran on; None without a family."""
+def _family_stats(records: Sequence[RunRecord], members: Sequence[str] | None, folds: int
+                  ) -> tuple[str, dict[str, float], dict[str, dict[Cell, OraclePick]], dict[str, str]] | None:
+    """a* and the oracle on every split the family ran on, and why the oracle is missing on a split
+    where an instance has fewer seeds than `folds` (cross-fitting needs a seed per fold); None
+    without a family."""
     names = list(members) if members is not None else family(records)
     if not names:
         return None
     name, table = astar(records, members=members)
-    picks = {}
+    picks, missing = {}, {}
     for split in SPLITS:
         if any(r.split == split and r.controller in table for r in records):
             if members is None:
                 _same_family(records, split)
+            seeds = _by_instance(_cells(records, name, split))
+            few = {i: len(v) for i, v in seeds.items() if len(v) < folds}
+            if few:
+                missing[split] = (f"no oracle on the {split} split: {', '.join(f'{i} has {n} seed(s)' for i, n in few.items())}, "
+                                  f"while {folds}-fold cross-fitting needs at least {folds} seeds per instance (run more seeds).")
+                continue
             picks[split] = oracle(records, members=list(table), folds=folds, split=split)
-    return name, table, picks
+    return name, table, picks, missing
 
 
 def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None = None, folds: int = 2,
@@ -693,7 +701,7 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
     comparators = [n for n in dict.fromkeys(r.controller for r in records) if n not in member_set]
     lines = [f"# {title}", ""]
     if fam:
-        a_name, table, picks = fam
+        a_name, table, picks, no_oracle = fam
         a_label, o_label = f"a* ({a_name})", f"oracle ({folds}-fold)"
         train = [r for r in records if r.split == "train" and r.controller == a_name]
         lines += [f"**a\\*** = `{a_name}`: of the {len(table)} family members, the best mean validation accuracy "
@@ -702,6 +710,7 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
                   f"instance, the member with the best mean test accuracy on the other folds' seeds ({folds} "
                   "folds, sorted seeds dealt round-robin), scored on this fold's seeds: it is never scored on the "
                   "seeds it was chosen on.", ""]
+        lines += [f"**{why[0].upper()}{why[1:]}**" for why in no_oracle.values()] + ([""] if no_oracle else [])
     else:
         a_name, table, picks, a_label, o_label = "", {}, {}, "", ""
         lines += ["No family of fixed policies (`recipe:*`) in these runs: no a\\*, oracle or headroom.", ""]
@@ -718,10 +727,12 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
         rows_by: dict[str, list[RunRecord]] = {n: [r for r in rs if r.controller == n] for n in comparators}
         rows_by = {n: v for n, v in rows_by.items() if v}
         sp = picks.get(split)
-        if sp:
+        has_a = bool(fam) and any(r.controller == a_name for r in rs)
+        if has_a:
             rows_by[a_label] = [replace(r, controller=a_label) for r in rs if r.controller == a_name]
+        if sp:
             rows_by[o_label] = _oracle_records(records, sp, split, o_label)
-        aug = list(rs) + [r for n in (a_label, o_label) if sp for r in rows_by[n]]
+        aug = list(rs) + [r for n in (a_label, o_label) if n in rows_by and n for r in rows_by[n]]
         body = []
         for n, runs in rows_by.items():
             m, h = mean_ci([r.test_accuracy for r in runs])
@@ -733,6 +744,12 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
                 c = captured(aug, n, astar_name=a_label, oracle_scores=sp, split=split)
                 vs = _pm(c.gain.mean, c.gain.half, signed=True) + ("" if c.gain.n == len(sp) else f" (n={c.gain.n})")
                 cap = f"{c.fraction:.2f}" if math.isfinite(c.fraction) else "–"
+            elif has_a and n != a_label:  # no oracle here: the paired difference with a* alone
+                mine, theirs = _cells(aug, n, split), _cells(aug, a_label, split)
+                common = sorted(set(mine) & set(theirs))
+                if common:
+                    d = mean_ci([mine[k].test_accuracy - theirs[k].test_accuracy for k in common])
+                    vs = _pm(*d, signed=True) + ("" if len(common) == len(theirs) else f" (n={len(common)})")
             body.append([n, str(len(runs)), _pm(m, h), f"{_mean([r.params for r in runs]):.0f}", f"{ratio:.2f}",
                          counts, vs, cap])
         lines += _table(["comparator", "runs", "test acc %", "params", "params / static", "germ/foss/prune",
@@ -842,7 +859,7 @@ def plot_bench(records: Sequence[RunRecord], out_dir: str | Path, *, members: Se
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fam = _family_stats(records, members, folds)
-    a_name, table, picks = fam if fam else ("", {}, {})
+    a_name, table, picks, _ = fam if fam else ("", {}, {}, {})
     comparators = [n for n in dict.fromkeys(r.controller for r in records) if n not in table]
     paths: list[Path] = []
     seen: dict[str, str] = {}

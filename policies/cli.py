@@ -34,19 +34,24 @@ DEFAULT_GRIDS: dict[str, list[dict]] = {
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-4,10,12-13"`` -> ``[0, 1, 2, 3, 4, 10, 12, 13]``."""
+    """``"0-4,10,12-13"`` -> ``[0, 1, 2, 3, 4, 10, 12, 13]``.
+
+    Raises:
+        ConfigError: a part that is not a non-negative integer or an ``A-B`` range with A <= B, or
+            no seeds at all.
+    """
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        a, dash, b = part.partition("-")
+        if not (a.isdigit() and (b.isdigit() if dash else True)) or (dash and int(a) > int(b)):
+            raise ConfigError(f"seeds {text!r}: {part!r} is not a seed or a range A-B of non-negative integers with "
+                              "A <= B; write e.g. 0-4,10,12-13.")
+        out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
     if not out:
-        raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
+        raise ConfigError(f"seeds {text!r}: no seeds given; write e.g. 0-4,10,12-13.")
     return out
 
 
@@ -130,7 +135,8 @@ def _train(args, load_envs: Callable[[], ModuleType]) -> int:
         fields["iterations"] = 1
     config = validate_config(fields, PPOConfig, where=args.config or "", flags=set(fields) - from_file)
     print(f"esper-fn train-tamiyo: {list(probe.draws)}, {args.num_envs} rows x {probe.max_epochs} epochs, "
-          f"{config.iterations} iterations, {probe.action_space.n} actions, seed {config.seed} -> {args.out}")
+          f"{0 if bc_only else config.iterations} PPO iterations{' (imitation only)' if bc_only else ''}, "
+          f"{probe.action_space.n} actions, seed {config.seed} -> {args.out}")
     env_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "instances"}
     env_meta["reward"] = reward
     if args.suite:
@@ -215,9 +221,24 @@ def _imitate(args, envs, kw, probe, config, metadata) -> Path:
 
 
 def _export(args) -> int:
-    from ._ppo import tamiyo_from_checkpoint
+    from esper_fn.checkpoint import CheckpointManager
 
-    path = tamiyo_from_checkpoint(args.run_dir, args.step, args.out)
+    from ._ppo import tamiyo_from_checkpoint
+    from ._tamiyo import TamiyoError
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"{run}: no such directory; give the --out of an `esper-fn train-tamiyo` run.")
+    steps = CheckpointManager(run / "checkpoints").steps() if (run / "checkpoints").is_dir() else []
+    if not steps:
+        raise ConfigError(f"{run} holds no training checkpoints (checkpoints/step_*); give the --out of an "
+                          "`esper-fn train-tamiyo` run (it checkpoints every --checkpoint-every iterations).")
+    if args.step is not None and args.step not in steps:
+        raise ConfigError(f"--step {args.step}: {run} has checkpoints at iterations {steps}, not {args.step}.")
+    try:
+        path = tamiyo_from_checkpoint(run, args.step, args.out)
+    except TamiyoError as e:  # a checkpoint of something else: the directory given is not what this command needs
+        raise ConfigError(str(e)) from None
     print(f"wrote {path} (use it as --controller tamiyo:{path})")
     return 0
 
@@ -321,6 +342,7 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
 
     import torch
 
+    from esper_fn.actions import ActionSpace
     from esper_fn.bench import suite
 
     from . import _bench as B
@@ -330,13 +352,17 @@ def _bench_run(args, load_envs: Callable[[], ModuleType]) -> int:
     envs = load_envs()
     s = suite(args.suite)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [c.strip() for c in args.controllers.split(",") if c.strip()]
     seeds = parse_seeds(args.seeds)
     train_seeds = parse_seeds(args.train_seeds)
     if set(seeds) & set(train_seeds):
         raise ConfigError(f"--seeds and --train-seeds overlap ({sorted(set(seeds) & set(train_seeds))}): evaluation "
                           "seeds must never be used for tuning or choosing a*.")
+    space = ActionSpace(s.num_slots, tuple(s.blueprints), tuple(s.tempos))
+    for name in names:  # every controller is checked (and learned ones loaded) before anything runs or is written
+        if name not in ("astar", "oracle", "family"):  # these expand to the fixed-policy family
+            B.make_policy(name, space)
+    out.mkdir(parents=True, exist_ok=True)
     make_env = partial(envs.MorphogenesisEnv, blueprints=s.blueprints, tempos=s.tempos, max_slots=s.num_slots,
                        device=args.device)
     load_task = _task_loader()

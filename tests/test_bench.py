@@ -178,6 +178,13 @@ def test_bench_command_lists_runs_and_refuses_overlapping_seeds(tmp_path, monkey
     assert main(["bench", "run", "--suite", TINY.name, "--controllers", "static", "--seeds", "0-1", "--train-seeds",
                  "1-2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "overlap" in capsys.readouterr().err
+    for controllers, seeds, why in (("statc", "10", "unknown controller 'statc'"), ("static", "10-x", "not a seed"),
+                                    ("tamiyo:nowhere.safetensors", "10", "nowhere")):
+        assert main(["bench", "run", "--suite", TINY.name, "--controllers", controllers, "--seeds", seeds,
+                     "--out", str(tmp_path / "refused"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1  # one line, no traceback
+        assert not (tmp_path / "refused").exists()  # refused before anything is written
     assert main(["bench", "run", "--suite", TINY.name, "--controllers", "static,random", "--seeds", "10-11",
                  "--train-seeds", "0-1", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     rows = read_runs(tmp_path / "r" / "runs.csv")

@@ -419,6 +419,22 @@ def test_leaderboard(records):
     assert f"takes {seeds_needed(list(hr.diffs.values()), delta=0.03)} pairs" in sized
 
 
+def test_leaderboard_with_one_seed_leaves_the_oracle_out_and_keeps_a_star(records, tmp_path):
+    one = [r for r in records if r.seed == SEEDS[0]]
+    report = leaderboard(one)
+    assert "No oracle on the train split: tr1 has 1 seed(s), tr2 has 1 seed(s)" in report
+    assert "No oracle on the test split" in report and "oracle (2-fold)" not in report and "## Headroom" not in report
+    test_part = report.split("## test split")[1]
+    heur = [r for r in one if r.controller == "heuristic" and r.split == "test"]
+    a = {r.instance: r.test_accuracy for r in one if r.controller == "recipe:A" and r.split == "test"}
+    m, h = mean_ci([r.test_accuracy - a[r.instance] for r in heur])
+    assert _row(test_part, "heuristic")[6] == f"{100 * m:+.1f} ± {100 * h:.1f}"  # still paired with a*
+    assert _row(test_part, "a* (recipe:A)")[1] == "3" and _row(test_part, "heuristic")[7] == ""
+    assert [p.name for p in plot_bench(one, tmp_path)][-1] != "headroom.png"  # the figures without the oracle
+    with pytest.raises(ConfigError, match="cross-fitting needs at least 2"):
+        oracle(one, split="test")  # the oracle itself still refuses
+
+
 def test_leaderboard_without_a_family_and_on_bad_input(records):
     plain = [r for r in records if not r.controller.startswith("recipe:")]
     report = leaderboard(plain)

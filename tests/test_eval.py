@@ -10,7 +10,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from esper_fn import GateConfig
+from esper_fn import ConfigError, GateConfig
 from esper_fn.envs import MorphogenesisEnv
 from esper_fn.policies import load_rollouts, make_baseline, save_rollouts
 from esper_fn.policies._eval import (
@@ -70,8 +70,9 @@ def test_mean_ci_uses_student_t():
 
 def test_parse_seeds():
     assert parse_seeds("0-3,10,12-13") == [0, 1, 2, 3, 10, 12, 13]
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_seeds(",")
+    for bad in (",", "1000000-x", "5-3", "-2", "a"):
+        with pytest.raises(ConfigError, match="seeds"):
+            parse_seeds(bad)
 
 
 def test_offline_rollouts_round_trip(tmp_path):

@@ -230,10 +230,16 @@ def test_a_checkpoint_exports_as_the_weights_of_that_iteration(tmp_path, capsys)
     assert "tamiyo:" in capsys.readouterr().out
     cli = tamiyo_tensors(*load_tamiyo(tmp_path / "cli.safetensors")[:2])
     assert all(torch.equal(cli[k], earlier[k]) for k in cli)
-    assert main(["tamiyo-export", str(out), "--step", "9"]) == 1  # no such checkpoint: one line, exit 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("esper-fn") and "\n" not in err
     other = CheckpointManager(tmp_path / "other" / "checkpoints")
     other.save(1, {"x": torch.zeros(2)}, {"iteration": 1})
     with pytest.raises(TamiyoError, match="not a Tamiyo training checkpoint"):
         tamiyo_from_checkpoint(tmp_path / "other")
+    # what the user asked for is wrong: one line, exit 2, nothing written
+    for argv, why in (([str(out), "--step", "9"], "checkpoints at iterations [2, 3], not 9"),
+                      ([str(tmp_path / "nowhere")], "no such directory"),
+                      ([str(tmp_path)], "holds no training checkpoints"),
+                      ([str(tmp_path / "other")], "not a Tamiyo training checkpoint")):
+        assert main(["tamiyo-export", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("esper-fn") and "\n" not in err and why in err
+    assert not (tmp_path / "other" / "tamiyo_it1.safetensors").exists()

@@ -308,12 +308,16 @@ def test_esper_fn_sculpt_on_a_finished_run_and_its_one_line_errors(tmp_path, cap
     from esper_fn.run import grow
 
     config, out = _tiny_run(tmp_path)
-    grow(config, out, progress=False)
+    first = grow(config, out, progress=False)
     assert main(["sculpt", str(out), "--keep", "0.9", "--fine-tune-epochs", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "sculpt (epoch 2, keep 0.9)" in printed and "test accuracy" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sculpt"]["fine_tune_epochs"] == 1 and summary["epochs"] == 3
+    # the times cover the whole run, both processes: the wall time includes the first one's
+    assert summary["train_seconds"] > first.train_seconds
+    assert summary["wall_seconds"] > first.wall_seconds * 0.5 and \
+        summary["wall_seconds"] >= summary["train_seconds"] + summary["telemetry_seconds"]
     assert "sculpt: 0.9" in (out / "config.yaml").read_text()
     mgr = CheckpointManager(out / "checkpoints")
     assert mgr.steps()[-1] == 3
