@@ -256,6 +256,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # TorchRL logs INFO lines (with colour codes) to stdout, e.g. when a replay buffer allocates its
+    # storage; the command's own output is the progress bar and the summary. RL_LOGGING_LEVEL=INFO
+    # brings them back (TorchRL reads it when it is first imported).
+    os.environ.setdefault("RL_LOGGING_LEVEL", "WARNING")
     p = _Parser(prog="esper-fn", description="Morphogenetic training: grow networks while they train.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grow", help="train a host, letting a controller grow seeds")
