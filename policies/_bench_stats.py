@@ -732,7 +732,7 @@ def leaderboard(records: Sequence[RunRecord], *, members: Sequence[str] | None =
             rows_by[a_label] = [replace(r, controller=a_label) for r in rs if r.controller == a_name]
         if sp:
             rows_by[o_label] = _oracle_records(records, sp, split, o_label)
-        aug = list(rs) + [r for n in (a_label, o_label) if n in rows_by and n for r in rows_by[n]]
+        aug = list(rs) + [r for n in (a_label, o_label) if n and n in rows_by for r in rows_by[n]]
         body = []
         for n, runs in rows_by.items():
             m, h = mean_ci([r.test_accuracy for r in runs])

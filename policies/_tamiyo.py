@@ -380,21 +380,21 @@ class ResolvingPolicy(torch.nn.Module):
         flat_mask, flat_action = mask.reshape(-1, mask.shape[-1]), action.reshape(-1)
         logits = out["logits"].reshape(-1, mask.shape[-1])
         live_stages = torch.tensor(sorted(int(s) for s in LIVE_STAGES), device=stage.device)
+        helping = c["contribution"].reshape(stage.shape) > 0  # NaN (unmeasured) is not helping
+        need = self.need.to(epoch.device)
+        fos_base, pru_base = self.space.op_base(Op.FOSSILIZE), self.space.op_base(Op.PRUNE)
         changed = torch.zeros_like(flat_action, dtype=torch.bool)
         for i in range(flat_action.shape[0]):
             live = torch.isin(stage[i], live_stages)
-            left = int(last[i] - epoch[i]) + 1
             n_live = int(live.sum())
-            fos = [s for s in range(stage.shape[1]) if live[s] and flat_mask[i, self.space.op_base(Op.FOSSILIZE) + s]]
-            pru = [s for s in range(stage.shape[1]) if live[s] and flat_mask[i, self.space.op_base(Op.PRUNE) + s]
-                   and not (self.keep_helping and float(c["contribution"].reshape(len(epoch), -1)[i, s]) > 0)]
-            if n_live and n_live >= left and (fos or pru):
-                new = self.space.op_base(Op.FOSSILIZE) + fos[0] if fos else self.space.op_base(Op.PRUNE) + pru[0]
+            slots = [s for s in range(stage.shape[1]) if live[s]]
+            fos = [s for s in slots if flat_mask[i, fos_base + s]]
+            pru = [s for s in slots if flat_mask[i, pru_base + s] and not (self.keep_helping and helping[i, s])]
+            if n_live and n_live >= int(last[i] - epoch[i]) + 1 and (fos or pru):  # no more decisions than trials
+                new = fos_base + fos[0] if fos else pru_base + pru[0]
             else:
-                late = (self.need.to(epoch.device) > 0) & (epoch[i] + self.need.to(epoch.device) > last[i]) & self.block_late
-                allowed = flat_mask[i] & ~late
-                a = int(flat_action[i])
-                if allowed[a]:
+                allowed = flat_mask[i] & ~((need > 0) & (epoch[i] + need > last[i])) if self.block_late else flat_mask[i]
+                if allowed[int(flat_action[i])]:
                     continue
                 new = int(logits[i].masked_fill(~allowed, float("-inf")).argmax())
             if new != int(flat_action[i]):
@@ -402,7 +402,6 @@ class ResolvingPolicy(torch.nn.Module):
                 changed[i] = True
         td.set("action", flat_action.reshape(lead))
         td.set("resolved", changed.reshape(lead))
-        for key in ("value_uncertainty",):
-            if key in out.keys():
-                td.set(key, out[key])
+        if "value_uncertainty" in out.keys():
+            td.set("value_uncertainty", out["value_uncertainty"])
         return td
